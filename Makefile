@@ -1,0 +1,33 @@
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv first.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+# torch comes first and separately: a cluster's own CUDA build is used when the system python has one.
+TORCH ?= torch==2.13.0
+
+.PHONY: setup demo test test-fast clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	@if $(PYTHON) -c "import torch" 2>/dev/null; then \
+		echo "using the system torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
+		$(PYTHON) -m venv --system-site-packages $(VENV); \
+	else \
+		$(PYTHON) -m venv $(VENV) && $(VENV)/bin/pip install -q $(TORCH); \
+	fi
+	$(VENV)/bin/pip install -q -r requirements.txt
+	touch $@
+
+demo: setup
+	$(PY) train_dpo.py
+
+test: setup
+	$(PY) -m pytest tests
+
+# unit tests only (seconds): data, configs, tokenisation
+test-fast: setup
+	$(PY) -m pytest tests -m "not slow"
+
+clean:
+	rm -rf outputs/* logs/*.out

@@ -1,0 +1,175 @@
+"""Configuration: a YAML recipe plus command-line overrides -> (ScriptArguments, DPOConfig, ModelConfig)."""
+
+from __future__ import annotations
+
+import difflib
+import json
+import logging
+import os
+import re
+import sys
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+
+from trl import DPOConfig, ModelConfig, TrlParser
+
+DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
+SECRET_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+
+# Keys that users carry over from older TRL/transformers, with what to write instead.
+RENAMED = {
+    "warmup_ratio": "transformers 5 removed warmup_ratio: write warmup_steps: 0.1 (a float below 1 is a ratio)",
+    "group_by_length": "transformers 5 removed group_by_length",
+    "hub_token": "put HF_TOKEN in .env instead: a token in a recipe ends up in training_args.bin",
+    "dataset_text_field": "DPO reads prompt/chosen/rejected; map other columns with column_map",
+}
+
+
+@dataclass
+class ScriptArguments:
+    """What TRL's configs do not cover: where the data comes from and how it is shaped."""
+
+    dataset_name: str = field(
+        default="embedded:tiny-prefs",
+        metadata={"help": "Hub dataset id, local file (.jsonl/.json/.parquet/.csv, optionally .gz) or folder."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Hub dataset configuration name."})
+    dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
+    dataset_test_split: str | None = field(
+        default=None,
+        metadata={"help": "Eval split: a split name (e.g. test) or a fraction of the train rows (e.g. 0.05)."},
+    )
+    eval_dataset_name: str | None = field(
+        default=None, metadata={"help": "A separate eval source (file, folder or Hub id); overrides the fraction."}
+    )
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use only the first N train rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use only the first N eval rows."})
+    dataset_seed: int = field(default=42, metadata={"help": "Seed for the fraction eval split."})
+    dataset_shuffle_seed: int | None = field(
+        default=None, metadata={"help": "Shuffle the train rows once with this seed (the sampler shuffles anyway)."}
+    )
+    column_map: str | None = field(
+        default=None,
+        metadata={"help": "JSON object mapping prompt/chosen/rejected/system to the dataset's columns, e.g. "
+                  '\'{"system": "system", "prompt": "question", "chosen": "chosen", "rejected": "rejected"}\'.'},
+    )
+    max_prompt_length: int | None = field(
+        default=None,
+        metadata={"help": "Cut longer prompts to their last N tokens (TRL 1.16 removed this option)."},
+    )
+    skip_bad_rows: bool = field(
+        default=False, metadata={"help": "Skip malformed rows (listed in output_dir/skipped_rows.jsonl) instead of failing."}
+    )
+    chat_template_path: str | None = field(
+        default=None, metadata={"help": "A Jinja chat template file (or tokenizer folder) for a model without one."}
+    )
+    eval_before_train: bool = field(
+        default=False, metadata={"help": "Evaluate once before training, for a before/after table."}
+    )
+
+    def __post_init__(self):
+        if isinstance(self.column_map, str):
+            try:
+                self.column_map = json.loads(self.column_map)
+            except json.JSONDecodeError as e:
+                raise SystemExit(f"column_map is not a JSON object ({e}); example: "
+                                 '\'{"prompt": "question", "chosen": "good", "rejected": "bad"}\'') from None
+        if self.column_map is not None:
+            bad = set(self.column_map) - {"prompt", "chosen", "rejected", "system"}
+            if not isinstance(self.column_map, dict) or bad:
+                raise SystemExit(f"column_map keys must be among prompt, chosen, rejected, system; got {sorted(bad)}")
+
+
+def _valid_keys() -> set[str]:
+    return {f.name for cls in (ScriptArguments, DPOConfig, ModelConfig) for f in fields(cls)}
+
+
+def _line_of(path: str, key: str) -> str:
+    try:
+        for i, line in enumerate(Path(path).read_text().splitlines(), start=1):
+            if re.match(rf"\s*{re.escape(key)}\s*:", line):
+                return f"{path}:{i}"
+    except OSError:
+        pass
+    return path
+
+
+def _explain_unknown(keys: list[str], where: str, recipe: str | None) -> str:
+    valid = _valid_keys()
+    lines = []
+    for key in keys:
+        place = _line_of(recipe, key) if recipe and where == "recipe" else "command line"
+        hint = RENAMED.get(key)
+        if not hint:
+            close = difflib.get_close_matches(key, valid, n=1)
+            hint = f"did you mean {close[0]!r}?" if close else "not a DPOConfig, ModelConfig or ScriptArguments field"
+        lines.append(f"{place}: unknown key {key!r}: {hint}")
+    return "\n".join(lines)
+
+
+def parse_args(argv: list[str] | None = None):
+    """Parse `--config recipe.yaml` plus overrides into (ScriptArguments, DPOConfig, ModelConfig).
+
+    With no --config the embedded tiny recipe is used. Keys no config knows fail, naming the recipe line or
+    the flag and a likely fix.
+    """
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv:
+        argv = ["--config", str(DEFAULT_RECIPE)] + argv
+    recipe = argv[argv.index("--config") + 1]
+    if not Path(recipe).is_file():
+        raise SystemExit(f"recipe not found: {recipe} (recipes live in recipes/, e.g. --config recipes/tiny.yaml)")
+    parser = TrlParser((ScriptArguments, DPOConfig, ModelConfig))
+    try:
+        script_args, training_args, model_args, from_recipe, from_cli = parser.parse_args_and_config(
+            argv, return_remaining_strings=True, separate_remaining_strings=True
+        )
+    except ValueError as e:
+        raise SystemExit(f"{recipe}: {e}") from None
+    bad_recipe = [s[2:] for s in from_recipe if s.startswith("--")]
+    bad_cli = [s.lstrip("-").split("=")[0] for s in from_cli if s.startswith("-")]
+    messages = []
+    if bad_recipe:
+        messages.append(_explain_unknown(bad_recipe, "recipe", recipe))
+    if bad_cli:
+        messages.append(_explain_unknown(bad_cli, "cli", recipe))
+    if from_cli and not bad_cli:
+        messages.append(f"command line: unexpected argument(s) {from_cli}; flags look like --max_steps 10")
+    if messages:
+        raise SystemExit("\n".join(messages))
+    return script_args, training_args, model_args
+
+
+# ---------------------------------------------------------------------------------------------- secrets
+
+
+def load_env(path: str | Path = ".env") -> None:
+    """Read HF_TOKEN, WANDB_API_KEY, ... from .env (never printed); the shell's own values win."""
+    from dotenv import load_dotenv
+
+    load_dotenv(path, override=False)
+
+
+class _Redact(logging.Filter):
+    def __init__(self, secrets: list[str]):
+        super().__init__()
+        self.secrets = secrets
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        if any(s in msg for s in self.secrets):
+            for s in self.secrets:
+                msg = msg.replace(s, "***")
+            record.msg, record.args = msg, None
+        return True
+
+
+def redact_logs() -> None:
+    """Mask secret values in every log record, whichever library emits it."""
+    secrets = [os.environ[n] for n in SECRET_NAMES if len(os.environ.get(n, "")) >= 8]
+    if not secrets:
+        return
+    flt = _Redact(secrets)
+    for handler in logging.getLogger().handlers:
+        handler.addFilter(flt)
+    logging.getLogger().addFilter(flt)

@@ -1,0 +1,97 @@
+"""Logs for humans tailing a file: one plain line per logging step, progress bars only on terminals."""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import sys
+import time
+
+from transformers import PrinterCallback, ProgressCallback, TrainerCallback
+
+logger = logging.getLogger("fastdpo")
+
+
+def setup_logging(is_main: bool) -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
+        level=logging.INFO if is_main else logging.WARNING, stream=sys.stdout, force=True,
+    )
+    import datasets
+    import transformers
+
+    transformers.utils.logging.set_verbosity_warning()
+    datasets.utils.logging.set_verbosity_warning()
+    if not sys.stderr.isatty():  # no carriage-return bars in log files
+        datasets.disable_progress_bars()
+        transformers.utils.logging.disable_progress_bar()
+
+
+class _Bar(ProgressCallback):
+    """The usual tqdm bar, without re-printing each log dict (ProgressLine prints one line instead)."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        pass
+
+
+def use_plain_progress(trainer) -> None:
+    """Replace the Trainer's dict printing with ProgressLine; keep a bar only when attached to a terminal."""
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if sys.stderr.isatty() and not trainer.args.disable_tqdm:
+        trainer.add_callback(_Bar())
+    trainer.add_callback(ProgressLine())
+
+
+def batch_arithmetic(args) -> str:
+    pairs = args.per_device_train_batch_size * args.world_size * args.gradient_accumulation_steps
+    return (f"{args.per_device_train_batch_size} pairs/device x {args.world_size} processes x "
+            f"{args.gradient_accumulation_steps} accumulation = {pairs} pairs per optimizer step")
+
+
+def _fmt(value, spec):
+    return "n/a" if value is None else format(value, spec)
+
+
+class ProgressLine(TrainerCallback):
+    """`step 3/20 | loss 0.6931 | acc 0.50 | margin 0.000 | lr 1.0e-06 | 512 tok/s | eta 0:00:12`."""
+
+    def __init__(self):
+        self.t0 = self.t_last = None
+        self.step0 = 0
+        self.tokens_last = 0.0
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.t0 = self.t_last = time.time()
+        self.step0 = state.global_step
+        if state.is_world_process_zero:
+            logger.info("batch: %s", batch_arithmetic(args))
+            logger.info("optimizer steps: %d (%s epochs)%s", state.max_steps, args.num_train_epochs,
+                        f", resuming at step {state.global_step}" if state.global_step else "")
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not state.is_world_process_zero or not logs or "loss" not in logs:
+            return
+        now = time.time()
+        tokens = logs.get("num_tokens", 0.0)
+        tok_s = (tokens - self.tokens_last) / max(now - self.t_last, 1e-9) if self.tokens_last else None
+        self.tokens_last, self.t_last = tokens, now
+        done = state.global_step - self.step0
+        eta = (now - self.t0) / done * (state.max_steps - state.global_step) if done else None
+        parts = [
+            f"step {state.global_step}/{state.max_steps}",
+            f"loss {_fmt(logs.get('loss'), '.4f')}",
+            f"acc {_fmt(logs.get('rewards/accuracies'), '.2f')}",
+            f"margin {_fmt(logs.get('rewards/margins'), '.3f')}",
+            f"lr {_fmt(logs.get('learning_rate'), '.1e')}",
+            f"{_fmt(tok_s, '.0f')} tok/s",
+            f"eta {datetime.timedelta(seconds=round(eta)) if eta is not None else 'n/a'}",
+        ]
+        print(" | ".join(parts), flush=True)
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if state.is_world_process_zero and metrics:
+            when = f"step {state.global_step}/{state.max_steps}" if state.max_steps else "before training"
+            print(f"eval {when} | loss {_fmt(metrics.get('eval_loss'), '.4f')} | "
+                  f"acc {_fmt(metrics.get('eval_rewards/accuracies'), '.2f')} | "
+                  f"margin {_fmt(metrics.get('eval_rewards/margins'), '.3f')}", flush=True)

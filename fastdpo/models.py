@@ -1,0 +1,67 @@
+"""Model and tokenizer loading shared by training, analysis and evaluation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from . import tiny
+
+
+def resolve(name_or_path: str) -> str:
+    """`embedded:tiny-llama` -> its cached folder (built on first use); anything else unchanged."""
+    return tiny.materialize_model() if name_or_path == tiny.MODEL_ID else name_or_path
+
+
+def load_tokenizer(name_or_path: str, chat_template_path: str | None = None, revision: str | None = None):
+    tok = AutoTokenizer.from_pretrained(resolve(name_or_path), revision=revision)
+    if chat_template_path:
+        path = Path(chat_template_path)
+        if path.is_dir():
+            tok.chat_template = AutoTokenizer.from_pretrained(path).chat_template
+        elif path.is_file():
+            tok.chat_template = path.read_text()
+        else:
+            raise SystemExit(f"chat_template_path not found: {chat_template_path}")
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token  # DPO pads with it; padded positions are masked out of the loss
+    return tok
+
+
+def require_chat_template(tokenizer, dataset, name_or_path: str) -> None:
+    row = dataset[0]
+    if isinstance(row["prompt"], list) and not tokenizer.chat_template:
+        raise SystemExit(f"{name_or_path}: the tokenizer has no chat template but the data is conversational; "
+                         "set chat_template_path to a Jinja file or a tokenizer folder that has one")
+
+
+def torch_dtype(name: str | None):
+    if name in (None, "auto"):
+        return "auto"
+    return getattr(torch, name)
+
+
+def load_model(model_args, training_args):
+    """Load the policy; the reference model is built by TRL from the same path (or is the adapter-free base)."""
+    from trl import get_quantization_config
+
+    quantization = get_quantization_config(model_args)
+    if quantization is not None and not torch.cuda.is_available():
+        raise SystemExit("load_in_4bit/load_in_8bit (QLoRA) needs a CUDA GPU (bitsandbytes); on CPU use "
+                         "--use_peft true without quantization")
+    kwargs = dict(
+        revision=model_args.model_revision,
+        dtype=torch_dtype(model_args.dtype),
+        attn_implementation=model_args.attn_implementation,
+    )
+    if quantization is not None:
+        from accelerate import PartialState
+
+        # each process puts its quantised copy on its own GPU
+        kwargs.update(quantization_config=quantization, device_map={"": PartialState().local_process_index})
+    model = AutoModelForCausalLM.from_pretrained(resolve(model_args.model_name_or_path), **kwargs)
+    if training_args.gradient_checkpointing:
+        model.config.use_cache = False  # the cache is useless with recomputation and transformers warns about it
+    return model

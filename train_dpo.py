@@ -1,0 +1,138 @@
+"""DPO post-training with TRL's DPOTrainer, from a YAML recipe with command-line overrides.
+
+    # laptop CPU, embedded tiny model and data (about a minute; same as `make demo`)
+    python train_dpo.py
+
+    # one GPU
+    python train_dpo.py --config recipes/smollm2_orca.yaml
+
+    # one node, 4 GPUs, DeepSpeed ZeRO-2
+    accelerate launch --config_file accelerate_config.yaml train_dpo.py --config recipes/olmo3_think.yaml
+
+    # Slurm, one node or many (see scripts/dpo_train.sh)
+    sbatch scripts/dpo_train.sh
+    sbatch --nodes=2 scripts/dpo_instruct_train.sh --max_steps 100
+
+    # any flag overrides the recipe; flag names are TRL's (DPOConfig, ModelConfig) plus fastdpo.config.ScriptArguments
+    python train_dpo.py --dataset_name data/my_pairs.jsonl --max_steps 50 --output_dir outputs/mine
+
+Secrets (HF_TOKEN, WANDB_API_KEY) are read from .env and never logged or saved.
+"""
+
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from fastdpo import config as cfg
+
+cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the environment
+
+import torch  # noqa: E402
+from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
+from trl import get_peft_config  # noqa: E402
+
+from fastdpo import data, models  # noqa: E402
+from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
+from fastdpo.trainer import DPOTrainer  # noqa: E402
+
+logger = logging.getLogger("fastdpo")
+
+TABLE_KEYS = ["eval_loss", "eval_rewards/accuracies", "eval_rewards/margins", "eval_logps/chosen",
+              "eval_logps/rejected"]
+
+
+def write_json(path: Path, obj) -> None:
+    path.write_text(json.dumps(obj, indent=2) + "\n")
+
+
+def main(script_args, training_args, model_args):
+    is_main = training_args.process_index == 0
+    setup_logging(is_main)
+    cfg.redact_logs()
+    if training_args.push_to_hub and not (os.environ.get("HF_TOKEN") or os.environ.get("HF_HUB_OFFLINE")):
+        logger.warning("push_to_hub is set but HF_TOKEN is not: add it to .env or run `hf auth login`")
+    out = Path(training_args.output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    logger.info("model %s | data %s | loss %s beta %s | lr %g %s | max_length %s, max_prompt_length %s",
+                model_args.model_name_or_path, script_args.dataset_name, ",".join(training_args.loss_type),
+                training_args.beta, training_args.learning_rate, getattr(training_args.lr_scheduler_type, "value", ""),
+                training_args.max_length, script_args.max_prompt_length)
+
+    # Data: load, validate, tokenise exactly as TRL would, then truncate (max_prompt_length keeps the prompt end).
+    tokenizer = models.load_tokenizer(model_args.model_name_or_path, script_args.chat_template_path,
+                                      model_args.model_revision)
+    pairs = data.load_pairs(script_args)
+    models.require_chat_template(tokenizer, pairs.train, model_args.model_name_or_path)
+    report = {}
+    train_ds, report["train"] = data.tokenize_dataset(
+        pairs.train, tokenizer, training_args.max_length, script_args.max_prompt_length,
+        training_args.dataset_num_proc, "train")
+    eval_ds = None
+    if pairs.eval is not None:
+        eval_ds, report["eval"] = data.tokenize_dataset(
+            pairs.eval, tokenizer, training_args.max_length, script_args.max_prompt_length,
+            training_args.dataset_num_proc, "eval")
+    report["skipped_rows"] = len(pairs.skipped.rows)
+    if is_main:
+        write_json(out / "data_report.json", report)
+        if pairs.skipped.rows:
+            with open(out / "skipped_rows.jsonl", "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in pairs.skipped.rows)
+    logger.info("data: %s", json.dumps(report))
+
+    # Model and trainer. The reference model is a frozen copy TRL loads from the same path (or, with LoRA,
+    # the base model with the adapter disabled).
+    model = models.load_model(model_args, training_args)
+    trainer = DPOTrainer(
+        model=model,
+        args=training_args,
+        train_dataset=train_ds,
+        eval_dataset=eval_ds,
+        processing_class=tokenizer,
+        peft_config=get_peft_config(model_args),
+    )
+    use_plain_progress(trainer)
+
+    last_checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+    before = None
+    if script_args.eval_before_train and eval_ds is not None and last_checkpoint is None:
+        before = trainer.evaluate()
+    if last_checkpoint:
+        logger.info("resuming from %s", last_checkpoint)
+    result = trainer.train(resume_from_checkpoint=last_checkpoint)
+
+    trainer.save_model(str(out))  # model (or adapter), tokenizer, model card
+    trainer.log_metrics("train", result.metrics)
+    trainer.save_metrics("train", result.metrics)
+    trainer.save_state()
+    after = None
+    if eval_ds is not None:
+        after = trainer.evaluate()
+        trainer.log_metrics("eval", after)
+        trainer.save_metrics("eval", after)
+    if before is not None:
+        trainer.save_metrics("before_eval", {k.replace("eval_", "before_eval_", 1): v for k, v in before.items()})
+    if is_main and after is not None:
+        print("\n| metric (held-out) | before | after |\n|---|---|---|")
+        for key in TABLE_KEYS:
+            b = f"{before[key]:.4f}" if before and key in before else "-"
+            print(f"| {key} | {b} | {after.get(key, float('nan')):.4f} |")
+        print()
+
+    if training_args.push_to_hub:
+        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    logger.info("saved to %s", out)
+
+
+if __name__ == "__main__":
+    script_args, training_args, model_args = cfg.parse_args()
+    try:
+        main(script_args, training_args, model_args)
+    except data.DataError as e:
+        logging.getLogger("fastdpo").error("%s", e)
+        sys.exit(2)
+    finally:
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
