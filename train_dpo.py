@@ -35,6 +35,7 @@ from trl import get_peft_config  # noqa: E402
 
 from fastdpo import data, models  # noqa: E402
 from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
+from fastdpo.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback  # noqa: E402
 from fastdpo.trainer import DPOTrainer  # noqa: E402
 
 logger = logging.getLogger("fastdpo")
@@ -49,6 +50,7 @@ def write_json(path: Path, obj) -> None:
 
 def main(script_args, training_args, model_args):
     is_main = training_args.process_index == 0
+    preemption = PreemptionCallback()  # SIGUSR1: checkpoint and stop (Slurm time limit; scripts/dpo_train.sh requeues)
     setup_logging(is_main)
     cfg.redact_logs()
     if training_args.push_to_hub and not (os.environ.get("HF_TOKEN") or os.environ.get("HF_HUB_OFFLINE")):
@@ -101,7 +103,11 @@ def main(script_args, training_args, model_args):
         before = trainer.evaluate()
     if last_checkpoint:
         logger.info("resuming from %s", last_checkpoint)
+    trainer.add_callback(preemption)
     result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    if preemption.preempted:  # the checkpoint is the result; rerunning the same command resumes from it
+        logger.warning("preempted at step %d; rerun the same command to resume", trainer.state.global_step)
+        sys.exit(PREEMPTED_EXIT_CODE)
 
     trainer.save_model(str(out))  # model (or adapter), tokenizer, model card
     trainer.log_metrics("train", result.metrics)

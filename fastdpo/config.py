@@ -8,12 +8,13 @@ import logging
 import os
 import re
 import sys
-from dataclasses import dataclass, field, fields
+from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 from trl import DPOConfig, ModelConfig, TrlParser
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
+DEFAULT_SFT_RECIPE = DEFAULT_RECIPE.with_name("tiny_sft.yaml")
 SECRET_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 
 # Keys that users carry over from older TRL/transformers, with what to write instead.
@@ -66,6 +67,11 @@ class ScriptArguments:
     eval_before_train: bool = field(
         default=False, metadata={"help": "Evaluate once before training, for a before/after table."}
     )
+    merge_adapter: bool = field(
+        default=False,
+        metadata={"help": "With use_peft: save the base with the LoRA adapter merged in (a plain model folder the "
+                  "next stage can load) and the adapter itself under output_dir/adapter; default saves the adapter."},
+    )
 
     def __post_init__(self):
         if isinstance(self.column_map, str):
@@ -80,8 +86,24 @@ class ScriptArguments:
                 raise SystemExit(f"column_map keys must be among prompt, chosen, rejected, system; got {sorted(bad)}")
 
 
-def _valid_keys() -> set[str]:
-    return {f.name for cls in (ScriptArguments, DPOConfig, ModelConfig) for f in fields(cls)}
+def _script_arguments_for(trainer_config) -> type:
+    """ScriptArguments minus the fields the trainer config already has, which argparse would reject as duplicates.
+
+    SFTConfig has its own chat_template_path; for SFT that one is used (same meaning, same name in the recipe).
+    """
+    taken = {f.name for f in fields(trainer_config)}
+    if not taken & {f.name for f in fields(ScriptArguments)}:
+        return ScriptArguments
+    keep = [(f.name, f.type, field(default=f.default, default_factory=f.default_factory, metadata=f.metadata))
+            if f.default_factory is not MISSING else
+            (f.name, f.type, field(default=f.default, metadata=f.metadata))
+            for f in fields(ScriptArguments) if f.name not in taken]
+    return make_dataclass(f"ScriptArgumentsFor{trainer_config.__name__}", keep,
+                          namespace={"__module__": __name__, "__post_init__": ScriptArguments.__post_init__})
+
+
+def _valid_keys(trainer_config=DPOConfig) -> set[str]:
+    return {f.name for cls in (ScriptArguments, trainer_config, ModelConfig) for f in fields(cls)}
 
 
 def _line_of(path: str, key: str) -> str:
@@ -94,32 +116,33 @@ def _line_of(path: str, key: str) -> str:
     return path
 
 
-def _explain_unknown(keys: list[str], where: str, recipe: str | None) -> str:
-    valid = _valid_keys()
+def _explain_unknown(keys: list[str], where: str, recipe: str | None, trainer_config=DPOConfig) -> str:
+    valid = _valid_keys(trainer_config)
     lines = []
     for key in keys:
         place = _line_of(recipe, key) if recipe and where == "recipe" else "command line"
         hint = RENAMED.get(key)
         if not hint:
             close = difflib.get_close_matches(key, valid, n=1)
-            hint = f"did you mean {close[0]!r}?" if close else "not a DPOConfig, ModelConfig or ScriptArguments field"
+            hint = (f"did you mean {close[0]!r}?" if close else
+                    f"not a {trainer_config.__name__}, ModelConfig or ScriptArguments field")
         lines.append(f"{place}: unknown key {key!r}: {hint}")
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None):
+def parse_args(argv: list[str] | None = None, trainer_config=DPOConfig, default_recipe: Path = DEFAULT_RECIPE):
     """Parse `--config recipe.yaml` plus overrides into (ScriptArguments, DPOConfig, ModelConfig).
 
     With no --config the embedded tiny recipe is used. Keys no config knows fail, naming the recipe line or
-    the flag and a likely fix.
+    the flag and a likely fix. train_sft.py passes trainer_config=SFTConfig and the tiny SFT recipe.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
-        argv = ["--config", str(DEFAULT_RECIPE)] + argv
+        argv = ["--config", str(default_recipe)] + argv
     recipe = argv[argv.index("--config") + 1]
     if not Path(recipe).is_file():
         raise SystemExit(f"recipe not found: {recipe} (recipes live in recipes/, e.g. --config recipes/tiny.yaml)")
-    parser = TrlParser((ScriptArguments, DPOConfig, ModelConfig))
+    parser = TrlParser((_script_arguments_for(trainer_config), trainer_config, ModelConfig))
     try:
         script_args, training_args, model_args, from_recipe, from_cli = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
@@ -130,11 +153,16 @@ def parse_args(argv: list[str] | None = None):
     bad_cli = [s.lstrip("-").split("=")[0] for s in from_cli if s.startswith("-")]
     messages = []
     if bad_recipe:
-        messages.append(_explain_unknown(bad_recipe, "recipe", recipe))
+        messages.append(_explain_unknown(bad_recipe, "recipe", recipe, trainer_config))
     if bad_cli:
-        messages.append(_explain_unknown(bad_cli, "cli", recipe))
+        messages.append(_explain_unknown(bad_cli, "cli", recipe, trainer_config))
     if from_cli and not bad_cli:
         messages.append(f"command line: unexpected argument(s) {from_cli}; flags look like --max_steps 10")
+    if script_args.merge_adapter and not model_args.use_peft:
+        messages.append(f"{recipe}: merge_adapter: true needs use_peft: true (there is no adapter to merge)")
+    if script_args.merge_adapter and training_args.push_to_hub:
+        messages.append(f"{recipe}: merge_adapter with push_to_hub would upload the adapter and the merged model "
+                        "into one repo; push the merged output_dir afterwards with `hf upload`")
     if messages:
         raise SystemExit("\n".join(messages))
     return script_args, training_args, model_args
