@@ -1,0 +1,202 @@
+"""The data module: every source and layout, every bad-input case, truncation, and TRL-identical tokens."""
+
+import gzip
+import json
+import types
+
+import pytest
+from datasets import Dataset
+
+from fastdpo import data, tiny
+from fastdpo.config import ScriptArguments
+
+STANDARD = [{"prompt": f"Question {i}?", "chosen": f" Good answer {i}.", "rejected": f" Bad {i}."} for i in range(10)]
+CONVERSATIONAL = tiny.preference_rows("train", 10)
+
+
+def args(**kw):
+    return ScriptArguments(**kw)
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+def test_standard_jsonl(tmp_path):
+    pairs = data.load_pairs(args(dataset_name=str(write_jsonl(tmp_path / "d.jsonl", STANDARD))))
+    assert len(pairs.train) == 10 and pairs.eval is None
+    assert pairs.train[0] == STANDARD[0]
+
+
+def test_conversational_json_gz_parquet_csv(tmp_path):
+    gz = tmp_path / "d.jsonl.gz"
+    with gzip.open(gz, "wt") as f:
+        f.writelines(json.dumps(r) + "\n" for r in CONVERSATIONAL)
+    arr = tmp_path / "d.json"
+    arr.write_text(json.dumps(CONVERSATIONAL))
+    pq = tmp_path / "d.parquet"
+    Dataset.from_list(CONVERSATIONAL).to_parquet(pq)
+    csv = tmp_path / "d.csv"
+    Dataset.from_list(STANDARD).to_csv(csv, index=False)
+    for path in (gz, arr, pq):
+        rows = data.load_pairs(args(dataset_name=str(path))).train.to_list()
+        assert rows == CONVERSATIONAL, path
+    assert data.load_pairs(args(dataset_name=str(csv))).train.to_list() == STANDARD
+
+
+def test_folder_goes_through_load_dataset_with_splits(tmp_path):
+    # The same code path as a Hub dataset id: split names come from the file names.
+    write_jsonl(tmp_path / "train.jsonl", CONVERSATIONAL)
+    write_jsonl(tmp_path / "test.jsonl", CONVERSATIONAL[:3])
+    pairs = data.load_pairs(args(dataset_name=str(tmp_path), dataset_test_split="test"))
+    assert len(pairs.train) == 10 and len(pairs.eval) == 3
+
+
+def test_implicit_prompt_hh_rlhf_transcripts():
+    row = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?",
+           "rejected": "\n\nHuman: Hi there\n\nAssistant: Go away."}
+    out = data.normalize_row(row, None)
+    assert out["prompt"] == [{"role": "user", "content": "Hi there"}]
+    assert out["chosen"] == [{"role": "assistant", "content": "Hello! How can I help?"}]
+    assert out["rejected"] == [{"role": "assistant", "content": "Go away."}]
+
+
+def test_implicit_prompt_multi_turn_messages_and_text():
+    conv = CONVERSATIONAL[0]
+    row = {"chosen": conv["prompt"] + conv["chosen"], "rejected": conv["prompt"] + conv["rejected"]}
+    assert data.normalize_row(row, None) == conv
+    out = data.normalize_row({"chosen": "Q: sky colour? It is blue", "rejected": "Q: sky colour? It is green"}, None)
+    # split on a word boundary, never inside a word
+    assert out == {"prompt": "Q: sky colour? It is ", "chosen": "blue", "rejected": "green"}
+
+
+def test_column_map_orca_layout():
+    row = {"system": "Be brief.", "question": "2+2?", "chosen": "4", "rejected": "5"}
+    cmap = {"system": "system", "prompt": "question", "chosen": "chosen", "rejected": "rejected"}
+    out = data.normalize_row(row, cmap)
+    assert out["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
+    assert out["chosen"] == [{"role": "assistant", "content": "4"}]
+    # an empty system prompt (common in orca) adds no system turn
+    out = data.normalize_row({**row, "system": ""}, cmap)
+    assert out["prompt"] == [{"role": "user", "content": "2+2?"}]
+
+
+def test_subset_fraction_eval_and_seed():
+    a = args(dataset_name=tiny.DATASET_ID, max_train_samples=100, dataset_test_split="0.1")
+    p1, p2 = data.load_pairs(a), data.load_pairs(a)
+    assert (len(p1.train), len(p1.eval)) == (90, 10)
+    assert p1.eval.to_list() == p2.eval.to_list()  # deterministic
+    p3 = data.load_pairs(args(dataset_name=tiny.DATASET_ID, max_train_samples=100, dataset_test_split="0.1",
+                              dataset_seed=7))
+    assert p3.eval.to_list() != p1.eval.to_list()
+
+
+def test_named_split_on_single_file_explains(tmp_path):
+    path = write_jsonl(tmp_path / "d.jsonl", STANDARD)
+    with pytest.raises(data.DataError, match="use a fraction"):
+        data.load_pairs(args(dataset_name=str(path), dataset_test_split="test"))
+
+
+# ------------------------------------------------------------------------------------------ bad input
+
+BAD = [
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b" "rejected": "c"}\n',
+     ":2: malformed JSON"),
+    ('{"prompt": "a", "chosen": "b"}\n', ":1: missing column 'rejected'"),
+    ('{"prompt": "a", "chosen": "", "rejected": "c"}\n', ":1: field 'chosen' is empty"),
+    ('{"prompt": "a", "chosen": 3, "rejected": "c"}\n', ":1: field 'chosen' must be a string or a list"),
+    ('{"prompt": "a", "chosen": "same", "rejected": "same"}\n', ":1: chosen is identical to rejected"),
+    ('{"prompt": "a", "chosen": null, "rejected": "c"}\n', ":1: field 'chosen' is missing or null"),
+    ('{"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "x"}], '
+     '"rejected": [{"role": "assistant", "content": "y"}]}\n', ":1: field 'prompt' message 1 must be an object"),
+    ('[1, 2]\n', ":1: expected an object"),
+]
+
+
+@pytest.mark.parametrize("text,expected", BAD, ids=[b[1] for b in BAD])
+def test_bad_rows_name_file_line_and_fix(tmp_path, text, expected):
+    path = tmp_path / "bad.jsonl"
+    path.write_text('\n' + text if "malformed" not in expected else text)  # a blank line must not shift numbers
+    if "malformed" not in expected:
+        expected = expected.replace(":1:", ":2:")
+    with pytest.raises(data.DataError) as e:
+        data.load_pairs(args(dataset_name=str(path)))
+    msg = str(e.value)
+    assert f"{path}{expected}" in msg
+    if "malformed" not in expected:
+        assert "--skip_bad_rows true" in msg
+
+
+def test_skip_bad_rows_counts_and_lists_them(tmp_path):
+    lines = [json.dumps(r) for r in STANDARD[:3]]
+    lines.insert(1, json.dumps({"prompt": "p", "chosen": "x", "rejected": "x"}))
+    path = tmp_path / "d.jsonl"
+    path.write_text("\n".join(lines) + "\n")
+    pairs = data.load_pairs(args(dataset_name=str(path), skip_bad_rows=True))
+    assert len(pairs.train) == 3
+    assert pairs.skipped.rows == [{"where": f"{path}:2", "problem": "chosen is identical to rejected "
+                                   "(no preference to learn)"}]
+
+
+def test_missing_file_and_unsupported_type(tmp_path):
+    with pytest.raises(data.DataError, match="no such file"):
+        data.load_pairs(args(dataset_name=str(tmp_path / "nope.jsonl")))
+    (tmp_path / "d.txt").write_text("x")
+    with pytest.raises(data.DataError, match="unsupported file type"):
+        data.load_pairs(args(dataset_name=str(tmp_path / "d.txt")))
+
+
+def test_parquet_row_numbers(tmp_path):
+    rows = STANDARD[:3] + [{"prompt": "p", "chosen": "x", "rejected": "x"}]
+    Dataset.from_list(rows).to_parquet(tmp_path / "d.parquet")
+    with pytest.raises(data.DataError, match=r"d\.parquet row 4: chosen is identical"):
+        data.load_pairs(args(dataset_name=str(tmp_path / "d.parquet")))
+
+
+# ------------------------------------------------------------------------------------------ tokens
+
+
+def _trl_prepare(rows, tokenizer, max_length=None):
+    """TRL 1.16's own preprocessing (DPOTrainer._prepare_dataset), run on the same rows."""
+    from trl import DPOTrainer
+
+    fake_self = types.SimpleNamespace(_tokenizer=tokenizer)
+    trl_args = types.SimpleNamespace(dataset_num_proc=None, max_length=max_length, truncation_mode="keep_start")
+    return DPOTrainer._prepare_dataset(fake_self, Dataset.from_list(rows), tokenizer, trl_args, "train")
+
+
+@pytest.mark.parametrize("rows", [STANDARD, CONVERSATIONAL], ids=["standard", "conversational"])
+def test_tokens_identical_to_trl(rows, tiny_tokenizer):
+    ours, counts = data.tokenize_dataset(Dataset.from_list(rows), tiny_tokenizer, None, None)
+    theirs = _trl_prepare(rows, tiny_tokenizer)
+    for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert ours[key] == theirs[key], key
+    assert counts == {"pairs": len(rows), "truncated": 0, "dropped": 0}
+
+
+def test_truncation_keeps_prompt_end_and_bos():
+    bos = 1
+    p, c, r, s = data.truncate_pair([1, 10, 11, 12, 13, 14], [20, 21, 22], [30], max_length=6, max_prompt_length=4,
+                                    bos_id=bos)
+    assert (p, c, r, s) == ([1, 12, 13, 14], [20, 21], [30], "truncated")
+    assert data.truncate_pair([5, 6], [7], [8], 10, 4) == ([5, 6], [7], [8], "ok")
+    assert data.truncate_pair([5, 6, 7], [8], [9], 3, None)[3] == "dropped"
+
+
+def test_tokenize_dataset_counts_truncated_and_dropped(tiny_tokenizer):
+    rows = [{"prompt": "word " * 200, "chosen": " yes", "rejected": " no"},
+            {"prompt": "Hi", "chosen": " a long answer " * 50, "rejected": " no"},
+            {"prompt": "Hi", "chosen": " ok", "rejected": " no"}]
+    ds, counts = data.tokenize_dataset(Dataset.from_list(rows), tiny_tokenizer, 64, None)
+    assert counts == {"pairs": 3, "truncated": 1, "dropped": 1} and len(ds) == 2
+    assert all(len(p) + len(c) <= 64 for p, c in zip(ds["prompt_ids"], ds["chosen_ids"]))
+    ds, counts = data.tokenize_dataset(Dataset.from_list(rows), tiny_tokenizer, 64, 32)
+    assert counts == {"pairs": 3, "truncated": 2, "dropped": 0} and len(ds) == 3
+    assert len(ds["prompt_ids"][0]) == 32
+
+
+def test_tiny_tokenizer_handles_any_utf8(tiny_tokenizer):
+    text = "naïve café — 東京 🚀 \u0000 ok"
+    ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
+    assert tiny_tokenizer.decode(ids) == text
