@@ -48,13 +48,27 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def check_hub_access(repo_id: str) -> None:
+    """Fail in seconds, not after hours of training, when the push at the end cannot work."""
+    from huggingface_hub import constants, whoami
+
+    if constants.HF_HUB_OFFLINE:
+        raise SystemExit("push_to_hub is set but HF_HUB_OFFLINE=1: unset it, or pass --push_to_hub false")
+    try:
+        user = whoami()["name"]
+    except Exception as e:  # no token, a refused token, or no network: all mean the final push would fail
+        raise SystemExit(f"push_to_hub is set but the Hub check failed ({type(e).__name__}): put a write token "
+                         "in .env as HF_TOKEN=..., check the network, or pass --push_to_hub false") from None
+    logger.info("will push to %s as %s", repo_id, user)
+
+
 def main(script_args, training_args, model_args):
     is_main = training_args.process_index == 0
     preemption = PreemptionCallback()  # SIGUSR1: checkpoint and stop (Slurm time limit; scripts/dpo_train.sh requeues)
     setup_logging(is_main)
     cfg.redact_logs()
-    if training_args.push_to_hub and not (os.environ.get("HF_TOKEN") or os.environ.get("HF_HUB_OFFLINE")):
-        logger.warning("push_to_hub is set but HF_TOKEN is not: add it to .env or run `hf auth login`")
+    if training_args.push_to_hub:
+        check_hub_access(training_args.hub_model_id or training_args.output_dir)
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     logger.info("model %s | data %s | loss %s beta %s | lr %g %s | max_length %s, max_prompt_length %s",
@@ -106,7 +120,7 @@ def main(script_args, training_args, model_args):
     trainer.add_callback(preemption)
     result = trainer.train(resume_from_checkpoint=last_checkpoint)
     if preemption.preempted:  # the checkpoint is the result; rerunning the same command resumes from it
-        logger.warning("preempted at step %d; rerun the same command to resume", trainer.state.global_step)
+        logger.info("preempted at step %d; rerun the same command to resume", trainer.state.global_step)
         sys.exit(PREEMPTED_EXIT_CODE)
 
     trainer.save_model(str(out))  # model (or adapter), tokenizer, model card

@@ -120,3 +120,15 @@ def test_secrets_never_reach_outputs_or_logs(tmp_path):
     for path in files:
         blob = path.read_bytes()
         assert token.encode() not in blob and wandb_key.encode() not in blob, path
+
+
+def test_push_to_hub_fails_fast_without_the_hub(tmp_path):
+    # The real huggingface_hub path runs up to the network: offline, it stops before loading any data.
+    base = [PYTHON, "train_dpo.py", "--push_to_hub", "true", "--hub_model_id", "me/tiny-dpo",
+            "--output_dir", str(tmp_path / "o")]
+    proc = run(base, env={"HF_HUB_OFFLINE": "1"}, check=False)
+    assert proc.returncode != 0 and "HF_HUB_OFFLINE=1" in proc.stdout + proc.stderr
+    proc = run(base, env={"HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_not_a_real_token_123456"}, check=False)
+    assert proc.returncode != 0 and "Hub check failed" in proc.stdout + proc.stderr
+    assert "hf_not_a_real_token_123456" not in proc.stdout + proc.stderr
+    assert not (tmp_path / "o" / "data_report.json").exists()
