@@ -27,6 +27,7 @@ from . import tiny
 logger = logging.getLogger(__name__)
 
 FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
+DEFAULT_EVAL_FRACTION = 0.1
 FIX_SKIP = "fix the row, or pass --skip_bad_rows true to skip bad rows (they are counted and listed in output_dir)"
 
 
@@ -306,6 +307,13 @@ def load_pairs(args) -> Pairs:
 
     eval_rows = None
     fraction = _as_fraction(args.dataset_test_split)
+    if fraction is None and args.dataset_test_split and not args.eval_dataset_name and Path(source).expanduser().is_file():
+        # A single file has no named splits. Hold out a fraction rather than fail, so any recipe (the tiny one
+        # names the embedded "test" split) runs on a user's file with just --dataset_name.
+        fraction = DEFAULT_EVAL_FRACTION
+        logger.warning("%s is a single file with no %r split: holding out %d%% of its rows for eval (set "
+                       "dataset_test_split to a fraction to choose, or eval_dataset_name to a file)", source,
+                       args.dataset_test_split, round(100 * fraction))
     if args.eval_dataset_name:
         raw_e, where_e = read_source(args.eval_dataset_name, args.dataset_config, args.dataset_test_split or "train")
         eval_rows = normalize(raw_e, where_e, args.column_map, args.skip_bad_rows, skipped)
@@ -319,11 +327,6 @@ def load_pairs(args) -> Pairs:
         eval_rows = [rows[i] for i in sorted(held)]
         rows = [r for i, r in enumerate(rows) if i not in held]
     elif args.dataset_test_split:
-        path = Path(source).expanduser()
-        if path.is_file():
-            raise DataError(f"{source} is a single file with one split, so dataset_test_split="
-                            f"{args.dataset_test_split!r} cannot be a split name: use a fraction (e.g. 0.05) or "
-                            "point eval_dataset_name at an eval file")
         raw_e, where_e = read_source(source, args.dataset_config, args.dataset_test_split)
         eval_rows = normalize(raw_e, where_e, args.column_map, args.skip_bad_rows, skipped)
     if eval_rows is not None and args.max_eval_samples is not None:

@@ -92,10 +92,11 @@ def test_subset_fraction_eval_and_seed():
     assert p3.eval.to_list() != p1.eval.to_list()
 
 
-def test_named_split_on_single_file_explains(tmp_path):
+def test_named_split_on_single_file_holds_out_a_fraction(tmp_path, caplog):
     path = write_jsonl(tmp_path / "d.jsonl", STANDARD)
-    with pytest.raises(data.DataError, match="use a fraction"):
-        data.load_pairs(args(dataset_name=str(path), dataset_test_split="test"))
+    pairs = data.load_pairs(args(dataset_name=str(path), dataset_test_split="test"))
+    assert (len(pairs.train), len(pairs.eval)) == (9, 1)
+    assert "single file with no 'test' split: holding out 10%" in caplog.text
 
 
 # ------------------------------------------------------------------------------------------ bad input
