@@ -1,0 +1,169 @@
+"""Choose max_length, max_prompt_length and the batch shape from the token lengths training will see.
+
+    # the default: allenai/Dolci-Instruct-DPO with recipes/olmo3_instruct.yaml (tokenizer, limits, batch)
+    python scripts/analyze_dataset.py
+
+    # your file with a recipe's tokenizer, chat template, column_map and limits; every pair, a plot and JSON
+    python scripts/analyze_dataset.py data/my_pairs.jsonl --recipe recipes/tiny.yaml --samples all \
+        --plot outputs/lengths.png --json outputs/lengths.json
+
+    # offline demo: the embedded data and tiny tokenizer (seconds)
+    python scripts/analyze_dataset.py --recipe recipes/tiny.yaml
+
+    # another tokenizer, 95% coverage, 2 tokenising processes, CPU only
+    CUDA_VISIBLE_DEVICES="" python scripts/analyze_dataset.py allenai/Dolci-Think-DPO-7B \
+        --tokenizer allenai/Olmo-3-7B-Think-SFT --coverage 0.95 --num_proc 2
+
+Tokenisation is training's own (`fastdpo.data.tokenize_pairs`: chat template, implicit prompts, EOS, the
+prompt/answer split), so the lengths are the ones training sees. Markdown tables go to stdout, progress to
+stderr. Definitions of every number: fastdpo/lengths.py.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import time
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))  # run from anywhere without installing
+
+DEFAULT_RECIPE = str(REPO / "recipes" / "olmo3_instruct.yaml")  # the recipe that trains on the default dataset
+logger = logging.getLogger("fastdpo.analyze")
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("dataset", nargs="?", help="Hub id, local file (.jsonl/.json/.parquet/.csv[.gz]) or folder; "
+                   "default: the recipe's dataset_name (allenai/Dolci-Instruct-DPO)")
+    p.add_argument("--recipe", default=None, help="YAML recipe for tokenizer, chat template, column_map, limits and "
+                   "batch size (default recipes/olmo3_instruct.yaml)")
+    p.add_argument("--tokenizer", help="tokenizer name or folder (default: the recipe's model_name_or_path)")
+    p.add_argument("--chat_template_path", help="Jinja chat template or tokenizer folder (default: the recipe's)")
+    p.add_argument("--split", help="split to analyze (default: the recipe's dataset_train_split)")
+    p.add_argument("--samples", default="1000", help="pairs to sample (seeded), or 'all' (default 1000)")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample and of the random micro-batches")
+    p.add_argument("--coverage", type=float, default=0.9, help="fraction of pairs max_length must hold whole")
+    p.add_argument("--num_proc", type=int, help="tokenising processes (default: the recipe's dataset_num_proc, "
+                   "at most the CPU count; 1 below 4000 pairs, where forking costs more than it saves)")
+    p.add_argument("--column_map", help="JSON mapping prompt/chosen/rejected/system to columns (overrides the recipe)")
+    p.add_argument("--max_length", type=int, help="max_length to compare (default: the recipe's)")
+    p.add_argument("--max_prompt_length", type=int, help="max_prompt_length in effect (default: the recipe's)")
+    p.add_argument("--per_device_train_batch_size", type=int, help="pairs per micro-batch (default: the recipe's)")
+    p.add_argument("--skip_bad_rows", action="store_true", help="skip malformed rows instead of failing")
+    p.add_argument("--json", help="write the result as JSON here")
+    p.add_argument("--plot", help="write a PNG histogram + CDF here")
+    args = p.parse_args(argv)
+    if args.samples != "all" and not (args.samples.isdigit() and int(args.samples) > 0):
+        p.error(f"--samples must be a positive number or 'all', got {args.samples!r}")
+    if not 0 < args.coverage <= 1:
+        p.error(f"--coverage must lie in (0, 1], e.g. 0.9; got {args.coverage}")
+    return args
+
+
+def settings(args: argparse.Namespace):
+    """The recipe through the training parser (same keys, same errors), with this command's overrides on top."""
+    from fastdpo import config as cfg
+
+    recipe = args.recipe or DEFAULT_RECIPE
+    overrides = {
+        "dataset_name": args.dataset, "dataset_train_split": args.split, "model_name_or_path": args.tokenizer,
+        "chat_template_path": args.chat_template_path, "column_map": args.column_map, "max_length": args.max_length,
+        "max_prompt_length": args.max_prompt_length,
+        "per_device_train_batch_size": args.per_device_train_batch_size,
+    }
+    argv = ["--config", recipe]
+    for key, value in overrides.items():
+        if value is not None:
+            argv += [f"--{key}", str(value)]
+    if args.skip_bad_rows:
+        argv += ["--skip_bad_rows", "true"]
+    # A GPU recipe (bf16) must still parse on a CPU-only machine; only data settings are used here.
+    argv += ["--bf16", "false", "--fp16", "false", "--use_cpu", "true"]
+    return recipe, *cfg.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = parse(argv)
+    from fastdpo import data, lengths, models
+
+    recipe, script_args, training_args, model_args = settings(args)
+    tokenizer_name = model_args.model_name_or_path
+    try:
+        tokenizer = models.load_tokenizer(tokenizer_name, script_args.chat_template_path, model_args.model_revision)
+    except OSError as e:
+        raise SystemExit(f"cannot load tokenizer {tokenizer_name!r}: {e}\nPass --tokenizer a local folder (or a Hub "
+                         "id once online; gated models need HF_TOKEN in .env)") from None
+    samples = None if args.samples == "all" else int(args.samples)
+    start = time.perf_counter()
+    try:
+        rows, n_rows, skipped = lengths.load_sample(script_args, samples, args.seed)
+    except OSError as e:  # the Hub unreachable, or a folder datasets cannot read
+        raise data.DataError(f"cannot read {script_args.dataset_name!r}: {e}; use a local file, or set "
+                             "HF_HUB_OFFLINE=1 with a cached copy") from None
+    models.require_chat_template(tokenizer, rows, tokenizer_name)
+    loaded = time.perf_counter()
+
+    num_proc = args.num_proc or min(training_args.dataset_num_proc or os.cpu_count(), os.cpu_count())
+    if args.num_proc is None and len(rows) < 4000:
+        num_proc = 1
+    lens = lengths.measure(rows, tokenizer, num_proc)
+    tokenized = time.perf_counter()
+    pairs_per_s = len(lens) / max(tokenized - loaded, 1e-9)
+    logger.info("tokenised %d pairs in %.1f s: %.0f pairs/s with num_proc %d (reading took %.1f s)",
+                len(lens), tokenized - loaded, pairs_per_s, num_proc, loaded - start)
+
+    batch = training_args.per_device_train_batch_size
+    result = {
+        "dataset": script_args.dataset_name,
+        "split": script_args.dataset_train_split,
+        "num_rows": n_rows,
+        "num_samples": len(lens),
+        "skipped_rows": len(skipped.rows),
+        "seed": args.seed,
+        "tokenizer": tokenizer_name,
+        "recipe": recipe,
+        "coverage_target": args.coverage,
+        "max_length": training_args.max_length,
+        "max_prompt_length": script_args.max_prompt_length,
+        "per_device_train_batch_size": batch,
+        "pad_to_multiple_of": training_args.pad_to_multiple_of,
+        "batching": f"seeded random micro-batches of {batch} pairs, padded to the longest row as TRL's collator",
+        "tokenize_seconds": round(tokenized - loaded, 2),
+        "pairs_per_second": round(pairs_per_s, 1),
+        **lengths.analyze(lens, coverage=args.coverage, max_length=training_args.max_length,
+                          max_prompt_length=script_args.max_prompt_length, batch_size=batch,
+                          pad_to_multiple_of=training_args.pad_to_multiple_of, seed=args.seed),
+    }
+    print(lengths.markdown(result), end="")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+        logger.info("wrote %s", args.json)
+    if args.plot:
+        Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
+        lengths.plot(result, lens.total, args.plot)
+        logger.info("wrote %s", args.plot)
+    return result
+
+
+if __name__ == "__main__":
+    logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stderr)
+    warnings.filterwarnings("ignore", category=FutureWarning)  # TrainingArguments' renames, irrelevant here
+    if not sys.stderr.isatty():
+        import datasets
+
+        datasets.disable_progress_bars()  # no carriage-return bars in log files
+    from fastdpo.data import DataError
+
+    try:
+        main()
+    except DataError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
