@@ -11,7 +11,8 @@ import sys
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
-from trl import DPOConfig, ModelConfig, TrlParser
+from trl import DPOConfig as _TRLDPOConfig
+from trl import ModelConfig, TrlParser
 
 DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
 DEFAULT_SFT_RECIPE = DEFAULT_RECIPE.with_name("tiny_sft.yaml")
@@ -20,10 +21,39 @@ SECRET_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
 # Keys that users carry over from older TRL/transformers, with what to write instead.
 RENAMED = {
     "warmup_ratio": "transformers 5 removed warmup_ratio: write warmup_steps: 0.1 (a float below 1 is a ratio)",
-    "group_by_length": "transformers 5 removed group_by_length",
+    "group_by_length": "transformers 5 renamed it: write train_sampling_strategy: group_by_length",
     "hub_token": "put HF_TOKEN in .env instead: a token in a recipe ends up in training_args.bin",
     "dataset_text_field": "DPO reads prompt/chosen/rejected; map other columns with column_map",
 }
+
+
+@dataclass
+class DPOConfig(_TRLDPOConfig):
+    """TRL's DPOConfig with the fast path on by default (fastdpo.trainer implements it; TRL 1.16 disables
+    padding_free) and the knobs it adds. Each fast piece is checked against the stock path in tests/test_parity.py
+    and falls back, with a logged reason, where it would not be the same math."""
+
+    padding_free: bool = field(
+        default=True,
+        metadata={"help": "Pack each micro-batch's sequences into rows without padding (position_ids restart per "
+                  "sequence). Same loss as the padded path; off = stock TRL collation."},
+    )
+    precompute_ref_log_probs: bool = field(
+        default=True,
+        metadata={"help": "Compute reference log-probs once before training (packed, cached on disk by "
+                  "ref_logps_cache_dir) instead of a reference forward every step; no reference copy is loaded."},
+    )
+    token_budget: int | None = field(
+        default=None,
+        metadata={"help": "Most tokens one packed micro-batch computes (padding-free only). Steps keep their "
+                  "pairs (per_device_train_batch_size x gradient_accumulation_steps) and per-pair loss weights. "
+                  "Default: per_device_train_batch_size x 2 x max_length, the stock worst case."},
+    )
+    ref_logps_cache_dir: str | None = field(
+        default=None,
+        metadata={"help": "Where precomputed reference log-probs are cached (default ~/.cache/fastdpo/ref_logps, "
+                  "or $FASTDPO_CACHE/ref_logps)."},
+    )
 
 
 @dataclass
@@ -158,6 +188,8 @@ def parse_args(argv: list[str] | None = None, trainer_config=DPOConfig, default_
         messages.append(_explain_unknown(bad_cli, "cli", recipe, trainer_config))
     if from_cli and not bad_cli:
         messages.append(f"command line: unexpected argument(s) {from_cli}; flags look like --max_steps 10")
+    if getattr(training_args, "hub_token", None):
+        messages.append(f"{recipe}: hub_token: {RENAMED['hub_token']}")
     if script_args.merge_adapter and not model_args.use_peft:
         messages.append(f"{recipe}: merge_adapter: true needs use_peft: true (there is no adapter to merge)")
     if script_args.merge_adapter and training_args.push_to_hub:
@@ -201,3 +233,26 @@ def redact_logs() -> None:
     for handler in logging.getLogger().handlers:
         handler.addFilter(flt)
     logging.getLogger().addFilter(flt)
+
+
+def given_keys(argv: list[str] | None = None) -> list[str]:
+    """The keys a run set: the recipe's, then the command line's (the defaulted recipe when none is given)."""
+    import yaml
+
+    argv = list(sys.argv[1:] if argv is None else argv)
+    recipe = argv[argv.index("--config") + 1] if "--config" in argv else str(DEFAULT_RECIPE)
+    keys = list(yaml.safe_load(Path(recipe).read_text()) or {})
+    keys += [a[2:].split("=")[0] for a in argv if a.startswith("--") and a != "--config"]
+    return list(dict.fromkeys(keys))
+
+
+def describe(keys: list[str], *configs) -> str:
+    """`name: value` for every key the recipe or command line set, as parsed (tokens never shown)."""
+    lines = []
+    for key in keys:
+        for conf in configs:
+            if hasattr(conf, key) and not key.endswith("token"):
+                value = getattr(conf, key)
+                lines.append(f"  {key}: {getattr(value, 'value', value)}")
+                break
+    return "\n".join(lines)

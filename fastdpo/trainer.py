@@ -1,14 +1,214 @@
-"""TRL's DPOTrainer, taking the pairs our data module already tokenised and truncated."""
+"""TRL's DPOTrainer, taking the pairs our data module already tokenised and truncated, plus the fast path.
+
+Fast path (on by default through fastdpo.config.DPOConfig; each piece falls back with a logged reason):
+  * padding-free: micro-batches run as packed rows (fastdpo.packing); TRL's own `_compute_loss` computes the
+    losses and metrics from the unpacked per-token outputs, so every loss_type and option keeps TRL's formula.
+  * token budget: each optimizer step's pairs re-cut into micro-batches up to `token_budget` tokens, with the
+    per-pair loss weights of the stock path (fastdpo.batching).
+  * reference log-probs precomputed once, packed, cached on disk (fastdpo.refcache).
+"""
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
+import torch
+from accelerate.utils import DistributedType
+from datasets import Dataset
 from trl import DPOTrainer as _TRLDPOTrainer
+
+from . import refcache
+from .batching import TokenBudgetSampler, sequence_lengths, slot_dataloader
+from .packing import (BATCH_COUPLED_LOSSES, PACKING_ATTENTION, VARLEN_ATTENTION, PackedForward,
+                      PackedPreferenceCollator, check_packed_attention)
+
+logger = logging.getLogger("fastdpo")
+
+
+def _keep_tokenized(self, dataset, processing_class, args, dataset_name):
+    # `fastdpo.data.tokenize_dataset` produced prompt_ids/chosen_ids/rejected_ids with TRL's own tokenisation
+    # plus max_prompt_length; tokenising again would be slower and would undo that truncation.
+    if "prompt_ids" in dataset.column_names:
+        return dataset
+    return _TRLDPOTrainer._prepare_dataset(self, dataset, processing_class, args, dataset_name)
+
+
+class StockDPOTrainer(_TRLDPOTrainer):
+    """TRL 1.16's DPOTrainer untouched except that it accepts our tokenised pairs: the baseline the parity tests
+    and scripts/benchmark.py measure the fast path against."""
+
+    _prepare_dataset = _keep_tokenized
 
 
 class DPOTrainer(_TRLDPOTrainer):
-    def _prepare_dataset(self, dataset, processing_class, args, dataset_name):
-        # `fastdpo.data.tokenize_dataset` produced prompt_ids/chosen_ids/rejected_ids with TRL's own tokenisation
-        # plus max_prompt_length; tokenising again would be slower and would undo that truncation.
-        if "prompt_ids" in dataset.column_names:
-            return dataset
-        return super()._prepare_dataset(dataset, processing_class, args, dataset_name)
+    def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
+                 processing_class=None, **kwargs):
+        self._fast = False
+        self._packing_checked = False
+        padding_free = bool(getattr(args, "padding_free", False))
+        reason = self._fast_path_blocker(model, args, data_collator, train_dataset, processing_class)
+        if padding_free and reason is None:
+            self._fast = True
+            attn = model.config._attn_implementation
+            # sdpa/eager build a dense row x row mask: cap rows at max_length so no row costs more attention than
+            # the stock path's longest row. Varlen kernels take one long row.
+            capacity = None if attn in VARLEN_ATTENTION else args.max_length
+            pad_id = processing_class.pad_token_id
+            if pad_id is None:
+                pad_id = processing_class.eos_token_id
+            self._packed_collator = PackedPreferenceCollator(pad_id, args.max_length, args.truncation_mode, capacity)
+            pairs_budget = args.per_device_train_batch_size * 2 * args.max_length if args.max_length else None
+            self._token_budget = getattr(args, "token_budget", None) or pairs_budget
+            ref_pairs = args.precompute_ref_batch_size or 2 * args.per_device_train_batch_size
+            # no activations are kept for backward, so the reference pass affords twice the training micro-batch
+            self._ref_token_budget = ref_pairs * 2 * args.max_length if args.max_length else None
+            args.padding_free = False  # TRL 1.16 would warn that it ignores the flag; this class implements it
+        elif padding_free:
+            logger.warning("padding_free: using the stock padded path because %s", reason)
+        try:
+            super().__init__(model=model, ref_model=ref_model, args=args, data_collator=data_collator,
+                             train_dataset=train_dataset, eval_dataset=eval_dataset,
+                             processing_class=processing_class, **kwargs)
+        finally:
+            args.padding_free = padding_free
+        if self._fast and not self._packing_checked:
+            self._check_packing()
+        if self._fast:
+            # Every packed batch carries reference log-probs (precomputed, or computed packed in compute_loss), so
+            # TRL's loss always reads them from the batch.
+            self.precompute_ref_logps = True
+            self.data_collator = self._packed_collator  # eval batches: same pairs as stock, packed
+            logger.info("fast path: padding-free rows of %s tokens, token budget %s per micro-batch, reference "
+                        "log-probs %s", self._packed_collator.row_capacity or "unbounded", self._token_budget,
+                        "precomputed (cached)" if args.precompute_ref_log_probs else "computed packed each step")
+
+    @staticmethod
+    def _fast_path_blocker(model, args, data_collator, train_dataset, processing_class) -> str | None:
+        """Why the padding-free path would not be TRL's math here (None = it is)."""
+        if args is None:
+            return "no DPOConfig was passed"
+        if isinstance(model, str):
+            return "the model was passed as a name; pass the loaded model"
+        attn = getattr(model.config, "_attn_implementation", None)
+        if attn not in PACKING_ATTENTION:
+            return (f"attn_implementation={attn!r} does not build a per-sequence mask from position_ids; use one of "
+                    f"{sorted(PACKING_ATTENTION)}")
+        coupled = BATCH_COUPLED_LOSSES & set(args.loss_type)
+        if coupled:
+            return f"loss_type {sorted(coupled)} couples the pairs of a micro-batch (sorting or a batch token mean)"
+        if data_collator is not None:
+            return "a custom data_collator was passed"
+        if not isinstance(train_dataset, Dataset) or "prompt_ids" not in train_dataset.column_names:
+            return "the train dataset is not a tokenised map-style Dataset (fastdpo.data.tokenize_dataset makes one)"
+        if processing_class is None or not hasattr(processing_class, "pad_token_id"):
+            return "no tokenizer was passed"
+        if args.max_length is None:
+            return "max_length is None (the token budget and row size derive from it)"
+        if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
+            return "DeepSpeed ZeRO-3 is not tested with packing (ZeRO-2 and DDP are)"
+        if getattr(args, "fsdp", None):
+            return "FSDP is not tested with packing (ZeRO-2 and DDP are)"
+        return None
+
+    def _check_packing(self) -> bool:
+        """Run the model once packed and once per sequence; keep the fast path only if they agree."""
+        self._packing_checked = True
+        model = self.model
+        gap = check_packed_attention(model, self._packed_collator.row_capacity)
+        tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
+        if gap > tol:
+            logger.warning("padding_free: packed sequences differ from separate ones by %.2e (> %.0e) with this "
+                           "model; using the stock padded path", gap, tol)
+            self._fast = False
+        return self._fast
+
+    _prepare_dataset = _keep_tokenized
+
+    def _precompute_ref_logps(self, dataset, name, batch_size):
+        if self._fast and (self._packing_checked or self._check_packing()) and self._fast:
+            return refcache.attach(self, dataset, name, getattr(self.args, "ref_logps_cache_dir", None))
+        return super()._precompute_ref_logps(dataset, name, batch_size)
+
+    def get_train_dataloader(self):
+        if not self._fast:
+            return super().get_train_dataloader()
+        dataset = self._remove_unused_columns(self.train_dataset, description="training")
+        args = self.args
+        sampler = TokenBudgetSampler(
+            sequence_lengths(dataset, args.max_length), self._train_batch_size, args.gradient_accumulation_steps,
+            world_size=args.world_size, rank=args.process_index, token_budget=self._token_budget,
+            row_capacity=self._packed_collator.row_capacity, order=args.train_sampling_strategy,
+            seed=args.data_seed if args.data_seed is not None else args.seed, drop_last=args.dataloader_drop_last)
+        extra = {}
+        if args.dataloader_num_workers > 0:
+            extra = {"persistent_workers": args.dataloader_persistent_workers,
+                     "prefetch_factor": args.dataloader_prefetch_factor}
+        return slot_dataloader(dataset, sampler, self._packed_collator, num_workers=args.dataloader_num_workers,
+                               pin_memory=args.dataloader_pin_memory, **extra)
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if "packed_input_ids" not in inputs:
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        if "ref_chosen_logps" not in inputs:
+            # Reference model kept (precompute off): its forward runs packed too, through TRL's own function
+            # (PEFT without a ref model: TRL disables the adapter on self.model inside it).
+            ref = self.ref_model if self.ref_model is not None else self.model
+            chosen, rejected = self.compute_ref_log_probs(PackedForward(ref), inputs)
+            inputs = {**inputs, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
+        with self._ragged_gather():
+            return super().compute_loss(PackedForward(model), inputs, return_outputs, num_items_in_batch)
+
+    @contextlib.contextmanager
+    def _ragged_gather(self):
+        """TRL gathers per-pair metric tensors across ranks; token-budget micro-batches hold different pair counts
+        per rank, so pad to the largest, gather, and drop the padding (same values as stock's gather)."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            yield
+            return
+        plain = acc.gather
+
+        def gather(tensor):
+            if not torch.is_tensor(tensor) or tensor.dim() == 0:
+                return plain(tensor)
+            sizes = plain(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
+            padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
+            padded[: tensor.shape[0]] = tensor
+            chunks = plain(padded).split(max(sizes))
+            return torch.cat([c[:n] for c, n in zip(chunks, sizes)])
+
+        acc.gather = gather  # instance attribute shadows the method for this call only
+        try:
+            yield
+        finally:
+            del acc.gather
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        if "micro_batches" not in inputs:
+            return super().training_step(model, inputs, num_items_in_batch)
+        # One slot of an optimizer step: one or more packed micro-batches. Each backward gets its micro-batch's
+        # mean loss times the sum of its pairs' step weights (fastdpo.batching), and nothing divides by the
+        # accumulation count again: the step's gradient is the stock path's.
+        model.train()
+        if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
+            self.optimizer.train()
+        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        sync = self.accelerator.sync_gradients  # the Trainer's decision for this slot
+        micro_batches = inputs["micro_batches"]
+        total = torch.zeros((), device=self.args.device)
+        if not micro_batches:  # the step's pairs fit in fewer micro-batches than accumulation slots
+            return total
+        for j, mb in enumerate(micro_batches):
+            last = j == len(micro_batches) - 1
+            mb = self._prepare_inputs(mb)
+            # DDP / ZeRO reduce gradients only after the step's final micro-batch
+            self.accelerator.gradient_state._set_sync_gradients(sync and last)
+            no_sync = contextlib.nullcontext() if last or deepspeed else self.accelerator.no_sync(model)
+            with no_sync, self.maybe_activation_offload_context:
+                with self.compute_loss_context_manager():
+                    loss = self.compute_loss(model, mb) * mb["loss_weight"].to(torch.float32)
+                self.accelerator.backward(loss, **({"scale_wrt_gas": False} if deepspeed else {}))
+            total += loss.detach()
+        self.accelerator.gradient_state._set_sync_gradients(sync)
+        return total

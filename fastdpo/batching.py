@@ -1,0 +1,210 @@
+"""Token-budget micro-batches that keep TRL's optimisation exactly: same pairs per step, same weight per pair.
+
+Stock TRL + Trainer, per optimizer step on one rank: `m` micro-batches (m = gradient_accumulation_steps, fewer
+in an epoch's last step) of `per_device_train_batch_size` pairs; each micro-batch's loss is the mean over its
+pairs, and the Trainer divides it by m. So pair i of micro-batch b carries weight w_i = 1 / (m * |b|) in the
+step's loss (1 / pairs-per-step when batches are full), and DDP / ZeRO average the ranks.
+
+Here the same pairs reach the same (rank, step) as in the stock path (same sampler order, same round-robin over
+ranks, same tail handling), then each step's pairs are re-cut, longest first, into micro-batches that fill a
+token budget. Each micro-batch's mean loss is multiplied by the sum of its pairs' weights (`loss_weight`), and
+the trainer does not divide by m again: the step's gradient is sum_i w_i * grad loss_i, identical to stock.
+
+The dataloader yields m "slots" per step (the Trainer counts m per step for its accumulation, logging and
+scheduler); a slot holds zero or more packed micro-batches, the last slot at least one.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+
+import numpy as np
+import pyarrow.compute as pc
+from accelerate.data_loader import SeedableRandomSampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from .packing import computed_tokens
+
+ORDERS = ("random", "sequential", "group_by_length", "batch_rebalance")
+GROUP_STEPS = 64  # group_by_length sorts windows of this many optimizer steps by length, then shuffles the steps
+
+
+def sequence_lengths(dataset, max_length: int | None) -> np.ndarray:
+    """[pairs, 2] lengths of the chosen and rejected sequences after truncation, read from Arrow (no Python lists)."""
+    ds = dataset.flatten_indices() if getattr(dataset, "_indices", None) is not None else dataset
+    table = ds.data
+    p = pc.list_value_length(table.column("prompt_ids")).to_numpy(zero_copy_only=False)
+    c = pc.list_value_length(table.column("chosen_ids")).to_numpy(zero_copy_only=False)
+    r = pc.list_value_length(table.column("rejected_ids")).to_numpy(zero_copy_only=False)
+    out = np.stack([p + c, p + r], axis=1).astype(np.int64)
+    return out if max_length is None else np.minimum(out, max_length)
+
+
+class TokenBudgetSampler(Sampler):
+    """Yields this rank's slots: each a tuple of micro-batches, each (pair indices, sum of their step weights)."""
+
+    def __init__(self, lengths: np.ndarray, batch_size: int, grad_accum: int, world_size: int = 1, rank: int = 0,
+                 token_budget: int | None = None, row_capacity: int | None = None, order: str = "random",
+                 seed: int = 0, drop_last: bool = False):
+        if order not in ORDERS:
+            raise ValueError(f"train_sampling_strategy {order!r}: expected one of {ORDERS}")
+        longest = int(lengths.sum(axis=1).max()) if len(lengths) else 0
+        if token_budget is not None and token_budget < longest:
+            raise ValueError(f"token_budget={token_budget} is below the longest pair ({longest} tokens, chosen + "
+                             f"rejected): set token_budget to at least 2 x max_length")
+        self.lengths, self.B, self.GA, self.W, self.rank = lengths, batch_size, grad_accum, world_size, rank
+        self.budget, self.capacity, self.order, self.seed, self.drop_last = (token_budget, row_capacity, order,
+                                                                             seed, drop_last)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    # --- which pairs the stock path gives this rank, batch by batch
+
+    def _order(self) -> list[int]:
+        n = len(self.lengths)
+        if self.order == "sequential":
+            return list(range(n))
+        # accelerate swaps the Trainer's RandomSampler for this one, seeded with data_seed or seed, + epoch
+        base = SeedableRandomSampler(data_source=range(n), data_seed=self.seed)
+        base.set_epoch(self.epoch)
+        order = list(base)
+        if self.order == "random":
+            return order
+        # group_by_length: windows of GROUP_STEPS global steps sorted longest-first, cut into steps, steps shuffled.
+        # Pairs per step are unchanged; only which pairs share a step changes (as transformers' LengthGroupedSampler).
+        step = self.B * self.GA * self.W
+        window = step * GROUP_STEPS
+        total = self.lengths.sum(axis=1)
+        rng = random.Random(self.seed + self.epoch)
+        out = []
+        for start in range(0, n, window):
+            chunk = sorted(order[start:start + window], key=lambda i: -total[i])
+            steps = [chunk[k:k + step] for k in range(0, len(chunk), step)]
+            rng.shuffle(steps)
+            out.extend(i for s in steps for i in s)
+        return out
+
+    def _rank_batches(self) -> list[list[list[int]]]:
+        """Batches of every rank (each rank plans all ranks' steps, so they agree without communicating)."""
+        order = self._order()
+        if self.W > 1:
+            # accelerate's BatchSamplerShard(even_batches=True): every rank gets full batches, the tail cycles back
+            # to the start of the epoch; drop_last drops the incomplete round instead.
+            per_round = self.B * self.W
+            if self.drop_last:
+                order = order[: len(order) // per_round * per_round]
+            elif len(order) % per_round:
+                need = per_round - len(order) % per_round
+                order = order + (order * (need // len(order) + 1))[:need]
+        elif self.drop_last:
+            order = order[: len(order) // self.B * self.B]
+        batches = [order[k:k + self.B] for k in range(0, len(order), self.B)]
+        return [batches[q::self.W] for q in range(self.W)]
+
+    def __len__(self) -> int:
+        n = len(self.lengths)
+        if self.W > 1:
+            rounds = n // (self.B * self.W) if self.drop_last else math.ceil(n / (self.B * self.W))
+            return rounds
+        return n // self.B if self.drop_last else math.ceil(n / self.B)
+
+    # --- re-cutting each step into token-budget micro-batches
+
+    def _tokens(self, pairs: list[int]) -> int:
+        return computed_tokens(self.lengths[pairs].reshape(-1).tolist(), self.capacity)
+
+    def _micro_batches(self, pairs: list[int]) -> list[list[int]]:
+        pairs = sorted(pairs, key=lambda i: -int(self.lengths[i].sum()))
+        if self.budget is None:
+            return [pairs]
+        # First fit, longest first: a pair goes into the first micro-batch it fits, so short pairs fill the room
+        # long ones leave.
+        out: list[list[int]] = []
+        for i in pairs:
+            for mb in out:
+                if self._tokens(mb + [i]) <= self.budget:
+                    mb.append(i)
+                    break
+            else:
+                out.append([i])
+        return out
+
+    def _plan(self, step_batches: list[list[int]]) -> tuple[list[list[int]], dict]:
+        m = len(step_batches)
+        weight = {i: 1.0 / (m * len(b)) for b in step_batches for i in b}
+        # A tail step can hold a short batch whose pairs weigh more; never mix weights in one micro-batch, so
+        # each micro-batch's mean loss times (count x weight) is exactly sum_i w_i loss_i.
+        groups: dict[float, list[int]] = {}
+        for b in step_batches:
+            for i in b:
+                groups.setdefault(weight[i], []).append(i)
+        return [mb for pairs in groups.values() for mb in self._micro_batches(pairs)], weight
+
+    @staticmethod
+    def _split_to(micro: list[list[int]], count: int) -> list[list[int]]:
+        """Halve the micro-batch with the most pairs until there are `count` (fewer tokens each: still in budget)."""
+        micro = list(micro)
+        while len(micro) < count:
+            big = max(range(len(micro)), key=lambda k: len(micro[k]))
+            mb = micro.pop(big)
+            micro[big:big] = [mb[: len(mb) // 2], mb[len(mb) // 2:]]
+        return micro
+
+    def __iter__(self):
+        per_rank = self._rank_batches()
+        for s in range(0, len(per_rank[self.rank]), self.GA):
+            plans = [self._plan(batches[s:s + self.GA]) for batches in per_rank]
+            m = len(per_rank[self.rank][s:s + self.GA])
+            # DDP (buffer broadcast per forward) and ZeRO-2 (gradient reduction per backward) communicate on every
+            # micro-batch, so every rank runs the same count: the most any rank needs. Every rank has the same
+            # pairs per step, so halving always reaches it.
+            count = max(len(micro) for micro, _ in plans)
+            micro, weight = plans[self.rank]
+            specs = [(tuple(mb), sum(weight[i] for i in mb)) for mb in self._split_to(micro, count)]
+            # Fewer micro-batches than the Trainer's m slots: the first slots stay empty (no forward, no
+            # backward), so the step's last slot, where gradients sync, always runs one.
+            parts = np.array_split(np.arange(len(specs)), min(m, len(specs)))
+            for part in [[]] * (m - len(parts)) + parts:
+                yield tuple(specs[k] for k in part)
+
+
+class SlotDataset(Dataset):
+    """Map a slot spec to its pairs: dataset rows fetched once per micro-batch."""
+
+    def __init__(self, dataset):
+        self.dataset = dataset
+
+    def __len__(self):
+        return len(self.dataset)
+
+    def __getitem__(self, slot):
+        out = []
+        for indices, weight in slot:
+            rows = self.dataset[list(indices)]
+            out.append(([{k: rows[k][j] for k in rows} for j in range(len(indices))], weight))
+        return out
+
+
+class SlotCollator:
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, slot):
+        return {"micro_batches": [self.collator(examples, weight) for examples, weight in slot]}
+
+
+class SlotDataLoader(DataLoader):
+    """A DataLoader whose epoch reaches the sampler (the Trainer calls set_epoch on the loader)."""
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
+
+
+def slot_dataloader(dataset, sampler: TokenBudgetSampler, collator, num_workers: int = 0, pin_memory: bool = False,
+                    **kwargs) -> SlotDataLoader:
+    # batch_size=None: the sampler already yields whole slots; each is fetched and collated as one item
+    return SlotDataLoader(SlotDataset(dataset), sampler=sampler, batch_size=None, collate_fn=SlotCollator(collator),
+                          num_workers=num_workers, pin_memory=pin_memory, **kwargs)
