@@ -1,18 +1,21 @@
-"""Choose max_length, max_prompt_length and the batch shape from the token lengths training will see.
+r"""Choose max_length, max_prompt_length and the batch shape from the token lengths training will see.
 
     # the default: allenai/Dolci-Instruct-DPO with recipes/olmo3_instruct.yaml (tokenizer, limits, batch)
     python scripts/analyze_dataset.py
 
-    # your file with a recipe's tokenizer, chat template, column_map and limits; every pair, a plot and JSON
-    python scripts/analyze_dataset.py data/my_pairs.jsonl --recipe recipes/tiny.yaml --samples all \
+    # your file with the recipe you will train with (tokenizer, chat template, column_map, limits); all pairs
+    python scripts/analyze_dataset.py data/my_pairs.jsonl --recipe recipes/olmo3_instruct.yaml --samples all \
         --plot outputs/lengths.png --json outputs/lengths.json
 
     # offline demo: the embedded data and tiny tokenizer (seconds)
     python scripts/analyze_dataset.py --recipe recipes/tiny.yaml
 
-    # another tokenizer, 95% coverage, 2 tokenising processes, CPU only
-    CUDA_VISIBLE_DEVICES="" python scripts/analyze_dataset.py allenai/Dolci-Think-DPO-7B \
-        --tokenizer allenai/Olmo-3-7B-Think-SFT --coverage 0.95 --num_proc 2
+    # the Think recipe's data, tokenizer and limits, 95% coverage, 2 tokenising processes, CPU only
+    CUDA_VISIBLE_DEVICES="" python scripts/analyze_dataset.py --recipe recipes/olmo3_think.yaml \
+        --coverage 0.95 --num_proc 2
+
+    # another tokenizer and prompt limit than the recipe's
+    python scripts/analyze_dataset.py data/my_pairs.jsonl --tokenizer path/to/tokenizer --max_prompt_length 1024
 
 Tokenisation is training's own (`fastdpo.data.tokenize_pairs`: chat template, implicit prompts, EOS, the
 prompt/answer split), so the lengths are the ones training sees. Markdown tables go to stdout, progress to
@@ -51,7 +54,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--seed", type=int, default=0, help="seed of the sample and of the random micro-batches")
     p.add_argument("--coverage", type=float, default=0.9, help="fraction of pairs max_length must hold whole")
     p.add_argument("--num_proc", type=int, help="tokenising processes (default: the recipe's dataset_num_proc, "
-                   "at most the CPU count; 1 below 4000 pairs, where forking costs more than it saves)")
+                   "at most half the CPUs; 1 below 4000 pairs, where forking costs more than it saves)")
     p.add_argument("--column_map", help="JSON mapping prompt/chosen/rejected/system to columns (overrides the recipe)")
     p.add_argument("--max_length", type=int, help="max_length to compare (default: the recipe's)")
     p.add_argument("--max_prompt_length", type=int, help="max_prompt_length in effect (default: the recipe's)")
@@ -100,6 +103,8 @@ def main(argv: list[str] | None = None) -> dict:
     except OSError as e:
         raise SystemExit(f"cannot load tokenizer {tokenizer_name!r}: {e}\nPass --tokenizer a local folder (or a Hub "
                          "id once online; gated models need HF_TOKEN in .env)") from None
+    if not tokenizer.is_fast:
+        logger.warning("%s is a slow (Python) tokenizer: expect tens of pairs/s, not thousands", tokenizer_name)
     samples = None if args.samples == "all" else int(args.samples)
     start = time.perf_counter()
     try:
@@ -110,7 +115,10 @@ def main(argv: list[str] | None = None) -> dict:
     models.require_chat_template(tokenizer, rows, tokenizer_name)
     loaded = time.perf_counter()
 
-    num_proc = args.num_proc or min(training_args.dataset_num_proc or os.cpu_count(), os.cpu_count())
+    # A fast tokenizer already encodes a batch on every core; extra processes only spread the chat-template
+    # rendering, so they pay off with many cores and many pairs (on 2 cores, 2 processes cost 25% more CPU).
+    cpus = os.cpu_count() or 1
+    num_proc = args.num_proc or max(1, min(training_args.dataset_num_proc or cpus, cpus // 2))
     if args.num_proc is None and len(rows) < 4000:
         num_proc = 1
     lens = lengths.measure(rows, tokenizer, num_proc)

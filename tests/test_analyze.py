@@ -328,3 +328,29 @@ def test_missing_file_and_unknown_recipe_key(tmp_path):
     bad.write_text((REPO / "recipes" / "tiny.yaml").read_text() + "warmup_ratio: 0.1\n")
     with pytest.raises(SystemExit, match="warmup_ratio"):
         cli(["--recipe", str(bad)])
+
+
+@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml") if not p.stem.endswith("_sft")))
+def test_every_dpo_recipe_parses_for_the_analyzer_on_cpu(recipe):
+    """GPU recipes (bf16) parse here too: the analyzer reads only their data settings."""
+    _, script_args, training_args, model_args = analyze_dataset.settings(
+        analyze_dataset.parse(["--recipe", f"recipes/{recipe}"]))
+    assert script_args.dataset_name and model_args.model_name_or_path
+    assert training_args.per_device_train_batch_size >= 1
+
+
+def test_every_file_format_gives_the_same_lengths(word_tokenizer, tmp_path):
+    import gzip
+
+    from datasets import Dataset
+
+    rows = [text_pair(*s) for s in SHAPES]
+    paths = [write_jsonl(tmp_path / "d.jsonl", rows), str(tmp_path / "d.json.gz"), str(tmp_path / "d.parquet"),
+             str(tmp_path / "d.csv")]
+    with gzip.open(paths[1], "wt") as f:
+        json.dump(rows, f)
+    Dataset.from_list(rows).to_parquet(paths[2])
+    Dataset.from_list(rows).to_csv(paths[3], index=False)
+    results = [cli([p, "--recipe", "recipes/tiny.yaml", "--tokenizer", word_tokenizer]) for p in paths]
+    assert all(r["percentiles"] == results[0]["percentiles"] for r in results)
+    assert results[0]["percentiles"]["total"]["max"] == 100
