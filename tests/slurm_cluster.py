@@ -16,6 +16,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -54,6 +55,9 @@ def _free_port():
 
 SLURM_CONF = """\
 ClusterName=fastdpo-test
+# Job ids restart at 1 with every new cluster; jobs log to logs/%x-%j.out with --open-mode=append, so a
+# reused id would append to an old run's log. Start from a clock-derived id instead.
+FirstJobId={first_job_id}
 SlurmctldHost={host}(127.0.0.1)
 SlurmctldPort={ctld_port}
 SlurmdPort={slurmd_port}
@@ -76,6 +80,8 @@ TaskPlugin=task/none
 JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
 SchedulerType=sched/backfill
+# Look at pending jobs every second (default 60 s), so a requeued job restarts as soon as it may.
+SchedulerParameters=sched_interval=1,bf_interval=1
 SelectType=select/cons_tres
 SelectTypeParameters=CR_Core
 MpiDefault=none
@@ -133,7 +139,7 @@ class SlurmCluster:
 
         host = socket.gethostname().split(".")[0]  # must equal `hostname -s` or slurmd refuses
         self.conf.write_text(SLURM_CONF.format(
-            host=host, root=root, munge_socket=munge_socket,
+            host=host, root=root, munge_socket=munge_socket, first_job_id=int(time.time()) % 60_000_000 + 1,
             ctld_port=_free_port(), slurmd_port=_free_port()))
         self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-f", str(self.conf)])
         self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
@@ -180,11 +186,12 @@ class SlurmCluster:
 
 
 if __name__ == "__main__":
+    # Ctrl-C or `kill PID` both stop the daemons (a background job starts with SIGINT ignored).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: sys.exit(0))
     c = SlurmCluster.start()
-    print(f"Slurm is up: export SLURM_CONF={c.conf}   (Ctrl-C stops it)")
+    print(f"Slurm is up: export SLURM_CONF={c.conf}   (Ctrl-C or kill {os.getpid()} stops it)", flush=True)
     try:
         signal.pause()
-    except KeyboardInterrupt:
-        pass
     finally:
         c.stop()
