@@ -192,19 +192,36 @@ class SlotCollator:
     def __init__(self, collator):
         self.collator = collator
 
-    def __call__(self, slot):
+    def __call__(self, items):
+        (slot,) = items  # one slot per DataLoader batch (SlotBatches)
         return {"micro_batches": [self.collator(examples, weight) for examples, weight in slot]}
+
+
+class SlotBatches(Sampler):
+    """Each slot as a one-item batch. As the DataLoader's batch_sampler, it lets accelerate's skip_first_batches
+    (what the Trainer calls to resume mid-epoch) skip whole slots; with a plain sampler there is none to wrap."""
+
+    def __init__(self, sampler: TokenBudgetSampler):
+        self.sampler = sampler
+
+    def __iter__(self):
+        return ([slot] for slot in self.sampler)
+
+    def __len__(self) -> int:
+        return len(self.sampler)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.sampler.set_epoch(epoch)
 
 
 class SlotDataLoader(DataLoader):
     """A DataLoader whose epoch reaches the sampler (the Trainer calls set_epoch on the loader)."""
 
     def set_epoch(self, epoch: int) -> None:
-        self.sampler.set_epoch(epoch)
+        self.batch_sampler.set_epoch(epoch)
 
 
 def slot_dataloader(dataset, sampler: TokenBudgetSampler, collator, num_workers: int = 0, pin_memory: bool = False,
                     **kwargs) -> SlotDataLoader:
-    # batch_size=None: the sampler already yields whole slots; each is fetched and collated as one item
-    return SlotDataLoader(SlotDataset(dataset), sampler=sampler, batch_size=None, collate_fn=SlotCollator(collator),
+    return SlotDataLoader(SlotDataset(dataset), batch_sampler=SlotBatches(sampler), collate_fn=SlotCollator(collator),
                           num_workers=num_workers, pin_memory=pin_memory, **kwargs)

@@ -28,16 +28,28 @@ def test_embedded_default_learns_the_preference(tmp_path):
     assert "| eval_rewards/accuracies | 0.0000 |" in proc.stdout  # the before/after table
 
 
-def test_resumes_from_last_checkpoint(tmp_path):
-    out = tmp_path / "run"
-    common = [PYTHON, "train_dpo.py", "--output_dir", str(out), "--save_strategy", "steps", "--save_steps", "4",
-              "--logging_steps", "2", "--eval_before_train", "false"]
-    run(common + ["--max_steps", "4"])
-    assert (out / "checkpoint-4").is_dir()
-    proc = run(common + ["--max_steps", "8"])
-    assert f"resuming from {out}/checkpoint-4" in proc.stdout
+def test_resume_ends_with_the_same_weights(tmp_path):
+    """A run resumed from its step-4 checkpoint ends bit-for-bit where the uninterrupted run ends."""
+    import shutil
+
+    import torch
+    from safetensors.torch import load_file
+
+    def train(out):
+        return run([PYTHON, "train_dpo.py", "--output_dir", str(out), "--max_steps", "8", "--save_strategy", "steps",
+                    "--save_steps", "4", "--logging_steps", "2", "--eval_before_train", "false"])
+
+    full, resumed = tmp_path / "full", tmp_path / "resumed"
+    train(full)
+    resumed.mkdir()
+    shutil.copytree(full / "checkpoint-4", resumed / "checkpoint-4")
+    proc = train(resumed)
+    assert f"resuming from {resumed}/checkpoint-4" in proc.stdout
     assert "step 8/8" in proc.stdout and "step 2/8" not in proc.stdout
-    assert read_json(out / "trainer_state.json")["global_step"] == 8
+    a, b = load_file(full / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.equal(a[k], b[k]), k
 
 
 def test_bad_data_fails_before_training_with_the_line(tmp_path):
