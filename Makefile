@@ -4,6 +4,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 # torch comes first and separately: a cluster's own CUDA build is used when the system python has one.
 TORCH ?= torch==2.13.0
+# The venv's tools first: DeepSpeed rebuilds its CPU op whenever the ninja on PATH changes between runs.
+export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .PHONY: setup demo test test-fast clean
 

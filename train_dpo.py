@@ -71,10 +71,8 @@ def main(script_args, training_args, model_args):
         check_hub_access(training_args.hub_model_id or training_args.output_dir)
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    logger.info("model %s | data %s | loss %s beta %s | lr %g %s | max_length %s, max_prompt_length %s",
-                model_args.model_name_or_path, script_args.dataset_name, ",".join(training_args.loss_type),
-                training_args.beta, training_args.learning_rate, getattr(training_args.lr_scheduler_type, "value", ""),
-                training_args.max_length, script_args.max_prompt_length)
+    logger.info("resolved configuration (recipe + overrides):\n%s",
+                cfg.describe(cfg.given_keys(), script_args, model_args, training_args))
 
     # Data: load, validate, tokenise exactly as TRL would, then truncate (max_prompt_length keeps the prompt end).
     tokenizer = models.load_tokenizer(model_args.model_name_or_path, script_args.chat_template_path,
@@ -101,6 +99,11 @@ def main(script_args, training_args, model_args):
     # Model and trainer. The reference model is a frozen copy TRL loads from the same path (or, with LoRA,
     # the base model with the adapter disabled).
     model = models.load_model(model_args, training_args)
+    last_checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+    # The "before" evaluation runs inside train() (eval_on_start), after DeepSpeed has wrapped the model:
+    # evaluate() before train() fails under ZeRO-2 ("ZeRO inference only makes sense with ZeRO Stage 3").
+    if script_args.eval_before_train and eval_ds is not None and last_checkpoint is None:
+        training_args.eval_on_start = True
     trainer = DPOTrainer(
         model=model,
         args=training_args,
@@ -111,10 +114,6 @@ def main(script_args, training_args, model_args):
     )
     use_plain_progress(trainer)
 
-    last_checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
-    before = None
-    if script_args.eval_before_train and eval_ds is not None and last_checkpoint is None:
-        before = trainer.evaluate()
     if last_checkpoint:
         logger.info("resuming from %s", last_checkpoint)
     trainer.add_callback(preemption)
@@ -123,6 +122,7 @@ def main(script_args, training_args, model_args):
         logger.info("preempted at step %d; rerun the same command to resume", trainer.state.global_step)
         sys.exit(PREEMPTED_EXIT_CODE)
 
+    before = next((h for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h), None)
     trainer.save_model(str(out))  # model (or adapter), tokenizer, model card
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)

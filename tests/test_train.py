@@ -104,11 +104,12 @@ def test_deepspeed_zero2_with_the_repo_configs(tmp_path):
     out = tmp_path / "zero2"
     proc = run([ACCELERATE, "launch", "--config_file", "accelerate_config.yaml", "--num_processes", "2",
                 "train_dpo.py", "--use_cpu", "true", "--max_steps", "6", "--logging_steps", "2",
-                "--eval_before_train", "false", "--output_dir", str(out)], timeout=900)
+                "--output_dir", str(out)], timeout=900)
     _two_ranks(proc.stdout)
     assert "zero_optimization" in proc.stdout + proc.stderr or "DeepSpeed" in proc.stdout + proc.stderr
     assert read_json(out / "trainer_state.json")["global_step"] == 6
     assert (out / "model.safetensors").exists()
+    assert "before_eval_loss" in read_json(out / "all_results.json")  # eval before training works under ZeRO-2
 
 
 def test_secrets_never_reach_outputs_or_logs(tmp_path):
