@@ -13,15 +13,12 @@ so truncation and completion masks are TRL's by construction. tests/test_parity.
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
-
-logger = logging.getLogger(__name__)
 
 # Attention implementations that turn restarting position_ids into a block-diagonal mask in transformers 5.23.
 # Flash and flex handle one long row natively (varlen); sdpa and eager build a dense row x row mask, so their rows

@@ -126,7 +126,9 @@ class DPOTrainer(_TRLDPOTrainer):
     _prepare_dataset = _keep_tokenized
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
-        if self._fast and (self._packing_checked or self._check_packing()) and self._fast:
+        if self._fast and not self._packing_checked:
+            self._check_packing()  # before any packed forward: a failed probe precomputes the stock way
+        if self._fast:
             return refcache.attach(self, dataset, name, getattr(self.args, "ref_logps_cache_dir", None))
         return super()._precompute_ref_logps(dataset, name, batch_size)
 

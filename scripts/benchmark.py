@@ -148,13 +148,16 @@ def main():
     parser.add_argument("--max_length", type=int, help="override the profile's max_length / scale")
     parser.add_argument("--pairs_per_device", type=int, default=4)
     parser.add_argument("--grad_accum", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: think 2, instruct 8, so a "
+                        "run is tens of seconds and fixed costs do not dominate)")
     parser.add_argument("--rounds", type=int, default=3, help="stock/fast pairs of runs, alternating")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the summary here")
     parser.add_argument("--worker", choices=["stock", "fast"], help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.steps is None:
+        opts.steps = {"think": 2, "instruct": 8}[opts.profile]
 
     if opts.worker:
         import logging
@@ -188,6 +191,8 @@ def main():
     summary = {"profile": "dataset" if opts.dataset else opts.profile, "scale": opts.scale,
                "stock": {k: med("stock", k) for k in keys}, "fast": {k: med("fast", k) for k in keys}}
     summary["speedup"] = summary["fast"]["tokens_per_s"] / summary["stock"]["tokens_per_s"]
+    # each round's stock and fast runs are adjacent in time: their ratio is robust to a shared machine's load
+    summary["round_speedups"] = [f["tokens_per_s"] / s["tokens_per_s"] for s, f in zip(runs["stock"], runs["fast"])]
     summary["setup"] = {"pairs_per_step": opts.pairs_per_device * opts.grad_accum, "steps": opts.steps,
                         "rounds": opts.rounds, "pairs": runs["fast"][0]["pairs"],
                         "useful_tokens": runs["fast"][0]["useful_tokens"]}
@@ -200,6 +205,7 @@ def main():
     print(f"| ratio | {summary['speedup']:.2f}x | "
           f"{summary['fast']['pairs_per_s'] / summary['stock']['pairs_per_s']:.2f}x | | "
           f"{summary['fast']['peak_mem_mb'] / summary['stock']['peak_mem_mb']:.2f}x |")
+    print(f"per-round speedups (adjacent runs): {', '.join(f'{r:.2f}x' for r in summary['round_speedups'])}")
     if opts.json:
         Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
         Path(opts.json).write_text(json.dumps(summary, indent=2) + "\n")
