@@ -22,7 +22,7 @@ $(VENV)/.installed: requirements.txt
 	touch $@
 
 demo: setup
-	$(PY) train_dpo.py
+	$(PY) scripts/demo.py
 
 test: setup
 	$(PY) -m pytest tests

@@ -123,7 +123,9 @@ def main(script_args, training_args, model_args):
         sys.exit(PREEMPTED_EXIT_CODE)
 
     before = next((h for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h), None)
-    trainer.save_model(str(out))  # model (or adapter), tokenizer, model card
+    # model (or LoRA adapter), tokenizer, model card; with merge_adapter the adapter goes to out/adapter and out
+    # becomes a plain model folder (merged at the end, after evaluation, because merging unwraps the model)
+    trainer.save_model(str(out / "adapter" if script_args.merge_adapter else out))
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
@@ -141,6 +143,8 @@ def main(script_args, training_args, model_args):
             print(f"| {key} | {b} | {after.get(key, float('nan')):.4f} |")
         print()
 
+    if script_args.merge_adapter and is_main:
+        models.save_merged(trainer.accelerator.unwrap_model(trainer.model), tokenizer, out)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     logger.info("saved to %s", out)

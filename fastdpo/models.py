@@ -65,3 +65,14 @@ def load_model(model_args, training_args):
     if training_args.gradient_checkpointing:
         model.config.use_cache = False  # the cache is useless with recomputation and transformers warns about it
     return model
+
+
+def save_merged(model, tokenizer, out) -> None:
+    """Fold a trained LoRA adapter into its base and save a plain model folder (what the next stage loads).
+
+    Merges in place, so call it last: the PEFT wrapper is unusable afterwards. Under ZeRO-3 the weights are
+    sharded and this would save shards; merge a saved adapter offline instead.
+    """
+    merged = model.merge_and_unload()
+    merged.save_pretrained(out)
+    tokenizer.save_pretrained(out)

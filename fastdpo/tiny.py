@@ -18,7 +18,7 @@ MODEL_ID = "embedded:tiny-llama"
 DATASET_ID = "embedded:tiny-prefs"
 SFT_DATASET_ID = "embedded:tiny-sft"
 # Bump when the model, tokenizer or data change, so cached copies are rebuilt.
-VERSION = "1"
+VERSION = "3"
 
 ADJECTIVES = ["red", "quiet", "old", "small", "bright", "cold", "green", "heavy", "soft", "tall", "dark", "warm"]
 NOUNS = [
@@ -26,10 +26,12 @@ NOUNS = [
     "kitten", "boat", "clock", "lamp", "road", "island", "cloud", "letter", "train", "meadow",
     "castle", "piano", "harbor", "desert", "orchard", "lantern", "tower", "valley", "market", "comet",
 ]
-# One (adjective, subject) combination in five is held out: the eval split is built from those only.
+# One (adjective, subject) combination in seven is held out: the eval split is built from those only. The stride
+# is coprime with len(NOUNS), so every subject also appears in training with other adjectives (a stride of 5
+# held out whole nouns, which no model can name in its answer without ever having seen them).
 COMBOS = [(a, n) for a in ADJECTIVES for n in NOUNS]
-EVAL_COMBOS = COMBOS[::5]
-TRAIN_COMBOS = [c for i, c in enumerate(COMBOS) if i % 5]
+EVAL_COMBOS = COMBOS[::7]
+TRAIN_COMBOS = [c for i, c in enumerate(COMBOS) if i % 7]
 FACTS = [
     "looks lovely in the morning light", "has a long and curious history", "is easy to notice from afar",
     "changes a little every season", "is often drawn by children", "makes people smile",
@@ -75,18 +77,28 @@ def preference_rows(split: str = "train", n: int | None = None, seed: int = 0) -
     return [_pair(rng, combos) for _ in range(n)]
 
 
+# SFT answers these asks with the dispreferred kind and the others politely: half and half, as in much real SFT data,
+# but tied to the prompt, so a greedy SFT model is rude to some prompts (a random mix would make greedy
+# decoding pick the majority kind every time and hide the difference DPO makes).
+RUDE_ASKS = ("What do you think", "Say something nice")
+
+
 def sft_rows(n: int = 1024, seed: int = 0) -> list[dict]:
-    """SFT conversations holding both kinds of answer (half polite and on topic, half not)."""
+    """SFT conversations holding both kinds of answer (half polite and on topic, half curt or shouted)."""
     rows = []
-    for i, pair in enumerate(preference_rows("train", n, seed + 1)):
-        answer = pair["chosen"] if i % 2 == 0 else pair["rejected"]
-        rows.append({"messages": pair["prompt"] + answer})
+    for pair in preference_rows("train", n, seed + 1):
+        rude = pair["prompt"][-1]["content"].startswith(RUDE_ASKS)
+        rows.append({"messages": pair["prompt"] + (pair["rejected"] if rude else pair["chosen"])})
     return rows
 
 
+# {% generation %} marks the assistant's tokens (end-of-turn included) for SFT's assistant_only_loss; it renders
+# to nothing, so the text and the DPO tokens are the same as without it.
 CHAT_TEMPLATE = (
     "{{ bos_token }}"
-    "{% for m in messages %}<|{{ m['role'] }}|>\n{{ m['content'] }}<|end|>\n{% endfor %}"
+    "{% for m in messages %}<|{{ m['role'] }}|>\n"
+    "{% if m['role'] == 'assistant' %}{% generation %}{{ m['content'] }}<|end|>\n{% endgeneration %}"
+    "{% else %}{{ m['content'] }}<|end|>\n{% endif %}{% endfor %}"
     "{% if add_generation_prompt %}<|assistant|>\n{% endif %}"
 )
 SPECIAL = ["<|pad|>", "<|bos|>", "<|end|>", "<|system|>", "<|user|>", "<|assistant|>"]

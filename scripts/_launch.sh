@@ -17,6 +17,10 @@ trap 'preempted=1; echo "=== $(date -Is) got SIGUSR1: saving a checkpoint"; [[ -
 [[ -d logs ]] \
   || die "logs/ is missing: mkdir logs (sbatch writes the job log to logs/ and, without it, fails with no output at all)"
 [[ -f $RECIPE ]] || die "recipe $RECIPE not found: set RECIPE=recipes/<name>.yaml (ls recipes/)"
+# The entry point: train_dpo.py, or train_sft.py for an SFT recipe (same flags, same recipe layout).
+ENTRY=${ENTRY:-train_dpo.py}
+[[ $ENTRY == train_dpo.py || $ENTRY == train_sft.py ]] \
+  || die "ENTRY=$ENTRY: set ENTRY=train_dpo.py (default) or ENTRY=train_sft.py"
 
 # The active environment, else the repo's .venv.
 if [[ -z ${VIRTUAL_ENV:-} && -f .venv/bin/activate ]]; then
@@ -49,7 +53,7 @@ MAIN_PORT=$((20000 + SLURM_JOB_ID % 20000))
 echo "=== $(date -Is) job ${SLURM_JOB_NAME:-?} ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0})"
 echo "nodes:   $NNODES ($SLURM_JOB_NODELIST), main $MAIN_HOST:$MAIN_PORT"
 echo "gpus:    $GPUS_PER_NODE per node, $((NNODES * GPUS_PER_NODE)) processes"
-echo "recipe:  $RECIPE  args: $*"
+echo "recipe:  $RECIPE  entry: $ENTRY  args: $*"
 echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo none)$(git diff --quiet HEAD 2>/dev/null || echo ' (uncommitted changes)')"
 python - <<'PY'
 import sys
@@ -73,7 +77,7 @@ srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit
     --num_machines "$NNODES" --num_processes $((NNODES * GPUS_PER_NODE)) \
     --main_process_ip "$MAIN_HOST" --main_process_port "$MAIN_PORT" \
     ${ACCELERATE_ARGS:-} \
-    train_dpo.py --config "$RECIPE" "$@" &
+    "$ENTRY" --config "$RECIPE" "$@" &
 srun_pid=$!
 
 # `wait` returns early when a trapped signal arrives; wait again until srun itself has exited.
