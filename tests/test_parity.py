@@ -168,7 +168,8 @@ def test_distributed_parity(tiny, tmp_path, launcher):
     else:
         launch += ["--multi_gpu", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no"]
     out = tmp_path / launcher
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    # .venv/bin first on PATH: DeepSpeed rebuilds its CPU comm op whenever the ninja it finds changes (CLAUDE.md)
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{ROOT / '.venv/bin'}:{os.environ.get('PATH', '')}"}
     proc = subprocess.run([*launch, str(ROOT / "tests/dist_ranks.py"), str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
