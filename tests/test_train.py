@@ -25,7 +25,10 @@ def test_embedded_default_learns_the_preference(tmp_path):
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
     assert lines and lines[-1].startswith("step 128/128 | loss ")
     assert "\r" not in proc.stdout + proc.stderr  # no progress bars in a log file
-    assert "| eval_rewards/accuracies | 0.0000 |" in proc.stdout  # the before/after table
+    # the before/after table: before training policy == reference, so rewards tie (TRL counts a tie as wrong);
+    # packed reference log-probs can differ from the policy's in the last float bits, flipping a rare tie
+    assert results["before_eval_rewards/accuracies"] < 0.05
+    assert "| eval_rewards/accuracies | 0.0" in proc.stdout
 
 
 def test_resume_ends_with_the_same_weights(tmp_path):
@@ -141,7 +144,9 @@ def test_push_to_hub_fails_fast_without_the_hub(tmp_path):
             "--output_dir", str(tmp_path / "o")]
     proc = run(base, env={"HF_HUB_OFFLINE": "1"}, check=False)
     assert proc.returncode != 0 and "HF_HUB_OFFLINE=1" in proc.stdout + proc.stderr
-    proc = run(base, env={"HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_not_a_real_token_123456"}, check=False)
+    # a Hub endpoint that refuses connections: the same client code, answered at once
+    proc = run(base, env={"HF_HUB_OFFLINE": "0", "HF_TOKEN": "hf_not_a_real_token_123456",
+                          "HF_ENDPOINT": "http://127.0.0.1:9"}, check=False)
     assert proc.returncode != 0 and "Hub check failed" in proc.stdout + proc.stderr
     assert "hf_not_a_real_token_123456" not in proc.stdout + proc.stderr
     assert not (tmp_path / "o" / "data_report.json").exists()
