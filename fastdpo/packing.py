@@ -20,6 +20,8 @@ from types import SimpleNamespace
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
+from . import segattn
+
 # Attention implementations that turn restarting position_ids into a block-diagonal mask in transformers 5.23.
 # Flash and flex handle one long row natively (varlen); sdpa and eager build a dense row x row mask, so their rows
 # are capped (see `row_capacity`).
@@ -139,6 +141,14 @@ def unpack_outputs(outputs, unpack_index: torch.Tensor) -> SimpleNamespace:
                            loss=outputs.loss, aux_loss=getattr(outputs, "aux_loss", None))
 
 
+def segment_kwargs(model, position_ids: torch.Tensor) -> dict:
+    """sdpa only: per-sequence causal attention instead of the dense block mask (fastdpo.segattn, same math)."""
+    base = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
+    if getattr(getattr(base, "config", None), "_attn_implementation", None) != "sdpa" or not segattn.install():
+        return {}
+    return {segattn.SEGMENTS_KWARG: segattn.segments_from_position_ids(position_ids).to(position_ids.device)}
+
+
 class PackedForward:
     """Stands in for the model inside TRL's `_compute_loss` / `compute_ref_log_probs`.
 
@@ -155,6 +165,7 @@ class PackedForward:
                  **kwargs):
         if not fused_lm_head:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
+        kwargs.update(segment_kwargs(self.model, packed_position_ids))
         out = self.model(input_ids=packed_input_ids, position_ids=packed_position_ids, labels=packed_labels,
                          fused_lm_head=True, use_cache=False, **kwargs)
         return unpack_outputs(out, unpack_index)
@@ -189,7 +200,9 @@ def check_packed_attention(model, row_capacity: int | None) -> float:
     was_training = model.training
     model.eval()
     try:
-        packed = model(input_ids=ids.to(device), position_ids=pos.to(device), use_cache=False).logits.float()
+        pos = pos.to(device)
+        packed = model(input_ids=ids.to(device), position_ids=pos, use_cache=False,
+                       **segment_kwargs(model, pos)).logits.float()
         packed = packed.log_softmax(-1)
         gap = 0.0
         for s, seq in enumerate(seqs):
