@@ -21,7 +21,6 @@ Secrets (HF_TOKEN, WANDB_API_KEY) are read from .env and never logged or saved.
 
 import json
 import logging
-import os
 import sys
 from pathlib import Path
 

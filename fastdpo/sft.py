@@ -11,8 +11,6 @@ from __future__ import annotations
 import math
 import random
 
-from datasets import Dataset
-
 from . import data
 
 LAYOUTS = ("messages", "prompt/completion")

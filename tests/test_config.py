@@ -1,7 +1,5 @@
 """Every recipe parses into valid configs; unknown keys fail with the line and a fix."""
 
-from pathlib import Path
-
 import pytest
 import yaml
 
