@@ -24,6 +24,17 @@ logger = logging.getLogger("fastdpo")
 # sysexits' EX_TEMPFAIL, "try again later": not a crash, and not a finished run.
 PREEMPTED_EXIT_CODE = 75
 
+_signalled = False  # set by the handler; read by work that runs before the Trainer's loop (the reference pass)
+
+
+def stop_requested() -> bool:
+    """True once this process got the preemption signal (any PreemptionCallback's handler)."""
+    return _signalled
+
+
+class Preempted(Exception):
+    """Stopped at a safe point outside the training loop (e.g. between reference-pass chunks); rerun resumes."""
+
 
 class PreemptionCallback(TrainerCallback):
     def __init__(self, signum: int = signal.SIGUSR1):
@@ -34,7 +45,8 @@ class PreemptionCallback(TrainerCallback):
 
     def _on_signal(self, signum, frame):
         # Only set a flag: the step in flight finishes, and the save happens at a step boundary.
-        self.signalled = True
+        global _signalled
+        self.signalled = _signalled = True
 
     def _any_rank_signalled(self, args) -> bool:
         # The signal reaches ranks at slightly different times (or only some of them); if one rank
