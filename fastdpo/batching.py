@@ -24,32 +24,42 @@ import pyarrow.compute as pc
 from accelerate.data_loader import SeedableRandomSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .packing import computed_tokens
+from .packing import computed_tokens, unit_lengths
 
 ORDERS = ("random", "sequential", "group_by_length", "batch_rebalance")
 GROUP_STEPS = 64  # group_by_length sorts windows of this many optimizer steps by length, then shuffles the steps
 
 
-def sequence_lengths(dataset, max_length: int | None) -> np.ndarray:
-    """[pairs, 2] lengths of the chosen and rejected sequences after truncation, read from Arrow (no Python lists)."""
+def sequence_lengths(dataset, max_length: int | None, truncation_mode: str = "keep_start") -> np.ndarray:
+    """[pairs, 3]: lengths of the chosen and rejected sequences after truncation, and the prefix they share at
+    least (the prompt, when truncation keeps it whole in both). Read from Arrow (no Python lists)."""
     ds = dataset.flatten_indices() if getattr(dataset, "_indices", None) is not None else dataset
     table = ds.data
-    p = pc.list_value_length(table.column("prompt_ids")).to_numpy(zero_copy_only=False)
-    c = pc.list_value_length(table.column("chosen_ids")).to_numpy(zero_copy_only=False)
-    r = pc.list_value_length(table.column("rejected_ids")).to_numpy(zero_copy_only=False)
-    out = np.stack([p + c, p + r], axis=1).astype(np.int64)
-    return out if max_length is None else np.minimum(out, max_length)
+    p = pc.list_value_length(table.column("prompt_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
+    c = pc.list_value_length(table.column("chosen_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
+    r = pc.list_value_length(table.column("rejected_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
+    lc, lr, shared = p + c, p + r, p
+    if max_length is not None:
+        if truncation_mode != "keep_start":  # keep_end cuts the prompt's start by different amounts
+            shared = np.where(np.maximum(lc, lr) > max_length, 0, p)
+        lc, lr = np.minimum(lc, max_length), np.minimum(lr, max_length)
+    return np.stack([lc, lr, np.minimum(shared, np.minimum(lc, lr))], axis=1)
 
 
 class TokenBudgetSampler(Sampler):
-    """Yields this rank's slots: each a tuple of micro-batches, each (pair indices, sum of their step weights)."""
+    """Yields this rank's slots: each a tuple of micro-batches, each (pair indices, sum of their step weights).
+
+    lengths: [pairs, 3] from `sequence_lengths`; share_prefix: pairs run as one unit (fastdpo.packing)."""
 
     def __init__(self, lengths: np.ndarray, batch_size: int, grad_accum: int, world_size: int = 1, rank: int = 0,
                  token_budget: int | None = None, row_capacity: int | None = None, order: str = "random",
-                 seed: int = 0, drop_last: bool = False):
+                 seed: int = 0, drop_last: bool = False, share_prefix: bool = False):
         if order not in ORDERS:
             raise ValueError(f"train_sampling_strategy {order!r}: expected one of {ORDERS}")
-        longest = int(lengths.sum(axis=1).max()) if len(lengths) else 0
+        self.share_prefix = share_prefix
+        # the costliest single pair (the largest pair is not always the longest unit: rows are capped)
+        longest = max((self._pair_tokens(row, share_prefix, row_capacity) for row in np.unique(lengths, axis=0)),
+                      default=0)
         if token_budget is not None and token_budget < longest:
             raise ValueError(f"token_budget={token_budget} is below the longest pair ({longest} tokens, chosen + "
                              f"rejected): set token_budget to at least 2 x max_length")
@@ -77,7 +87,7 @@ class TokenBudgetSampler(Sampler):
         # Pairs per step are unchanged; only which pairs share a step changes (as transformers' LengthGroupedSampler).
         step = self.B * self.GA * self.W
         window = step * GROUP_STEPS
-        total = self.lengths.sum(axis=1)
+        total = self.lengths[:, :2].sum(axis=1)
         rng = random.Random(self.seed + self.epoch)
         out = []
         for start in range(0, n, window):
@@ -113,11 +123,15 @@ class TokenBudgetSampler(Sampler):
 
     # --- re-cutting each step into token-budget micro-batches
 
+    @staticmethod
+    def _pair_tokens(row: np.ndarray, share_prefix: bool, capacity: int | None) -> int:
+        return computed_tokens(unit_lengths(row[None], share_prefix), capacity)
+
     def _tokens(self, pairs: list[int]) -> int:
-        return computed_tokens(self.lengths[pairs].reshape(-1).tolist(), self.capacity)
+        return computed_tokens(unit_lengths(self.lengths[pairs], self.share_prefix), self.capacity)
 
     def _micro_batches(self, pairs: list[int]) -> list[list[int]]:
-        pairs = sorted(pairs, key=lambda i: -int(self.lengths[i].sum()))
+        pairs = sorted(pairs, key=lambda i: -int(self.lengths[i, :2].sum()))
         if self.budget is None:
             return [pairs]
         # First fit, longest first: a pair goes into the first micro-batch it fits, so short pairs fill the room

@@ -43,6 +43,12 @@ class DPOConfig(_TRLDPOConfig):
         metadata={"help": "Compute reference log-probs once before training (packed, cached on disk by "
                   "ref_logps_cache_dir) instead of a reference forward every step; no reference copy is loaded."},
     )
+    prefix_sharing: bool = field(
+        default=True,
+        metadata={"help": "Padding-free with sdpa: run each pair's prompt once, shared by its chosen and rejected "
+                  "answers (the rejected tokens attend to the prompt and themselves). Same log-probs and gradients; "
+                  "the start-up probe turns it off, with the reason logged, where it is not."},
+    )
     token_budget: int | None = field(
         default=None,
         metadata={"help": "Most tokens one packed micro-batch computes (padding-free only). Steps keep their "

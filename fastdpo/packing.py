@@ -1,22 +1,35 @@
-"""Padding-free DPO: the chosen and rejected sequences of a micro-batch packed into rows, no padding between them.
+"""Padding-free DPO: the sequences of a micro-batch packed into rows, no padding between them, the prompt shared.
 
 How it stays the same math as TRL's padded path:
-  * position_ids restart at 0 for every sequence and no attention_mask is passed, so transformers builds a
-    block-diagonal causal mask (use_cache=False; TRL's fused LM head sets it): no token sees another sequence.
+  * every sequence attends to itself only (fastdpo.segattn per sequence, or transformers' block-diagonal mask from
+    position_ids that restart at 0 with no attention_mask), with each layer's own masking (sliding windows);
   * the first token of every sequence gets label -100, so it is never predicted from the previous sequence's last
-    token (in the padded layout the first token has no predecessor either).
-  * per-token outputs are gathered back into TRL's padded [chosen..., rejected...] layout (`unpack_index`), so
-    TRL's own `_compute_loss` turns them into per-sequence log-probs, losses and metrics, unchanged.
-The padded view (input_ids, attention_mask, completion_mask) is built by TRL's own DataCollatorForPreference,
-so truncation and completion masks are TRL's by construction. tests/test_parity.py checks it numerically.
+    token (in the padded layout the first token has no predecessor either);
+  * per-token outputs are gathered back into TRL's padded [chosen..., rejected...] layout (`unpack_index`), so TRL's
+    own `_compute_loss` turns them into per-sequence log-probs, losses and metrics, unchanged.
+
+Prefix sharing (mode "segments" with share_prefix): a pair runs as one unit [chosen sequence | x | rejected tail].
+The chosen sequence and the rejected one agree on their first s tokens (the prompt, and any identical start of
+the answers); the rejected tail is the rejected sequence from token s on, preceded by x, a copy of token s-1 at
+position s-1. x sees the shared tokens and itself, exactly as token s-1 does, so its output is that token's output,
+scored against the rejected token s instead of the chosen one. Rejected tokens take positions s, s+1, ... and attend
+to the shared tokens and the tail, never to the chosen tokens. Each shared position predicts the same next token in
+both sequences, so the padded rejected grid reads those log-probs from the chosen sequence. Token costs: Lc + Lr - s
++ 1 instead of Lc + Lr.
+
+The padded view (input_ids, attention_mask, completion_mask) is built by TRL's own DataCollatorForPreference, so
+truncation and completion masks are TRL's by construction. tests/test_parity*.py check it numerically, per model
+family; `probe` checks it on the real model before training.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
 
+import numpy as np
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -24,7 +37,7 @@ from . import segattn
 
 # Attention implementations that turn restarting position_ids into a block-diagonal mask in transformers 5.23.
 # Flash and flex handle one long row natively (varlen); sdpa and eager build a dense row x row mask, so their rows
-# are capped (see `row_capacity`).
+# are capped in "dense" mode (see `row_capacity`). sdpa alone runs fastdpo.segattn ("segments" mode).
 PACKING_ATTENTION = {"sdpa", "eager", "flash_attention_2", "flash_attention_3", "flex_attention"}
 VARLEN_ATTENTION = {"flash_attention_2", "flash_attention_3", "flex_attention"}
 # Losses that couple the pairs of a micro-batch (sorting, or a token mean over the whole batch): token-budget
@@ -33,10 +46,10 @@ BATCH_COUPLED_LOSSES = {"aot", "aot_unpaired", "sft"}
 
 
 def plan_rows(lengths: list[int], capacity: int | None) -> list[list[int]]:
-    """Assign sequences (by index) to rows of at most `capacity` tokens, balancing rows to minimise row padding.
+    """Assign units (by index) to rows of at most `capacity` tokens, balancing rows to minimise row padding.
 
-    capacity None = one row (varlen attention pays nothing for a long row). Otherwise the fewest rows that fit,
-    filled longest-first into the emptiest row; a row that overflows adds a row and retries.
+    capacity None = one row (per-sequence or varlen attention pays nothing for a long row). Otherwise the fewest
+    rows that fit, filled longest-first into the emptiest row; a row that overflows adds a row and retries.
     """
     if not lengths:
         return []
@@ -62,6 +75,17 @@ def computed_tokens(lengths: list[int], capacity: int | None) -> int:
     return len(rows) * max(sum(lengths[i] for i in row) for row in rows) if rows else 0
 
 
+def unit_lengths(lengths: np.ndarray, share_prefix: bool) -> list[int]:
+    """Packed units of pairs given [k, 3] (chosen length, rejected length, shared prefix): one unit per pair when
+    sharing (Lc + Lr - s + 1, or Lc when the rejected sequence is a prefix of the chosen one), else two sequences."""
+    if not share_prefix:
+        return lengths[:, :2].reshape(-1).tolist()
+    out = []
+    for lc, lr, s in lengths.tolist():
+        out.append(lc + lr if s == 0 else lc if s >= lr else lc + lr - s + 1)
+    return out
+
+
 def pair_lengths(example: dict, max_length: int | None) -> tuple[int, int]:
     """Lengths of the chosen and rejected sequences after the collator's truncation."""
     p = len(example["prompt_ids"])
@@ -69,62 +93,134 @@ def pair_lengths(example: dict, max_length: int | None) -> tuple[int, int]:
     return (c, r) if max_length is None else (min(c, max_length), min(r, max_length))
 
 
+def _shared_prefix(ids: torch.Tensor, comp: torch.Tensor, a: int, b: int, n: int) -> int:
+    """Leading tokens sequences a and b have in common (same ids, same completion mask), within their first n."""
+    same = (ids[a, :n] == ids[b, :n]) & (comp[a, :n] == comp[b, :n])
+    return int(same.cumprod(0).sum())
+
+
 @dataclass
 class PackedPreferenceCollator:
     """Pairs -> one packed micro-batch, plus TRL's padded view of the same pairs (small int tensors) for the loss.
 
+    mode "dense": sequences in rows of at most `row_capacity` tokens, the model builds its own masks (any attention
+    implementation in PACKING_ATTENTION). mode "segments" (sdpa only): fastdpo.segattn runs each sequence's attention,
+    no dense mask is built, rows are unbounded and, with share_prefix, each pair is one unit.
+
     Keys: input_ids / attention_mask / completion_mask (TRL's padded view, never run through the model),
-    packed_input_ids / packed_position_ids / packed_labels ([rows, T], what the model runs), unpack_index
-    (padded per-token position -> packed position), loss_weight (sum of the pairs' weights in the optimizer step;
-    1.0 per pair for eval), ref_chosen_logps / ref_rejected_logps when the dataset carries them.
+    packed_input_ids / packed_position_ids / packed_labels ([rows, T], what the model runs), packed_segments (the
+    per-sequence attention layout), packed_token_weight ([rows, T]: how many padded-path tokens each packed token
+    stands for, for the MoE load-balancing loss), unpack_index (padded per-token position -> packed position),
+    loss_weight (sum of the pairs' weights in the optimizer step; 1.0 per pair for eval), ref_chosen_logps /
+    ref_rejected_logps when the dataset carries them.
     """
 
     pad_token_id: int
     max_length: int | None = None
     truncation_mode: str = "keep_start"
     row_capacity: int | None = None
+    mode: str = "dense"
+    share_prefix: bool = False
 
     def __post_init__(self):
+        if self.mode not in ("dense", "segments"):
+            raise ValueError(f"mode {self.mode!r}: expected 'dense' or 'segments'")
+        if self.share_prefix and self.mode != "segments":
+            raise ValueError("prefix sharing needs the per-sequence attention (mode 'segments')")
         self._padded = DataCollatorForPreference(
             pad_token_id=self.pad_token_id, max_length=self.max_length, truncation_mode=self.truncation_mode
         )
 
+    def packed_tokens(self, lengths: np.ndarray) -> int:
+        """Tokens the packed forward computes for pairs with [k, 3] lengths (see batching.sequence_lengths)."""
+        return computed_tokens(unit_lengths(lengths, self.share_prefix), self.row_capacity)
+
     def __call__(self, examples: list[dict], weight: float | None = None) -> dict:
         out = self._padded(examples)  # exactly what stock TRL would build for these pairs
-        mask = out["attention_mask"]
-        lengths = mask.sum(dim=1).tolist()  # [chosen..., rejected...]; right-padded, so a prefix of each row
-        rows = plan_rows(lengths, self.row_capacity)
-        width = max(sum(lengths[s] for s in row) for row in rows)
-        ids = torch.full((len(rows), width), self.pad_token_id, dtype=out["input_ids"].dtype)
-        pos = torch.zeros((len(rows), width), dtype=torch.long)
-        labels = torch.full((len(rows), width), -100, dtype=torch.long)
-        # Packed position of each token of the padded layout's shifted (predicted-token) grid; the sentinel
-        # rows*(width-1) points at an appended zero, like the zeros the fused head returns for unscored tokens.
-        n_seq, seq_width = out["input_ids"].shape
-        sentinel = len(rows) * (width - 1)
-        unpack = torch.full((n_seq, max(seq_width - 1, 0)), sentinel, dtype=torch.long)
-        for r, row in enumerate(rows):
+        ids, comp = out["input_ids"], out["completion_mask"]
+        n = len(examples)
+        lengths = out["attention_mask"].sum(dim=1).tolist()  # [chosen..., rejected...]; right-padded
+        # A unit is a list of parts (padded sequence, first token, tokens, position of the first token, owned_from
+        # within the segment it starts, keys borrowed from the unit's first part). Plain: one part per unit.
+        units = []
+        for i in range(n):
+            c, r = i, n + i
+            s = _shared_prefix(ids, comp, c, r, min(lengths[c], lengths[r])) if self.share_prefix else 0
+            if s == 0:
+                units += [[(c, 0, lengths[c], 0)], [(r, 0, lengths[r], 0)]]
+            elif s >= lengths[r]:
+                units.append([(c, 0, lengths[c], 0), ("prefix", r)])
+            else:
+                units.append([(c, 0, lengths[c], 0), ("tail", r, s)])
+        sizes = [sum(self._part_size(p, lengths) for p in u) for u in units]
+        rows = plan_rows(sizes, self.row_capacity)
+        width = max(sum(sizes[u] for u in row) for row in rows)
+        R = len(rows)
+        p_ids = torch.full((R, width), self.pad_token_id, dtype=ids.dtype)
+        pos = torch.zeros((R, width), dtype=torch.long)
+        labels = torch.full((R, width), -100, dtype=torch.long)
+        token_weight = torch.zeros((R, width), dtype=torch.float32)
+        # Packed position of each token of the padded layout's shifted (predicted-token) grid; the sentinel R*(width-1)
+        # points at an appended zero, like the zeros the fused head returns for unscored tokens.
+        seq_width = ids.shape[1]
+        unpack = torch.full((2 * n, max(seq_width - 1, 0)), R * (width - 1), dtype=torch.long)
+        specs = []
+        label_of = lambda s, a, b: ids[s, a:b].masked_fill(comp[s, a:b] == 0, -100)  # noqa: E731
+        for r_i, row in enumerate(rows):
             start = 0
-            for s in row:
-                n = lengths[s]
-                seq = out["input_ids"][s, :n]
-                ids[r, start:start + n] = seq
-                pos[r, start:start + n] = torch.arange(n)
-                lab = seq.masked_fill(out["completion_mask"][s, :n] == 0, -100)
-                lab[0] = -100  # never predicted from the previous sequence's last token
-                labels[r, start:start + n] = lab
-                # token u+1 of sequence s is predicted at shifted packed index r*(width-1) + start + u
-                unpack[s, : n - 1] = r * (width - 1) + start + torch.arange(n - 1)
-                start += n
+            for u in row:
+                base = r_i * width + start
+                shifted = r_i * (width - 1) + start  # shifted-grid index of this unit's first token
+                first = units[u][0]
+                seq, _, lc, _ = first
+                p_ids[r_i, start:start + lc] = ids[seq, :lc]
+                pos[r_i, start:start + lc] = torch.arange(lc)
+                lab = label_of(seq, 0, lc)
+                lab[0] = -100  # never predicted from the previous unit's last token
+                labels[r_i, start:start + lc] = lab
+                token_weight[r_i, start:start + lc] = 1.0
+                unpack[seq, : lc - 1] = shifted + torch.arange(lc - 1)
+                specs.append(([(base, lc)], 0))
+                if len(units[u]) > 1 and units[u][1][0] == "prefix":
+                    rej = units[u][1][1]
+                    lr = lengths[rej]
+                    token_weight[r_i, start:start + lr] = 2.0  # stock runs these tokens twice
+                    unpack[rej, : lr - 1] = shifted + torch.arange(lr - 1)
+                elif len(units[u]) > 1:
+                    _, rej, s = units[u][1]
+                    lr = lengths[rej]
+                    t0 = start + lc  # the copy x of token s-1, then rejected tokens s .. lr-1
+                    p_ids[r_i, t0] = ids[rej, s - 1]
+                    p_ids[r_i, t0 + 1:t0 + 1 + lr - s] = ids[rej, s:lr]
+                    pos[r_i, t0:t0 + 1 + lr - s] = torch.arange(s - 1, lr)
+                    labels[r_i, t0 + 1:t0 + 1 + lr - s] = label_of(rej, s, lr)
+                    token_weight[r_i, start:start + s - 1] = 2.0
+                    token_weight[r_i, t0:t0 + 1 + lr - s] = 1.0
+                    unpack[rej, : s - 1] = shifted + torch.arange(s - 1)
+                    unpack[rej, s - 1: lr - 1] = r_i * (width - 1) + t0 + torch.arange(lr - s)
+                    specs.append(([(base, s - 1), (base + lc, 1 + lr - s)], s - 1))
+                start += sizes[u]
             if start < width:
                 # Row padding is its own sequence (positions restart), after every real token: nothing attends to it.
-                pos[r, start:] = torch.arange(width - start)
-        out["packed_input_ids"] = ids
+                pos[r_i, start:] = torch.arange(width - start)
+                specs.append(([(r_i * width + start, width - start)], 0))
+        out["packed_input_ids"] = p_ids
         out["packed_position_ids"] = pos
         out["packed_labels"] = labels
+        out["packed_segments"] = segattn.build_segments(specs, R, width, self.mode)
+        out["packed_token_weight"] = token_weight
         out["unpack_index"] = unpack
-        out["loss_weight"] = torch.tensor(float(len(examples)) if weight is None else weight)
+        out["loss_weight"] = torch.tensor(float(n) if weight is None else weight)
         return out
+
+    @staticmethod
+    def _part_size(part, lengths) -> int:
+        if part[0] == "prefix":
+            return 0
+        if part[0] == "tail":
+            _, rej, s = part
+            return lengths[rej] - s + 1
+        return part[2]
 
 
 def unpack_outputs(outputs, unpack_index: torch.Tensor) -> SimpleNamespace:
@@ -141,12 +237,27 @@ def unpack_outputs(outputs, unpack_index: torch.Tensor) -> SimpleNamespace:
                            loss=outputs.loss, aux_loss=getattr(outputs, "aux_loss", None))
 
 
-def segment_kwargs(model, position_ids: torch.Tensor) -> dict:
-    """sdpa only: per-sequence causal attention instead of the dense block mask (fastdpo.segattn, same math)."""
-    base = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
-    if getattr(getattr(base, "config", None), "_attn_implementation", None) != "sdpa" or not segattn.install():
-        return {}
-    return {segattn.SEGMENTS_KWARG: segattn.segments_from_position_ids(position_ids).to(position_ids.device)}
+@contextlib.contextmanager
+def _load_balancing_over(token_weight: torch.Tensor | None):
+    """TRL's fused head computes the MoE load-balancing loss with `attention_mask`, which a packed forward does not
+    have (every token, row padding included, would count). Weight each packed token by the padded-path tokens it
+    stands for (0 for row padding, 2 for a shared prompt token), so the loss is the padded path's over the same
+    pairs."""
+    if token_weight is None:
+        yield
+        return
+    from transformers.models.mixtral import modeling_mixtral
+
+    original = modeling_mixtral.load_balancing_loss_func
+
+    def weighted(gate_logits, num_experts=None, top_k=2, attention_mask=None):
+        return original(gate_logits, num_experts, top_k, token_weight)
+
+    modeling_mixtral.load_balancing_loss_func = weighted  # TRL imports it from the module at call time
+    try:
+        yield
+    finally:
+        modeling_mixtral.load_balancing_loss_func = original
 
 
 class PackedForward:
@@ -161,54 +272,25 @@ class PackedForward:
         self.model = model
 
     def __call__(self, input_ids=None, attention_mask=None, labels=None, fused_lm_head=False, packed_input_ids=None,
-                 packed_position_ids=None, packed_labels=None, unpack_index=None, loss_weight=None, use_cache=False,
-                 **kwargs):
+                 packed_position_ids=None, packed_labels=None, packed_segments=None, packed_token_weight=None,
+                 unpack_index=None, loss_weight=None, use_cache=False, **kwargs):
         if not fused_lm_head:
             return self.model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False, **kwargs)
-        kwargs.update(segment_kwargs(self.model, packed_position_ids))
-        out = self.model(input_ids=packed_input_ids, position_ids=packed_position_ids, labels=packed_labels,
-                         fused_lm_head=True, use_cache=False, **kwargs)
+        device = packed_input_ids.device
+        seg = packed_segments.to(device)
+        base = getattr(self.model, "module", self.model)  # DDP / DeepSpeed wrappers
+        sdpa = getattr(getattr(base, "config", None), "_attn_implementation", None) == "sdpa"
+        mask = None
+        if seg.mode == "segments":
+            if not (sdpa and segattn.install()):
+                raise segattn.Unsupported("the per-sequence attention needs attn_implementation='sdpa'")
+            # A 4-D mask is taken as already built, so transformers skips its dense [rows, 1, T, T] masks; nothing
+            # reads it (fastdpo.segattn refuses rather than fall back to it in this mode).
+            mask = torch.ones((packed_input_ids.shape[0], 1, 1, 1), dtype=torch.bool, device=device)
+        if sdpa and segattn.install():
+            kwargs[segattn.SEGMENTS_KWARG] = seg
+        weight = packed_token_weight.to(device) if kwargs.get("output_router_logits") else None
+        with _load_balancing_over(weight):
+            out = self.model(input_ids=packed_input_ids, attention_mask=mask, position_ids=packed_position_ids,
+                             labels=packed_labels, fused_lm_head=True, use_cache=False, **kwargs)
         return unpack_outputs(out, unpack_index)
-
-
-@torch.no_grad()
-def check_packed_attention(model, row_capacity: int | None) -> float:
-    """Largest |log-prob| gap between sequences run alone and the same sequences packed.
-
-    Run once on the real model before training: a model whose attention ignores restarting position_ids (or that
-    adds its own mask logic) shows a gap here and keeps the stock path.
-    """
-    device = next(model.parameters()).device
-    vocab = model.get_input_embeddings().weight.shape[0]
-    gen = torch.Generator().manual_seed(0)
-    lengths = [7, 5, 6]
-    seqs = [torch.randint(3, vocab, (n,), generator=gen) for n in lengths]
-    cap = None if row_capacity is None else min(row_capacity, 12)  # forces two rows when rows are capped
-    rows = plan_rows(lengths, cap)
-    width = max(sum(lengths[s] for s in row) for row in rows)
-    ids = torch.zeros((len(rows), width), dtype=torch.long)
-    pos = torch.zeros_like(ids)
-    where = {}
-    for r, row in enumerate(rows):
-        start = 0
-        for s in row:
-            ids[r, start:start + lengths[s]] = seqs[s]
-            pos[r, start:start + lengths[s]] = torch.arange(lengths[s])
-            where[s] = (r, start)
-            start += lengths[s]
-        pos[r, start:] = torch.arange(width - start)
-    was_training = model.training
-    model.eval()
-    try:
-        pos = pos.to(device)
-        packed = model(input_ids=ids.to(device), position_ids=pos, use_cache=False,
-                       **segment_kwargs(model, pos)).logits.float()
-        packed = packed.log_softmax(-1)
-        gap = 0.0
-        for s, seq in enumerate(seqs):
-            alone = model(input_ids=seq[None].to(device), use_cache=False).logits.float().log_softmax(-1)[0]
-            r, start = where[s]
-            gap = max(gap, (packed[r, start:start + len(seq)] - alone).abs().max().item())
-    finally:
-        model.train(was_training)
-    return gap

@@ -27,7 +27,7 @@ from accelerate.utils import gather_object
 from trl.trainer.utils import hash_module
 
 from .batching import sequence_lengths
-from .packing import PackedForward, computed_tokens
+from .packing import PackedForward
 
 logger = logging.getLogger(__name__)
 
@@ -68,11 +68,11 @@ def cache_key(trainer, dataset) -> tuple[str, dict]:
 def _compute_share(trainer, dataset, indices: list[int], budget: int) -> tuple[list, dict]:
     """(index, chosen, rejected) for this rank's pairs, longest first, packed micro-batches up to `budget` tokens."""
     collator = trainer._packed_collator
-    lengths = sequence_lengths(dataset, trainer.args.max_length)
-    indices = sorted(indices, key=lambda i: -int(lengths[i].sum()))
+    lengths = sequence_lengths(dataset, trainer.args.max_length, trainer.args.truncation_mode)
+    indices = sorted(indices, key=lambda i: -int(lengths[i, :2].sum()))
     batches, cur = [], []
     for i in indices:
-        if cur and computed_tokens(lengths[cur + [i]].reshape(-1).tolist(), collator.row_capacity) > budget:
+        if cur and collator.packed_tokens(lengths[cur + [i]]) > budget:
             batches.append(cur)
             cur = []
         cur.append(i)

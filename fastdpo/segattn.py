@@ -1,19 +1,33 @@
-"""Per-sequence causal sdpa for packed rows (the padding-free path only).
+"""Per-sequence attention for packed rows: each sequence attends to itself only, exactly as if it ran alone.
 
-Why: with restarting position_ids and no attention mask, transformers 5.23 hands sdpa a dense block-diagonal
-[rows, 1, T, T] mask. An arbitrary mask keeps sdpa off its causal kernels (math path on CPU) and every row pays for
-the full T x T scores, including the blocks that are masked out. Here the tokens of each packed sequence are gathered
-into their own (right-padded) batch entry and run with `is_causal=True`: same softmax over the same keys, so the same
-math, at sum(len^2) instead of T^2 per row and on the fast causal kernels.
+Why: with restarting position_ids and no attention mask, transformers hands sdpa a dense block-diagonal
+[rows, 1, T, T] mask: every row pays for T x T scores (the masked-out blocks included) on the masked math path.
+Here the tokens of each sequence are gathered into their own right-padded batch entry and run through sdpa with
+`is_causal=True`: the same softmax over the same keys, at sum(len^2) instead of T^2, on the causal kernels.
+
+What each layer's mask adds is honoured, or the call is refused:
+  * sliding windows: a layer passes `sliding_window=W` (transformers' mask: key j is visible to query i when
+    i - W < j <= i). A sequence no longer than W never reaches past its window, so it stays on `is_causal`;
+    a longer one gets the band as an explicit mask (built once per width and window, shared by every layer).
+  * anything else that changes the scores (soft-capping, attention sinks, position bias, a non-causal layer, a
+    kv cache) cannot be applied here. In `dense` mode the call goes to transformers' own sdpa with the model's mask
+    (exact, slower); in `segments` mode (no dense mask was built, or prefix sharing, which the model's mask cannot
+    express) it raises `Unsupported`, which the start-up probe turns into a fallback with the reason logged.
+
+Prefix sharing: a pair runs as [prompt | chosen] plus its rejected tokens, which attend to the prompt's keys and
+their own. That is a segment whose first slots gather the prompt's tokens (keys and values only; their outputs
+belong to the chosen segment) followed by the rejected tokens: an ordinary causal sequence in slot order, so the
+same grouping, `is_causal` and band code serves it. Gradients reach the shared prompt from both segments through
+the gather.
 
 How it is switched on: `install()` wraps the "sdpa" entry of transformers' attention registry once. The wrapper
 delegates to the original function unchanged unless the call carries the `fastdpo_segments` keyword, which only
-`PackedForward` (and the packing probe) pass; the model's normal forward and generation never do.
+`fastdpo.packing.PackedForward` (and the start-up probe) pass; normal forwards and generation never do.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -21,63 +35,129 @@ SEGMENTS_KWARG = "fastdpo_segments"
 # Segments are grouped by length so that one sdpa call runs many of them; a group's padding stays below this
 # fraction of its longest member (padding only costs compute: it sits after the real tokens, so causality hides it).
 _GROUP_SLACK = 0.25
+# Keyword arguments models pass to the attention function that do not change the scores (or are off when None/False).
+_NEUTRAL = {"position_ids", "use_cache", "output_attentions", "cache_position", "past_key_values", "past_key_value",
+            "position_embeddings", "sliding_window", "dropout", "scaling", "is_causal", "output_router_logits"}
 
 _original_sdpa = None
 
 
+class Unsupported(RuntimeError):
+    """An attention call whose masking the per-sequence path cannot reproduce (and may not hand to the dense mask)."""
+
+
 @dataclass
 class Segments:
-    """Where each packed sequence lives, as gather / scatter indices over the flattened [rows * T] tokens."""
+    """Where each sequence's tokens live, as gather / scatter indices over the flattened [rows * T] tokens.
+
+    mode "dense": the model's own dense mask was built, so calls this path cannot honour go to it unchanged.
+    mode "segments": no usable dense mask (a placeholder, or prefix sharing): such calls raise `Unsupported`.
+    """
 
     gather: torch.Tensor  # [slots]: flat token index for each slot of the grouped, right-padded segment batches
-    inverse: torch.Tensor  # [rows * T]: slot that holds each flat token
+    inverse: torch.Tensor  # [rows * T]: the slot whose output each flat token takes (its owner)
     groups: list  # (first slot, number of segments, width) per sdpa call
     rows: int
     width: int
+    mode: str = "dense"
+    _bands: dict = field(default_factory=dict, repr=False)
 
     def to(self, device):
-        return Segments(self.gather.to(device), self.inverse.to(device), self.groups, self.rows, self.width)
+        return Segments(self.gather.to(device), self.inverse.to(device), self.groups, self.rows, self.width,
+                        self.mode)
+
+    def band(self, width: int, window: int, device) -> torch.Tensor:
+        """[width, width] bool: causal and within the window (transformers' sliding mask in slot coordinates)."""
+        key = (width, window, str(device))
+        if key not in self._bands:
+            i = torch.arange(width, device=device)
+            diff = i[:, None] - i[None, :]
+            self._bands[key] = (diff >= 0) & (diff < window)
+        return self._bands[key]
 
 
-def segments_from_position_ids(position_ids: torch.Tensor) -> Segments:
+def build_segments(specs: list[tuple[list[tuple[int, int]], int]], rows: int, width: int,
+                   mode: str = "dense") -> Segments:
+    """Segments from explicit specs: (pieces, owned_from) per segment.
+
+    pieces: (flat start, length) ranges whose tokens, concatenated, form one causal sequence (slot k is position k);
+    owned_from: slots before it only supply keys/values (a shared prompt); the tokens from there on take this
+    segment's outputs. Every flat token must be owned by exactly one segment.
+    """
+    segs = []
+    for pieces, own in specs:
+        idx = torch.cat([torch.arange(s, s + n) for s, n in pieces]) if pieces else torch.empty(0, dtype=torch.long)
+        if len(idx):
+            segs.append((idx, own))
+    segs.sort(key=lambda x: -len(x[0]))
+    gather, inverse = [], torch.full((rows * width,), -1, dtype=torch.long)
+    groups, i, slot = [], 0, 0
+    while i < len(segs):
+        top = len(segs[i][0])
+        j = i
+        while j < len(segs) and len(segs[j][0]) >= top * (1 - _GROUP_SLACK):
+            j += 1
+        first = slot
+        for idx, own in segs[i:j]:
+            n = len(idx)
+            inverse[idx[own:]] = torch.arange(slot + own, slot + n)
+            # pad slots repeat the segment's first token: they only see themselves and earlier slots (causal), and
+            # no real slot ever sees them
+            gather.append(torch.cat([idx, idx[:1].expand(top - n)]))
+            slot += top
+        groups.append((first, j - i, top))
+        i = j
+    if (inverse < 0).any():
+        raise ValueError("packed layout: some tokens belong to no segment")
+    return Segments(torch.cat(gather) if gather else torch.empty(0, dtype=torch.long), inverse, groups, rows, width,
+                    mode)
+
+
+def segments_from_position_ids(position_ids: torch.Tensor, mode: str = "dense") -> Segments:
     """Sequences = runs where the position restarts at 0 (row padding forms its own run, as in the mask path)."""
     pos = position_ids.detach().to("cpu")
     rows, width = pos.shape
-    spans = []  # (length, flat start)
+    specs = []
     for r in range(rows):
         starts = (pos[r] == 0).nonzero().flatten().tolist()
         if not starts or starts[0] != 0:
             starts = [0] + starts
         ends = starts[1:] + [width]
-        spans += [(e - s, r * width + s) for s, e in zip(starts, ends)]
-    spans.sort(key=lambda x: -x[0])
-    gather, inverse = [], torch.empty(rows * width, dtype=torch.long)
-    groups, i = [], 0
-    while i < len(spans):
-        top = spans[i][0]
-        j = i
-        while j < len(spans) and spans[j][0] >= top * (1 - _GROUP_SLACK):
-            j += 1
-        first = len(gather)
-        for k, (n, start) in enumerate(spans[i:j]):
-            slot = first + k * top
-            inverse[start:start + n] = torch.arange(slot, slot + n)
-            # pad slots repeat the sequence's first token: they only ever see themselves and earlier slots' keys
-            gather += list(range(start, start + n)) + [start] * (top - n)
-        groups.append((first, j - i, top))
-        i = j
-    return Segments(torch.tensor(gather, dtype=torch.long), inverse, groups, rows, width)
+        specs += [([(r * width + s, e - s)], 0) for s, e in zip(starts, ends)]
+    return build_segments(specs, rows, width, mode)
+
+
+def _refusal(module, query, key, is_causal, kwargs) -> str | None:
+    """Why this call's masking cannot be reproduced per sequence (None = it can)."""
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    if not causal:
+        return "a bidirectional (non-causal) attention layer"
+    if key.shape[2] != query.shape[2]:
+        return "queries and keys of different lengths (a kv cache)"
+    extra = sorted(k for k, v in kwargs.items() if k not in _NEUTRAL and v is not None and v is not False)
+    if extra:
+        return f"attention arguments {extra}"
+    window = kwargs.get("sliding_window")
+    if window is not None and not (isinstance(window, int) and window > 0):
+        return f"sliding_window={window!r}"
+    return None
 
 
 def _segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
     seg = kwargs.pop(SEGMENTS_KWARG, None)
-    b, h, t, d = query.shape
-    usable = (seg is not None and (b, t) == (seg.rows, seg.width) and key.shape[2] == t
-              and (is_causal if is_causal is not None else getattr(module, "is_causal", True))
-              and kwargs.get("cache") is None and kwargs.get("position_bias") is None)
-    if not usable:
+    if seg is None:
         return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                               is_causal=is_causal, **kwargs)
+    b, h, t, d = query.shape
+    reason = _refusal(module, query, key, is_causal, kwargs)
+    if reason is None and (b, t) != (seg.rows, seg.width):
+        reason = f"a packed layout of {seg.rows}x{seg.width} tokens for queries of {b}x{t}"
+    if reason is not None:
+        if seg.mode == "dense":  # the model's own mask is exact: use it
+            return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                  is_causal=is_causal, **kwargs)
+        raise Unsupported(f"{type(module).__name__}: {reason}")
+    window = kwargs.get("sliding_window")
     hk = key.shape[1]
     q = query.transpose(1, 2).reshape(b * t, h, d)[seg.gather]
     k = key.transpose(1, 2).reshape(b * t, hk, key.shape[-1])[seg.gather]
@@ -91,8 +171,12 @@ def _segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scalin
         if hk != h:  # GQA: share each key/value head across its query group (what repeat_kv does)
             kg = kg.repeat_interleave(h // hk, dim=1)
             vg = vg.repeat_interleave(h // hk, dim=1)
-        o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, scale=scaling,
-                                                             is_causal=True)
+        if window is not None and w > window:  # some member can reach past its window: the band, explicitly
+            o = torch.nn.functional.scaled_dot_product_attention(
+                qg, kg, vg, attn_mask=seg.band(w, window, qg.device), dropout_p=dropout, scale=scaling)
+        else:
+            o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, scale=scaling,
+                                                                 is_causal=True)
         outs.append(o.transpose(1, 2).reshape(n * w, h, -1))
     out = torch.cat(outs)[seg.inverse].view(b, t, h, -1)
     return out, None

@@ -21,7 +21,8 @@ from trl import DPOTrainer as _TRLDPOTrainer
 from . import refcache
 from .batching import TokenBudgetSampler, sequence_lengths, slot_dataloader
 from .packing import (BATCH_COUPLED_LOSSES, PACKING_ATTENTION, VARLEN_ATTENTION, PackedForward,
-                      PackedPreferenceCollator, check_packed_attention)
+                      PackedPreferenceCollator)
+from .probe import choose
 
 logger = logging.getLogger("fastdpo")
 
@@ -50,14 +51,11 @@ class DPOTrainer(_TRLDPOTrainer):
         reason = self._fast_path_blocker(model, args, data_collator, train_dataset, processing_class)
         if padding_free and reason is None:
             self._fast = True
-            attn = model.config._attn_implementation
-            # sdpa/eager build a dense row x row mask: cap rows at max_length so no row costs more attention than
-            # the stock path's longest row. Varlen kernels take one long row.
-            capacity = None if attn in VARLEN_ATTENTION else args.max_length
             pad_id = processing_class.pad_token_id
             if pad_id is None:
                 pad_id = processing_class.eos_token_id
-            self._packed_collator = PackedPreferenceCollator(pad_id, args.max_length, args.truncation_mode, capacity)
+            self._layouts = self._candidate_layouts(model.config._attn_implementation, pad_id, args)
+            self._packed_collator = self._layouts[0]
             pairs_budget = args.per_device_train_batch_size * 2 * args.max_length if args.max_length else None
             self._token_budget = getattr(args, "token_budget", None) or pairs_budget
             ref_pairs = args.precompute_ref_batch_size or 2 * args.per_device_train_batch_size
@@ -79,9 +77,28 @@ class DPOTrainer(_TRLDPOTrainer):
             # TRL's loss always reads them from the batch.
             self.precompute_ref_logps = True
             self.data_collator = self._packed_collator  # eval batches: same pairs as stock, packed
-            logger.info("fast path: padding-free rows of %s tokens, token budget %s per micro-batch, reference "
-                        "log-probs %s", self._packed_collator.row_capacity or "unbounded", self._token_budget,
+            c = self._packed_collator
+            logger.info("fast path: %s attention, %s, rows of %s tokens, token budget %s per micro-batch, reference "
+                        "log-probs %s", "per-sequence" if c.mode == "segments" else "the model's packed-mask",
+                        "prompt shared by chosen and rejected" if c.share_prefix else "no prefix sharing",
+                        c.row_capacity or "unbounded", self._token_budget,
                         "precomputed (cached)" if args.precompute_ref_log_probs else "computed packed each step")
+
+    @staticmethod
+    def _candidate_layouts(attn: str, pad_id: int, args) -> list[PackedPreferenceCollator]:
+        """Packed layouts to try, fastest first; the start-up probe keeps the first that is exact on this model."""
+        common = dict(pad_token_id=pad_id, max_length=args.max_length, truncation_mode=args.truncation_mode)
+        layouts = []
+        if attn == "sdpa":
+            # per-sequence attention: no dense mask, so rows are unbounded
+            if getattr(args, "prefix_sharing", False):
+                layouts.append(PackedPreferenceCollator(**common, mode="segments", share_prefix=True))
+            layouts.append(PackedPreferenceCollator(**common, mode="segments"))
+        # the model's own mask: sdpa/eager build it dense (row x row), so no row costs more than stock's longest;
+        # varlen kernels take one long row
+        capacity = None if attn in VARLEN_ATTENTION else args.max_length
+        layouts.append(PackedPreferenceCollator(**common, row_capacity=capacity, mode="dense"))
+        return layouts
 
     @staticmethod
     def _fast_path_blocker(model, args, data_collator, train_dataset, processing_class) -> str | None:
@@ -112,16 +129,21 @@ class DPOTrainer(_TRLDPOTrainer):
         return None
 
     def _check_packing(self) -> bool:
-        """Run the model once packed and once per sequence; keep the fast path only if they agree."""
+        """Probe each candidate layout on the real model; keep the first that matches the padded path, else stock."""
         self._packing_checked = True
         model = self.model
-        gap = check_packed_attention(model, self._packed_collator.row_capacity)
-        tol = 1e-4 if next(model.parameters()).dtype == torch.float32 else 5e-2
-        if gap > tol:
-            logger.warning("padding_free: packed sequences differ from separate ones by %.2e (> %.0e) with this "
-                           "model; using the stock padded path", gap, tol)
+        if next(model.parameters()).device != self.accelerator.device:
+            model.to(self.accelerator.device)  # DeepSpeed moves it there anyway; the probe should not run on CPU
+        # what _compute_loss adds to every forward (MoE router logits), so the probe runs the calls training makes
+        extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
+        layout = choose(model, self._layouts, **extra)
+        if layout is None:
+            logger.warning("padding_free: no packed layout matches the padded path on this model; using the stock "
+                           "padded path")
             self._fast = False
-        return self._fast
+            return False
+        self._packed_collator = layout
+        return True
 
     _prepare_dataset = _keep_tokenized
 
@@ -137,11 +159,13 @@ class DPOTrainer(_TRLDPOTrainer):
             return super().get_train_dataloader()
         dataset = self._remove_unused_columns(self.train_dataset, description="training")
         args = self.args
+        collator = self._packed_collator
         sampler = TokenBudgetSampler(
-            sequence_lengths(dataset, args.max_length), self._train_batch_size, args.gradient_accumulation_steps,
-            world_size=args.world_size, rank=args.process_index, token_budget=self._token_budget,
-            row_capacity=self._packed_collator.row_capacity, order=args.train_sampling_strategy,
-            seed=args.data_seed if args.data_seed is not None else args.seed, drop_last=args.dataloader_drop_last)
+            sequence_lengths(dataset, args.max_length, args.truncation_mode), self._train_batch_size,
+            args.gradient_accumulation_steps, world_size=args.world_size, rank=args.process_index,
+            token_budget=self._token_budget, row_capacity=collator.row_capacity, order=args.train_sampling_strategy,
+            seed=args.data_seed if args.data_seed is not None else args.seed, drop_last=args.dataloader_drop_last,
+            share_prefix=collator.share_prefix)
         extra = {}
         if args.dataloader_num_workers > 0:
             extra = {"persistent_workers": args.dataloader_persistent_workers,

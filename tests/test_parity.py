@@ -21,7 +21,8 @@ from trl.trainer.utils import add_fused_lm_head
 from fastdpo import config as cfg
 from fastdpo import data, models
 from fastdpo.batching import TokenBudgetSampler, sequence_lengths
-from fastdpo.packing import PackedForward, PackedPreferenceCollator, check_packed_attention, computed_tokens
+from fastdpo.packing import PackedForward, PackedPreferenceCollator, computed_tokens, unit_lengths
+from fastdpo.probe import probe
 from fastdpo.trainer import DPOTrainer, StockDPOTrainer
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
@@ -63,28 +64,37 @@ def padded_logps(model, examples, pad_id, max_length):
     return out.log_probs.sum(dim=1)
 
 
-@pytest.mark.parametrize("capacity", [None, 48])
-def test_packed_logps_parity(tiny, capacity):
-    """Per-sequence log-probs of packed rows (one row, or several capped rows) equal the padded batch's."""
+LAYOUTS = {"dense, one row": dict(mode="dense"), "dense, capped rows": dict(mode="dense", row_capacity=48),
+           "segments": dict(mode="segments"), "segments, shared prefix": dict(mode="segments", share_prefix=True)}
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_packed_logps_parity(tiny, layout):
+    """Per-sequence log-probs of every packed layout (one row, several capped rows, per-sequence attention, prompts
+    shared by chosen and rejected) equal the padded batch's; the start-up probe agrees."""
     tok, ds, model_args = tiny
     model = models.load_model(model_args, cfg.parse_args(["--output_dir", "/tmp/unused"])[1])
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "mean_logits", "is_top1"))
     examples = [ds[i] for i in range(0, 80, 10)]
     max_length = 40  # truncates some pairs: the packed path must cut exactly where the collator does
-    collator = PackedPreferenceCollator(tok.pad_token_id, max_length, "keep_start", capacity)
+    collator = PackedPreferenceCollator(tok.pad_token_id, max_length, "keep_start", **LAYOUTS[layout])
     batch = collator(examples)
-    if capacity:
+    if collator.row_capacity:
         assert batch["packed_input_ids"].shape[0] > 1
     assert batch["packed_input_ids"].numel() <= batch["input_ids"].numel()
+    if collator.share_prefix:  # each pair's prompt once: fewer tokens than its two sequences
+        assert batch["packed_input_ids"].numel() < batch["attention_mask"].sum()
     with torch.no_grad():
         stock = padded_logps(model, examples, tok.pad_token_id, max_length)
         packed = PackedForward(model)(**{k: v for k, v in batch.items() if k != "completion_mask"},
                                       fused_lm_head=True).log_probs.sum(dim=1)
     assert torch.allclose(packed, stock, atol=1e-5, rtol=0), (packed - stock).abs().max()
-    assert check_packed_attention(model, capacity) < 1e-5
+    result = probe(model, collator)
+    assert result.ok(torch.float32) and result.logps_gap < 1e-5, result.describe()
 
 
-def test_token_budget_sampler_parity(tiny):
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_token_budget_sampler_parity(tiny, share_prefix):
     """Same pairs per (rank, optimizer step) as the stock sampler, weights summing to 1 per step, micro-batches
     within the budget, and the same number of micro-batches on every rank."""
     _, ds, _ = tiny
@@ -97,7 +107,8 @@ def test_token_budget_sampler_parity(tiny):
         batches = [order[k:k + B] for k in range(0, len(order), B)]
         counts = []
         for rank in range(W):
-            sampler = TokenBudgetSampler(lengths, B, GA, W, rank, token_budget=budget, row_capacity=128, seed=0)
+            sampler = TokenBudgetSampler(lengths, B, GA, W, rank, token_budget=budget, row_capacity=128, seed=0,
+                                         share_prefix=share_prefix)
             slots = list(sampler)
             assert len(slots) == len(sampler) == len(batches[rank::W])
             mine = batches[rank::W]
@@ -108,7 +119,7 @@ def test_token_budget_sampler_parity(tiny):
                 assert math.isclose(sum(w for slot in step_slots for _, w in slot), 1.0)
                 for slot in step_slots:
                     for mb, _ in slot:
-                        assert computed_tokens(lengths[list(mb)].reshape(-1).tolist(), 128) <= budget
+                        assert computed_tokens(unit_lengths(lengths[list(mb)], share_prefix), 128) <= budget
             counts.append([len(slot) for slot in slots])
         assert all(c == counts[0] for c in counts)
 
@@ -144,7 +155,7 @@ def test_loss_trajectory_parity(tiny, tmp_path):
                        "--gradient_accumulation_steps", "2", "--token_budget", "256")
     fast = DPOTrainer(model=models.load_model(model_args, args), args=args, train_dataset=small,
                       processing_class=tok)
-    assert fast._fast
+    assert fast._fast and fast._packed_collator.share_prefix  # the default layout: per-sequence, prompt shared
     fast.train()
     s_args = stock_args(args)
     stock = StockDPOTrainer(model=models.load_model(model_args, s_args), args=s_args, train_dataset=small,

@@ -1,0 +1,220 @@
+"""The start-up check: run the real model on probe pairs packed (the way training will) and padded (stock TRL's
+way), and keep a packed layout only if per-token log-probs and gradients agree.
+
+The probe pairs are built to reach everything the packed path does: sequences longer than the model's sliding
+window (so every layer type's mask matters), several sequences per row, a row filled exactly to capacity, answers
+that share their first tokens, and a rejected answer that is a prefix of the chosen one (prefix sharing's edge
+cases). Gradients are those of a random weighting of the log-probs with respect to the input embeddings' weight:
+the whole backward, without allocating gradients for every parameter.
+
+In float32 the two layouts agree to ~1e-6, so any masking mistake stands out. In bfloat16 / float16 they differ by
+rounding as much as a subtle mistake would (a dropped sliding window moved the tiny OLMo 3's log-probs by 2e-2 on
+average, rounding alone by 4e-4), so a half-precision model is probed twice: itself, loosely (a gross failure, e.g.
+a wrapper that ignores position_ids), and through a float32 twin, exactly: the same class and config, with only as
+many layers as it takes to include every layer type, randomly initialised. Masks depend on the architecture, not
+on the weights, so the twin answers the precise question at a fraction of the cost.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import dataclass
+
+import torch
+
+from . import segattn
+from .packing import PackedForward, PackedPreferenceCollator, pair_lengths
+from trl.trainer.dpo_trainer import DataCollatorForPreference
+
+logger = logging.getLogger("fastdpo")
+
+# Gradients need the activations of every layer: keep the probe's backward within this many tokens (a 7B model
+# holds ~3 MB per token for it). Longer windows are still checked forward, without gradients.
+GRAD_TOKENS = 4096
+
+
+@dataclass
+class ProbeResult:
+    logps_gap: float = float("nan")  # largest |per-token log-prob| difference, packed vs padded
+    logps_mean_gap: float = float("nan")
+    grad_gap: float = float("nan")  # largest gradient difference relative to the largest gradient
+    error: str | None = None
+
+    def ok(self, dtype: torch.dtype) -> bool:
+        if self.error is not None:
+            return False
+        if dtype == torch.float32:
+            return self.logps_gap <= 1e-4 and self.grad_gap <= 1e-3
+        # half precision, the loose check (the float32 twin is the precise one): rounding moved the tiny models'
+        # log-probs by 4e-4 on average; wrong attention moves them by whole nats
+        return self.logps_mean_gap <= 5e-2 and self.grad_gap <= 0.2
+
+    def describe(self) -> str:
+        if self.error is not None:
+            return self.error
+        return (f"per-token log-probs differ by up to {self.logps_gap:.2e} (mean {self.logps_mean_gap:.2e}), "
+                f"gradients by {self.grad_gap:.2e} of their largest value")
+
+
+def model_window(model) -> int | None:
+    """The longest attention reach any layer is limited to (sliding window or chunk), from the config."""
+    config = model.config.get_text_config() if hasattr(model.config, "get_text_config") else model.config
+    values = [getattr(config, k, None) for k in ("sliding_window", "attention_chunk_size")]
+    values = [v for v in values if isinstance(v, int) and v > 0]
+    return max(values) if values else None
+
+
+def probe_pairs(vocab: int, window: int | None, max_length: int | None, capacity: int | None,
+                seed: int = 0) -> list[dict]:
+    """Token-id pairs that exercise windows, shared answer starts, prefixes and full rows."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = lambda n: torch.randint(3, vocab, (n,), generator=gen).tolist()  # noqa: E731  (0-2: special tokens)
+    limit = max_length or 4 * (window or 16)
+    long = min((window or 16) + 8, limit)
+    p0 = max(1, long // 3)
+    pairs = [
+        {"prompt_ids": ids(p0), "chosen_ids": ids(long - p0), "rejected_ids": ids(max(1, long - p0 - 3))},
+        {"prompt_ids": ids(5), "chosen_ids": ids(9), "rejected_ids": None},  # answers share their first 3 tokens
+        {"prompt_ids": ids(2), "chosen_ids": ids(3), "rejected_ids": ids(6)},
+        {"prompt_ids": ids(4), "chosen_ids": ids(6), "rejected_ids": None},  # rejected = the chosen answer's start
+    ]
+    pairs[1]["rejected_ids"] = pairs[1]["chosen_ids"][:3] + ids(4)
+    pairs[3]["rejected_ids"] = pairs[3]["chosen_ids"][:4]
+    if capacity is not None:  # one more pair so the sequences add up to whole rows
+        used = sum(sum(pair_lengths(p, max_length)) for p in pairs)
+        room = -used % capacity
+        if room >= 4:
+            half = room // 2
+            pairs.append({"prompt_ids": ids(1), "chosen_ids": ids(half - 1), "rejected_ids": ids(room - half - 1)})
+    return pairs
+
+
+def _padded_logps(model, pairs, pad_id, max_length, truncation_mode, **kwargs):
+    batch = DataCollatorForPreference(pad_token_id=pad_id, max_length=max_length, truncation_mode=truncation_mode)(pairs)
+    device = next(model.parameters()).device
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),
+                labels=labels.to(device), fused_lm_head=True, use_cache=False, **kwargs)
+    return out.log_probs, batch["completion_mask"][:, 1:].to(device).bool()
+
+
+def _packed_logps(model, pairs, collator, **kwargs):
+    batch = collator(pairs)
+    device = next(model.parameters()).device
+    batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+    labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
+    out = PackedForward(model)(labels=labels, fused_lm_head=True, **kwargs,
+                               **{k: v for k, v in batch.items() if k.startswith(("packed_", "unpack"))})
+    return out.log_probs
+
+
+def _gap(model, pairs, collator, with_grad: bool, kwargs: dict) -> tuple[float, float, float]:
+    weight = model.get_input_embeddings().weight
+    stock, scored = _padded_logps(model, pairs, collator.pad_token_id, collator.max_length, collator.truncation_mode,
+                                  **kwargs)
+    packed = _packed_logps(model, pairs, collator, **kwargs)
+    diff = (packed - stock).abs()[scored]
+    gaps = (diff.max().item(), diff.float().mean().item())
+    if not with_grad:
+        return *gaps, 0.0
+    mix = torch.rand(stock.shape, generator=torch.Generator().manual_seed(1)).to(stock.device) * scored
+    (g_stock,) = torch.autograd.grad((stock.float() * mix).sum(), weight)
+    (g_packed,) = torch.autograd.grad((packed.float() * mix).sum(), weight)
+    rel = ((g_packed - g_stock).abs().max() / g_stock.abs().max().clamp(min=1e-12)).item()
+    return *gaps, rel
+
+
+def float32_twin(model):
+    """A float32, randomly initialised copy of the architecture with the fewest leading layers that include every
+    layer type (at least two), on the model's device; None if the model is not a plain causal LM we can rebuild."""
+    from trl.trainer.utils import add_fused_lm_head
+
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the real model
+    config = copy.deepcopy(base.config)
+    n = getattr(config, "num_hidden_layers", None)
+    if not isinstance(n, int) or config.get_text_config() is not config:
+        return None
+    types = list(getattr(config, "layer_types", None) or [])
+    k = min(n, 2)
+    while types and k < n and len(set(types[:k])) < len(set(types)):
+        k += 1
+    for name, value in vars(config).items():  # per-layer lists (layer_types, no_rope_layers, ...) keep k entries
+        if isinstance(value, list) and len(value) == n:
+            setattr(config, name, value[:k])
+    config.num_hidden_layers = k
+    device = next(base.parameters()).device
+    with torch.device(device):
+        twin = type(base)._from_config(config, dtype=torch.float32,
+                                       attn_implementation=base.config._attn_implementation)
+    add_fused_lm_head(twin)
+    return twin
+
+
+def probe(model, collator: PackedPreferenceCollator, seed: int = 0, **kwargs) -> ProbeResult:
+    """Packed (as `collator` lays it out) vs padded; the model must carry TRL's fused LM head. kwargs: what training
+    passes the model besides the inputs (output_router_logits for MoE). A half-precision model is also checked
+    exactly through its float32 twin; the result returned is the twin's when that fails."""
+    result = _probe(model, collator, seed, kwargs)
+    dtype = next(model.parameters()).dtype
+    if dtype == torch.float32 or not result.ok(dtype):
+        return result
+    with torch.random.fork_rng(devices=[next(model.parameters()).device] if torch.cuda.is_available() else []):
+        try:
+            twin = float32_twin(model)
+        except Exception as e:  # a config we cannot rebuild: say so and trust the loose check only
+            logger.warning("packing probe: no float32 twin of %s (%s: %s); the half-precision check alone decides",
+                           type(model).__name__, type(e).__name__, e)
+            return result
+        if twin is None:
+            return result
+        exact = _probe(twin, collator, seed, kwargs)
+    del twin
+    return exact if not exact.ok(torch.float32) else result
+
+
+def _probe(model, collator: PackedPreferenceCollator, seed: int, kwargs: dict) -> ProbeResult:
+    vocab = model.get_input_embeddings().weight.shape[0]
+    pairs = probe_pairs(vocab, model_window(model), collator.max_length, collator.row_capacity, seed)
+    small = pairs[1:4]  # short pairs: the backward of a long window on a big model would not fit
+    tokens = sum(sum(pair_lengths(p, collator.max_length)) for p in pairs)
+    was_training = model.training
+    flags = {name: p.requires_grad for name, p in model.named_parameters()}
+    weight = model.get_input_embeddings().weight
+    model.eval()
+    result = ProbeResult()
+    try:
+        for p in model.parameters():
+            p.requires_grad_(p is weight)
+        if tokens <= GRAD_TOKENS:
+            result.logps_gap, result.logps_mean_gap, result.grad_gap = _gap(model, pairs, collator, True, kwargs)
+        else:
+            with torch.no_grad():
+                result.logps_gap, result.logps_mean_gap, _ = _gap(model, pairs, collator, False, kwargs)
+            _, _, result.grad_gap = _gap(model, small, collator, True, kwargs)
+    except (segattn.Unsupported, RuntimeError, ValueError, TypeError) as e:
+        result.error = f"{type(e).__name__}: {e}"
+    finally:
+        for name, p in model.named_parameters():
+            p.requires_grad_(flags[name])
+        model.train(was_training)
+    return result
+
+
+
+def layout_name(layout: PackedPreferenceCollator) -> str:
+    return layout.mode + (" + prefix sharing" if layout.share_prefix else "")
+
+
+def choose(model, layouts: list[PackedPreferenceCollator], **kwargs) -> PackedPreferenceCollator | None:
+    """The first layout (fastest first) whose probe matches the padded path on this model, each rejection logged
+    with its gap; None = none does, train the stock padded way. kwargs: as `probe`."""
+    dtype = next(model.parameters()).dtype
+    for layout in layouts:
+        result = probe(model, layout, **kwargs)
+        if result.ok(dtype):
+            logger.info("packing probe: %s layout matches the padded path (%s)", layout_name(layout),
+                        result.describe())
+            return layout
+        logger.warning("packing probe: %s layout rejected on this model: %s", layout_name(layout), result.describe())
+    return None
