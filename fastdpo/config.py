@@ -11,12 +11,19 @@ import sys
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
-from trl import DPOConfig as _TRLDPOConfig
-from trl import ModelConfig, TrlParser
+# peft imports bitsandbytes, whose CPU backend warns on every run that an optional 4-bit kernel package is
+# missing. Nothing here runs 4-bit on CPU (models.load_model refuses it), so the line is noise.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 
-DEFAULT_RECIPE = Path(__file__).resolve().parent.parent / "recipes" / "tiny.yaml"
+from trl import DPOConfig as _TRLDPOConfig  # noqa: E402
+from trl import ModelConfig, TrlParser  # noqa: E402
+
+REPO = Path(__file__).resolve().parent.parent
+DEFAULT_RECIPE = REPO / "recipes" / "tiny.yaml"
 DEFAULT_SFT_RECIPE = DEFAULT_RECIPE.with_name("tiny_sft.yaml")
 SECRET_NAMES = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "WANDB_API_KEY")
+# .env keys whose values are treated as secrets too (a .env also holds harmless settings like WANDB_PROJECT)
+SECRET_PATTERN = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.I)
 
 # Keys that users carry over from older TRL/transformers, with what to write instead.
 RENAMED = {
@@ -24,6 +31,31 @@ RENAMED = {
     "group_by_length": "transformers 5 renamed it: write train_sampling_strategy: group_by_length",
     "hub_token": "put HF_TOKEN in .env instead: a token in a recipe ends up in training_args.bin",
     "dataset_text_field": "DPO reads prompt/chosen/rejected; map other columns with column_map",
+    "logging_dir": "transformers 5 removed logging_dir: TensorBoard writes to output_dir/runs; to choose the "
+                   "folder set TENSORBOARD_LOGGING_DIR=... in the environment",
+    "overwrite_output_dir": "transformers 5 removed it: a rerun resumes from output_dir's newest complete "
+                            "checkpoint; for a fresh run choose a new output_dir",
+    "evaluation_strategy": "renamed: write eval_strategy",
+    "no_cuda": "transformers 5 removed it: write use_cpu: true",
+    "per_gpu_train_batch_size": "write per_device_train_batch_size",
+    "per_gpu_eval_batch_size": "write per_device_eval_batch_size",
+    "push_to_hub_token": "put HF_TOKEN in .env instead: a token in a recipe ends up in training_args.bin",
+    "push_to_hub_model_id": "write hub_model_id: org/name",
+    "push_to_hub_organization": "write hub_model_id: org/name",
+    "torch_dtype": "transformers 5 renamed it: write dtype",
+    "save_safetensors": "transformers 5 removed it: weights are always saved as safetensors",
+    "max_completion_length": "TRL 1.16 removed it: max_length caps prompt + answer, max_prompt_length the prompt",
+    "max_target_length": "TRL 1.16 removed it: max_length caps prompt + answer, max_prompt_length the prompt",
+    "rpo_alpha": "TRL 1.16 removed it: write loss_type: [sigmoid, sft] and loss_weights: [1.0, <alpha>]",
+    "generate_during_eval": "TRL 1.16 removed it: scripts/evaluate.py --samples N prints generations",
+    "use_mps_device": "transformers 5 removed it: accelerate picks the Apple GPU by itself",
+    "fp16_backend": "transformers 5 removed it: set fp16: true or bf16: true",
+    "half_precision_backend": "transformers 5 removed it: set fp16: true or bf16: true",
+    "dispatch_batches": "write accelerator_config: {dispatch_batches: true}",
+    "split_batches": "write accelerator_config: {split_batches: true}",
+    "include_inputs_for_metrics": "write include_for_metrics: [inputs]",
+    "padding_value": "TRL 1.16 removed it: the tokenizer's pad token is used (set pad_token to choose)",
+    "label_pad_token_id": "TRL 1.16 removed it: labels are masked without a pad id",
 }
 
 
@@ -42,6 +74,12 @@ class DPOConfig(_TRLDPOConfig):
         default=True,
         metadata={"help": "Compute reference log-probs once before training (packed, cached on disk by "
                   "ref_logps_cache_dir) instead of a reference forward every step; no reference copy is loaded."},
+    )
+    packed_layout: str = field(
+        default="auto",
+        metadata={"help": "Padding-free layout: auto (the fastest the start-up probe finds exact on the model), "
+                  "segments (per-sequence sdpa, sdpa only) or dense (the model's own packed mask).",
+                  "choices": ["auto", "segments", "dense"]},
     )
     prefix_sharing: bool = field(
         default=True,
@@ -102,6 +140,12 @@ class ScriptArguments:
     )
     eval_before_train: bool = field(
         default=False, metadata={"help": "Evaluate once before training, for a before/after table."}
+    )
+    allow_changed_run: bool = field(
+        default=False,
+        metadata={"help": "Resume a checkpoint in output_dir (or replace a finished run there) even though what "
+                  "defines the run changed (data, model, learning rate, beta, batch, ...); every change is logged. "
+                  "Without it such a rerun is refused."},
     )
     merge_adapter: bool = field(
         default=False,
@@ -166,11 +210,15 @@ def _explain_unknown(keys: list[str], where: str, recipe: str | None, trainer_co
     return "\n".join(lines)
 
 
-def parse_args(argv: list[str] | None = None, trainer_config=DPOConfig, default_recipe: Path = DEFAULT_RECIPE):
+def parse_args(argv: list[str] | None = None, trainer_config=DPOConfig, default_recipe: Path = DEFAULT_RECIPE,
+               check_paths: bool = True):
     """Parse `--config recipe.yaml` plus overrides into (ScriptArguments, DPOConfig, ModelConfig).
 
     With no --config the embedded tiny recipe is used. Keys no config knows fail, naming the recipe line or
     the flag and a likely fix. train_sft.py passes trainer_config=SFTConfig and the tiny SFT recipe.
+    Values that cannot work, or would train silently wrong, fail here too (`check_settings`), before any data
+    or model is loaded; `check_paths=False` skips the local-path checks (parsing a recipe whose model is an
+    earlier stage's output folder).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
@@ -201,19 +249,208 @@ def parse_args(argv: list[str] | None = None, trainer_config=DPOConfig, default_
     if script_args.merge_adapter and training_args.push_to_hub:
         messages.append(f"{recipe}: merge_adapter with push_to_hub would upload the adapter and the merged model "
                         "into one repo; push the merged output_dir afterwards with `hf upload`")
+    if not messages:  # values are only worth checking once every key is known
+        where = _Where(recipe, argv)
+        messages += check_settings(where, script_args, training_args, model_args, check_paths)
+        messages += check_secrets(where, script_args, training_args, model_args)
     if messages:
         raise SystemExit("\n".join(messages))
     return script_args, training_args, model_args
 
 
+# ------------------------------------------------------------------------------------- value checks
+
+
+class _Where:
+    """Where a key got its value: the flag, the recipe line, or the default."""
+
+    def __init__(self, recipe: str, argv: list[str]):
+        self.recipe = recipe
+        self.cli = {a[2:].split("=")[0] for a in argv if a.startswith("--") and a != "--config"}
+
+    def __call__(self, key: str) -> str:
+        if key in self.cli:
+            return f"command line (--{key})"
+        place = _line_of(self.recipe, key)
+        return place if place != self.recipe else f"default (not set in {self.recipe})"
+
+
+def trl_loss_types() -> list[str]:
+    """The loss_type values TRL's DPOConfig documents (tests/test_sft_lora_eval.py pins the list)."""
+    help_text = _TRLDPOConfig.__dataclass_fields__["loss_type"].metadata["help"]
+    return re.findall(r"`'(\w+)'`", help_text)
+
+
+DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".parquet.gz", ".csv.gz")
+
+
+def _local_path(name: str | None) -> Path | None:
+    """The local path a name must be, or None when it may be a Hub id (`org/name`) or an embedded name."""
+    if not name or name.startswith("embedded:"):
+        return None
+    path = Path(name).expanduser()
+    if (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or name.lower().endswith(DATA_SUFFIXES)
+            or path.exists()):
+        return path
+    return None
+
+
+def check_settings(where, script_args, training_args, model_args, check_paths: bool = True) -> list[str]:
+    """Every value that cannot work, or trains silently wrong, as `place: key: problem; fix` lines.
+
+    Checked here, within seconds of start, because TRL and transformers notice these only after tokenising,
+    loading the model and the reference pass, if at all (beta 0 trains nothing, a negative beta learns to
+    prefer the rejected answers, and both finish with exit 0).
+    """
+    import torch
+    from transformers.integrations import get_available_reporting_integrations
+    from trl import __version__ as trl_version
+
+    t, s, m = training_args, script_args, model_args
+    bad = []
+
+    def fail(key, problem):
+        bad.append(f"{where(key)}: {key}: {problem}")
+
+    if hasattr(t, "beta") and not t.beta > 0:
+        fail("beta", f"{t.beta} {'trains nothing (the loss stays at ln 2)' if t.beta == 0 else 'learns to prefer the rejected answers'}; "
+             "use beta > 0 (TRL's default 0.1; the OLMo 3 recipes use 5 with loss_type sigmoid_norm)")
+    if not t.learning_rate > 0:
+        fail("learning_rate", f"{t.learning_rate} {'trains nothing' if t.learning_rate == 0 else 'climbs the loss instead of descending it'}; "
+             "use a positive value (about 1e-6 for a 7B SFT model, 5e-6 for a small one); to only evaluate a model "
+             "use scripts/evaluate.py")
+    for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
+        if getattr(t, key) < 1:
+            fail(key, f"{getattr(t, key)}; it must be at least 1")
+    if t.max_steps == 0 or t.max_steps < -1:
+        fail("max_steps", f"{t.max_steps}; use a positive number of optimizer steps, or -1 to train num_train_epochs")
+    if t.max_steps <= 0 and not t.num_train_epochs > 0:
+        fail("num_train_epochs", f"{t.num_train_epochs} trains nothing; use a positive value (or set max_steps)")
+    if t.warmup_steps < 0:
+        fail("warmup_steps", f"{t.warmup_steps}; use a step count, or a float below 1 for a ratio (0.1)")
+    if hasattr(t, "loss_type"):
+        known = trl_loss_types()
+        unknown = [x for x in t.loss_type if known and x not in known]
+        if unknown:
+            hints = [f"{x!r} (did you mean {difflib.get_close_matches(x, known, n=1)[0]!r}?)"
+                     if difflib.get_close_matches(x, known, n=1) else repr(x) for x in unknown]
+            fail("loss_type", f"unknown {', '.join(hints)}; TRL {trl_version} knows {', '.join(known)}")
+        if t.loss_weights is not None and len(t.loss_weights) != len(t.loss_type):
+            fail("loss_weights", f"{t.loss_weights} has {len(t.loss_weights)} weights for {len(t.loss_type)} loss "
+                 f"types {t.loss_type}; give one weight per loss type")
+        if "exo_pair" in t.loss_type and t.label_smoothing == 0:
+            fail("label_smoothing", "0 with loss_type exo_pair, which TRL refuses; use 1.0e-3 (the EXO paper's value)")
+        if t.use_weighting and {"aot", "aot_unpaired"} & set(t.loss_type):
+            fail("use_weighting", "true with loss_type aot/aot_unpaired, which sort pairs and so cannot weight them; "
+                 "set use_weighting: false")
+    max_length = getattr(t, "max_length", None)
+    if max_length is not None and max_length < 1:
+        fail("max_length", f"{max_length}; use the token length that covers your pairs (scripts/analyze_dataset.py)")
+    mpl = getattr(s, "max_prompt_length", None)
+    if mpl is not None and max_length and mpl >= max_length:
+        fail("max_prompt_length", f"{mpl} leaves no room for answers within max_length {max_length}; use at most "
+             f"about half of it (e.g. {max_length // 2}), or raise max_length")
+    elif mpl is not None and mpl < 1:
+        fail("max_prompt_length", f"{mpl}; use a positive token count, or leave it unset")
+    if (m.load_in_4bit or m.load_in_8bit) and not torch.cuda.is_available():
+        fail("load_in_4bit" if m.load_in_4bit else "load_in_8bit",
+             "QLoRA needs a CUDA GPU (bitsandbytes); on CPU use --use_peft true without quantization")
+    missing = [r for r in t.report_to if r not in ("none", "all") and r not in get_available_reporting_integrations()]
+    if missing:
+        fail("report_to", f"{', '.join(missing)} is not installed in this environment; pip install "
+             f"{' '.join(missing)}, or drop it from report_to")
+    if check_paths:
+        bad += _check_paths(where, s, t, m)
+    return bad
+
+
+def _check_paths(where, s, t, m) -> list[str]:
+    bad = []
+    path = _local_path(m.model_name_or_path)
+    if path is not None and not path.exists():
+        bad.append(f"{where('model_name_or_path')}: model_name_or_path: {m.model_name_or_path}: no such folder; "
+                   "a local model is a folder with config.json (an earlier stage's output_dir), a Hub model an id "
+                   "like org/name")
+    elif path is not None and not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
+        bad.append(f"{where('model_name_or_path')}: model_name_or_path: {m.model_name_or_path} has no config.json "
+                   "(or adapter_config.json): not a saved model folder; point it at a training run's output_dir")
+    for key in ("dataset_name", "eval_dataset_name"):
+        name = getattr(s, key, None)
+        path = _local_path(name)
+        if path is not None and not path.exists():
+            bad.append(f"{where(key)}: {key}: {name}: no such file or folder; a local dataset is a "
+                       f"{'/'.join(x for x in DATA_SUFFIXES if not x.endswith('.gz'))} file (optionally .gz) or a "
+                       "folder of them, a Hub dataset an id like org/name")
+    template = getattr(s, "chat_template_path", None) or getattr(t, "chat_template_path", None)
+    if template and not Path(template).expanduser().exists():
+        bad.append(f"{where('chat_template_path')}: chat_template_path: {template}: no such file or folder; give "
+                   "a Jinja file or a tokenizer folder that has a chat template")
+    return bad
+
+
+def _strings(value, key: str):
+    """(key, string) for every string inside a field's value (lists and dicts included)."""
+    if isinstance(value, str):
+        yield key, value
+    elif isinstance(value, dict):
+        for k, v in value.items():
+            yield from _strings(v, f"{key}.{k}")
+    elif isinstance(value, (list, tuple)):
+        for v in value:
+            yield from _strings(v, key)
+
+
+def check_secrets(where, *configs) -> list[str]:
+    """Refuse any string argument holding a secret: arguments are written to training_args.bin, TensorBoard,
+    wandb/trackio configs and the model card, which a Hub push uploads; a log filter cannot reach those."""
+    secrets = secret_values()
+    bad = []
+    for conf in configs:
+        for f in fields(conf):
+            if f.name == "hub_token":  # refused on its own, with the fix
+                continue
+            for key, text in _strings(getattr(conf, f.name), f.name):
+                names = [name for name, value in secrets.items() if value in text]
+                if names:
+                    bad.append(f"{where(f.name)}: {key} contains the value of {' and '.join(names)}; remove it: "
+                               "arguments are saved in training_args.bin, TensorBoard and tracker configs (secrets "
+                               "belong in .env only)")
+    return bad
+
+
 # ---------------------------------------------------------------------------------------------- secrets
 
 
-def load_env(path: str | Path = ".env") -> None:
-    """Read HF_TOKEN, WANDB_API_KEY, ... from .env (never printed); the shell's own values win."""
+_env_files: list[Path] = []  # the .env files load_env read, for the log
+
+
+def load_env(dirs: list[Path] | None = None) -> list[Path]:
+    """Read HF_TOKEN, WANDB_API_KEY, ... from .env (never printed); the shell's own values win.
+
+    `.env` is looked for in the current directory, then in the repo root (a run started from elsewhere, e.g.
+    `python ~/fastdpo/train_dpo.py`, still finds it); for a key in both, the current directory's wins.
+    """
     from dotenv import load_dotenv
 
-    load_dotenv(path, override=False)
+    found = []
+    for d in dirs if dirs is not None else [Path.cwd(), REPO]:
+        path = (Path(d) / ".env").resolve()
+        if path.is_file() and path not in found:
+            load_dotenv(path, override=False)
+            found.append(path)
+    _env_files[:] = found
+    return found
+
+
+def secret_values() -> dict[str, str]:
+    """name -> value of every secret in the environment: the known token names, plus .env keys that look like
+    secrets (TOKEN, KEY, SECRET, PASSWORD in the name). Values under 8 characters are too common to match."""
+    from dotenv import dotenv_values
+
+    names = set(SECRET_NAMES)
+    for path in _env_files:
+        names |= {k for k in dotenv_values(path) if SECRET_PATTERN.search(k)}
+    return {n: os.environ[n] for n in sorted(names) if len(os.environ.get(n) or "") >= 8}
 
 
 class _Redact(logging.Filter):
@@ -231,8 +468,12 @@ class _Redact(logging.Filter):
 
 
 def redact_logs() -> None:
-    """Mask secret values in every log record, whichever library emits it."""
-    secrets = [os.environ[n] for n in SECRET_NAMES if len(os.environ.get(n, "")) >= 8]
+    """Mask secret values in every log record, whichever library emits it; say which .env files were read."""
+    found = secret_values()
+    if _env_files:
+        logging.getLogger("fastdpo").info("secrets: read %s (%s set)", ", ".join(map(str, _env_files)),
+                                          ", ".join(found) or "no secret")
+    secrets = list(found.values())
     if not secrets:
         return
     flt = _Redact(secrets)

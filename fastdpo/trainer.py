@@ -89,7 +89,8 @@ class DPOTrainer(_TRLDPOTrainer):
         """Packed layouts to try, fastest first; the start-up probe keeps the first that is exact on this model."""
         common = dict(pad_token_id=pad_id, max_length=args.max_length, truncation_mode=args.truncation_mode)
         layouts = []
-        if attn == "sdpa":
+        wanted = getattr(args, "packed_layout", "auto")
+        if attn == "sdpa" and wanted in ("auto", "segments"):
             # per-sequence attention: no dense mask, so rows are unbounded
             if getattr(args, "prefix_sharing", False):
                 layouts.append(PackedPreferenceCollator(**common, mode="segments", share_prefix=True))
@@ -97,7 +98,8 @@ class DPOTrainer(_TRLDPOTrainer):
         # the model's own mask: sdpa/eager build it dense (row x row), so no row costs more than stock's longest;
         # varlen kernels take one long row
         capacity = None if attn in VARLEN_ATTENTION else args.max_length
-        layouts.append(PackedPreferenceCollator(**common, row_capacity=capacity, mode="dense"))
+        if wanted in ("auto", "dense"):
+            layouts.append(PackedPreferenceCollator(**common, row_capacity=capacity, mode="dense"))
         return layouts
 
     @staticmethod
@@ -122,6 +124,8 @@ class DPOTrainer(_TRLDPOTrainer):
             return "no tokenizer was passed"
         if args.max_length is None:
             return "max_length is None (the token budget and row size derive from it)"
+        if getattr(args, "packed_layout", "auto") == "segments" and attn != "sdpa":
+            return f"packed_layout=segments needs attn_implementation='sdpa' (the model uses {attn!r})"
         if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
             return "DeepSpeed ZeRO-3 is not tested with packing (ZeRO-2 and DDP are)"
         if getattr(args, "fsdp", None):

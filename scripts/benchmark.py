@@ -1,19 +1,34 @@
-"""Stock TRL 1.16 DPOTrainer vs the fast path (padding-free, token budget, precomputed reference), same model,
-same pairs, same pairs per optimizer step, alternating runs in fresh processes.
+"""Stock TRL 1.16 DPOTrainer vs the fast path, same pairs, same pairs per optimizer step, alternating runs in fresh
+processes, on two models: the embedded tiny Llama and one shaped like the target (see --model).
 
-    .venv/bin/python scripts/benchmark.py --profile think                 # ~5-8 minutes on 2 CPU cores
-    .venv/bin/python scripts/benchmark.py --profile instruct --json outputs/bench_instruct.json
+    .venv/bin/python scripts/benchmark.py --profile think          # ~5-10 minutes on 2 CPU cores
+    .venv/bin/python scripts/benchmark.py --profile multiturn --json outputs/bench_multiturn.json
+    .venv/bin/python scripts/benchmark.py --profile think --breakdown   # one fast-path option at a time
     .venv/bin/python scripts/benchmark.py --dataset data/pairs.jsonl --max_length 1024   # real data
 
-Profiles are synthetic token lengths shaped like the OLMo 3 DPO sets (log-normal fits of their quantiles):
-  think     allenai/Dolci-Think-DPO-7B: prompt p50 114 / p95 793, chosen p50 1864 / p95 11903,
-            rejected p50 1154 / p95 9518 (prompt+chosen p50 ~2.1k, p99 ~25k), max_length 8192
-  instruct  allenai/Dolci-Instruct-DPO: prompt+chosen median ~680, ~96% within 4096, max_length 4096
---scale divides every length and max_length (default 8, so a CPU run keeps the shape at 1/8 the size).
-Batch: 4 pairs per device x 8 accumulation = 32 pairs per optimizer step, as the OLMo 3 recipes.
+Profiles are synthetic token lengths (log-normal fits of p50 / p95), divided by --scale (default 16):
+  think      allenai/Dolci-Think-DPO-7B: prompt p50 114 / p95 793, chosen 1864 / 11903, rejected 1154 / 9518;
+             max_length 8192
+  instruct   allenai/Dolci-Instruct-DPO: prompt 150 / 1100, chosen 480 / 2600, rejected 420 / 2400; max_length 4096
+  multiturn  prompt-heavy conversations: prompt 1500 / 6000, answers 300 / 1200; max_length 8192
+Batch: 4 pairs per device x 8 accumulation = 32 pairs per optimizer step, as the OLMo 3 recipes per GPU.
 
-Each run is its own process, so peak memory (max RSS on CPU, max allocated on GPU) is that run's alone. Time
-counts trainer construction (the fast path's reference precompute happens there, uncached) and training.
+Models (--model, default both):
+  embedded   the 2-layer, hidden-64 tiny Llama: attention is most of its compute (attention / linear ~ L / 12d)
+  shaped     a Llama with OLMo 3 7B's compute mix at the scaled lengths: width 4096/scale (so L / 12d, the
+             attention share, is the 7B's at full length: 0.17 at 8192), 4 layers, MLP 11008/scale, and a vocabulary
+             that gives the LM head the 7B's share of a step (100k entries there; ~780 at scale 16)
+Variants per round: stock (TRL's padded path, a reference forward each step), fast (every option on, fresh reference
+cache: the precompute is paid inside the run) and fast-warm (the cache a previous run left: a beta sweep, a requeue).
+--breakdown adds the options one at a time instead (shaped model).
+
+Reported per run: useful tokens/s (prompt + answer tokens of chosen and rejected, padding excluded, each prompt
+counted twice as TRL's math computes it), pairs/s, padding efficiency (the share of computed tokens that are not
+padding), computed / useful tokens (below 1 when prompts are shared), peak memory
+(max RSS on CPU, max allocated on GPU), MFU (model FLOPs of the useful tokens, policy forward + backward and the
+reference forward, attention included, per second, over this machine's measured dense matmul peak; a path that
+skips work, shared prompts or a cached reference, shows it as a higher MFU). Time counts trainer construction (the
+probe, the reference precompute) and training.
 """
 
 from __future__ import annotations
@@ -32,13 +47,73 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-# (median, sigma) of log-normal lengths, fitted to p50 and p95 (sigma = ln(p95/p50) / 1.645)
+# (p50, p95) per field: log-normal lengths, sigma = ln(p95 / p50) / 1.645
 PROFILES = {
     "think": {"prompt": (114, 793), "chosen": (1864, 11903), "rejected": (1154, 9518), "max_length": 8192,
               "max_prompt_length": 4096},
     "instruct": {"prompt": (150, 1100), "chosen": (480, 2600), "rejected": (420, 2400), "max_length": 4096,
                  "max_prompt_length": 2048},
+    "multiturn": {"prompt": (1500, 6000), "chosen": (300, 1200), "rejected": (300, 1200), "max_length": 8192,
+                  "max_prompt_length": 6144},
 }
+# OLMo 3 7B: the compute mix the shaped model copies
+TARGET = {"hidden": 4096, "layers": 32, "intermediate": 11008, "vocab": 100278}
+SHAPED_LAYERS = 4
+# cumulative: each adds one option to the one before (shaped model)
+BREAKDOWN = {
+    "stock": [],
+    "padding-free": ["--packed_layout", "dense", "--prefix_sharing", "false", "--precompute_ref_log_probs", "false"],
+    "+per-sequence": ["--packed_layout", "segments", "--prefix_sharing", "false", "--precompute_ref_log_probs", "false"],
+    "+prefix sharing": ["--packed_layout", "segments", "--prefix_sharing", "true", "--precompute_ref_log_probs",
+                        "false"],
+    "+precompute": [],
+    "+warm cache": [],
+}
+
+
+def shaped_config(scale: int, vocab_floor: int):
+    """A Llama with the target's attention share at 1/scale of its lengths and the target's LM-head share."""
+    from transformers import LlamaConfig
+
+    hidden = max(64, TARGET["hidden"] // scale // 64 * 64)
+    inter = TARGET["intermediate"] * hidden // TARGET["hidden"]
+    per_layer = lambda d, ff: 4 * d * d + 3 * d * ff  # noqa: E731  (q, k, v, o + gate, up, down)
+    share = TARGET["hidden"] * TARGET["vocab"] / (TARGET["layers"] * per_layer(TARGET["hidden"], TARGET["intermediate"]))
+    vocab = max(vocab_floor, round(share * SHAPED_LAYERS * per_layer(hidden, inter) / hidden))
+    return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=SHAPED_LAYERS,
+                       num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, head_dim=64,
+                       max_position_embeddings=8192, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+                       tie_word_embeddings=False)
+
+
+def forward_flops(config, length: int) -> float:
+    """Forward FLOPs of one causal sequence: linear layers, attention scores and values (causal half), LM head."""
+    d, n = config.hidden_size, config.num_hidden_layers
+    heads, kv, hd = config.num_attention_heads, config.num_key_value_heads, getattr(config, "head_dim", None) or d // \
+        config.num_attention_heads
+    linear = n * (d * heads * hd + 2 * d * kv * hd + heads * hd * d + 3 * d * config.intermediate_size)
+    attention = n * 2 * heads * hd * length * (length + 1) / 2 * 2  # QK^T and AV over the causal triangle
+    return 2 * linear * length + attention + 2 * d * config.vocab_size * length
+
+
+def matmul_peak(device: str = "cpu", size: int = 2048, seconds: float = 2.0) -> float:
+    """FLOP/s of a large fp32 (CPU) or bf16 (GPU) matmul: the denominator of MFU."""
+    import torch
+
+    dtype = torch.float32 if device == "cpu" else torch.bfloat16
+    a, b = (torch.randn(size, size, device=device, dtype=dtype) for _ in range(2))
+    a @ b
+    rates = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        if device != "cpu":
+            torch.cuda.synchronize()
+        t = time.perf_counter()
+        a @ b
+        if device != "cpu":
+            torch.cuda.synchronize()
+        rates.append(2 * size**3 / (time.perf_counter() - t))
+    return statistics.median(rates)
 
 
 def synthetic_pairs(profile: str, n: int, scale: int, vocab: int, seed: int = 0) -> list[dict]:
@@ -66,9 +141,10 @@ def synthetic_pairs(profile: str, n: int, scale: int, vocab: int, seed: int = 0)
 
 
 def worker(opts) -> dict:
-    """One timed run (stock or fast) in this process; prints a JSON line."""
+    """One timed run in this process; returns the measurements."""
     import torch
     from datasets import Dataset
+    from transformers import AutoModelForCausalLM
 
     from fastdpo import config as cfg
     from fastdpo import data, models
@@ -79,133 +155,185 @@ def worker(opts) -> dict:
     scale = opts.scale
     max_length = opts.max_length or PROFILES[opts.profile]["max_length"] // scale
     pairs_needed = opts.steps * opts.pairs_per_device * opts.grad_accum
-    common = ["--output_dir", str(Path(opts.tmp) / opts.worker), "--max_length", str(max_length),
+    stock = opts.variant == "stock"
+    extra = [] if stock else BREAKDOWN.get(opts.variant, [])
+    common = ["--output_dir", str(Path(opts.tmp) / "run"), "--max_length", str(max_length),
               "--per_device_train_batch_size", str(opts.pairs_per_device),
               "--gradient_accumulation_steps", str(opts.grad_accum), "--max_steps", str(opts.steps),
               "--logging_steps", str(opts.steps), "--eval_before_train", "false", "--save_strategy", "no",
-              "--report_to", "none", "--ref_logps_cache_dir", str(Path(opts.tmp) / "ref_cache"),
-              "--disable_tqdm", "true"]
+              "--report_to", "none", "--ref_logps_cache_dir", str(Path(opts.cache)), "--disable_tqdm", "true",
+              *extra]
     if opts.dataset:
         common += ["--dataset_name", opts.dataset, "--max_train_samples", str(pairs_needed)]
     script_args, args, model_args = cfg.parse_args(common)
     tok = models.load_tokenizer(model_args.model_name_or_path)
+    if opts.model == "shaped":
+        config = shaped_config(scale, len(tok))
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            build = lambda: AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")  # noqa: E731
+            weights = build().state_dict()
+
+        def load(_args):
+            model = build()
+            model.load_state_dict(weights)
+            return model
+    else:
+        def load(_args):
+            return models.load_model(model_args, _args)
     if opts.dataset:
         ds, _ = data.tokenize_dataset(data.load_pairs(script_args).train, tok, max_length,
                                       script_args.max_prompt_length)
     else:
         ds = Dataset.from_list(synthetic_pairs(opts.profile, pairs_needed, scale, len(tok), seed=opts.seed))
-    useful = sum(sum(pair_lengths(ds[i], max_length)) for i in range(len(ds)))
-    computed = [0]
+    lengths = [pair_lengths(ds[i], max_length) for i in range(len(ds))]
+    useful = sum(sum(x) for x in lengths)
+    computed, real = [0], [0]
 
     class Counting:
-        """The run's own collator, counting the tokens the model computes (padding included)."""
+        """The run's own collator, counting the tokens the model computes, and how many of them are not padding."""
 
-        def __init__(self, collate, key):
-            self.collate, self.key = collate, key
+        def __init__(self, collate, key, real_key):
+            self.collate, self.key, self.real_key = collate, key, real_key
 
-        def __getattr__(self, name):  # row_capacity etc. still read by the trainer
+        def __getattr__(self, name):  # row_capacity, packed_tokens, ... still read by the trainer
             return getattr(self.collate, name)
 
         def __call__(self, *a, **k):
             out = self.collate(*a, **k)
             computed[0] += out[self.key].numel()
+            real[0] += int((out[self.real_key] > 0).sum())
             return out
 
-    if opts.worker == "stock":
+    start = time.perf_counter()
+    if stock:
         import dataclasses
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(StockConfig) if f.init}
         values.update(padding_free=False, precompute_ref_log_probs=False)
         args = StockConfig(**values)
-        start = time.perf_counter()
-        trainer = StockDPOTrainer(model=models.load_model(model_args, args), args=args, train_dataset=ds,
-                                  processing_class=tok)
-        trainer.data_collator = Counting(trainer.data_collator, "input_ids")
+        trainer = StockDPOTrainer(model=load(args), ref_model=load(args) if opts.model == "shaped" else None,
+                                  args=args, train_dataset=ds, processing_class=tok)
+        trainer.data_collator = Counting(trainer.data_collator, "input_ids", "attention_mask")
     else:
-        start = time.perf_counter()
-        trainer = DPOTrainer(model=models.load_model(model_args, args), args=args, train_dataset=ds,
-                             processing_class=tok)
+        ref = load(args) if not args.precompute_ref_log_probs and opts.model == "shaped" else None
+        trainer = DPOTrainer(model=load(args), ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
         if not trainer._fast:
             raise SystemExit("fast path fell back to stock (see the warning above)")
-        trainer._packed_collator = Counting(trainer._packed_collator, "packed_input_ids")
+        trainer._packed_collator = Counting(trainer._packed_collator, "packed_input_ids", "packed_token_weight")
     built = time.perf_counter()
     trainer.train()
-    end = time.perf_counter()
-    seconds = end - start
+    seconds = time.perf_counter() - start
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else rss_mb
     stats = getattr(trainer, "_ref_precompute_stats", {})
+    model_config = trainer.accelerator.unwrap_model(trainer.model).config
+    flops = 4 * sum(forward_flops(model_config, c) + forward_flops(model_config, r) for c, r in lengths)
+    layout = getattr(trainer._packed_collator, "collate", None) if not stock else None
     return {"tokens_per_s": useful / seconds, "pairs_per_s": len(ds) / seconds,
-            "padding_efficiency": useful / max(computed[0], 1), "peak_mem_mb": peak, "seconds": seconds,
-            "setup_seconds": built - start, "ref_precompute_seconds": stats.get("seconds", 0.0),
-            "pairs": len(ds), "useful_tokens": useful, "computed_tokens": computed[0]}
+            "padding_efficiency": real[0] / max(computed[0], 1), "computed_per_useful": computed[0] / useful,
+            "peak_mem_mb": peak, "seconds": seconds,
+            "model_flops_per_s": flops / seconds, "setup_seconds": built - start,
+            "ref_precompute_seconds": stats.get("seconds", 0.0), "ref_cached": bool(stats.get("cached")),
+            "layout": None if layout is None else f"{layout.mode}{' + prefix sharing' if layout.share_prefix else ''}",
+            "pairs": len(ds), "useful_tokens": useful, "computed_tokens": computed[0],
+            "model": {"hidden": model_config.hidden_size, "layers": model_config.num_hidden_layers,
+                      "vocab": model_config.vocab_size}}
+
+
+def run(opts, argv, model, variant, tmp, cache) -> dict:
+    cmd = [sys.executable, __file__, *argv, "--model", model, "--worker", variant, "--tmp", tmp, "--cache", cache]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+    line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
+    if proc.returncode or line is None:
+        sys.exit(f"{model} {variant} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
+    return json.loads(line[6:])
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="think")
     parser.add_argument("--dataset", help="real preference data (any source fastdpo.data reads) instead of a profile")
-    parser.add_argument("--scale", type=int, default=8, help="divide every length (and max_length) by this")
+    parser.add_argument("--model", choices=["embedded", "shaped", "both"], default="both")
+    parser.add_argument("--scale", type=int, default=16, help="divide every length (and max_length) by this")
     parser.add_argument("--max_length", type=int, help="override the profile's max_length / scale")
     parser.add_argument("--pairs_per_device", type=int, default=4)
     parser.add_argument("--grad_accum", type=int, default=8)
-    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: think 2, instruct 8, so a "
-                        "run is tens of seconds and fixed costs do not dominate)")
-    parser.add_argument("--rounds", type=int, default=3, help="stock/fast pairs of runs, alternating")
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per run")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of alternating runs")
+    parser.add_argument("--breakdown", action="store_true", help="add the fast path's options one at a time "
+                        "(shaped model) instead of stock / fast / fast-warm on both models")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the summary here")
-    parser.add_argument("--worker", choices=["stock", "fast"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
+    parser.add_argument("--cache", help=argparse.SUPPRESS)
     opts = parser.parse_args()
-    if opts.steps is None:
-        opts.steps = {"think": 2, "instruct": 8}[opts.profile]
 
     if opts.worker:
         import logging
         logging.basicConfig(level=logging.WARNING)
+        opts.variant = opts.worker
         print("BENCH " + json.dumps(worker(opts)), flush=True)
         return
 
-    runs = {"stock": [], "fast": []}
-    argv = [a for a in sys.argv[1:] if not a.startswith("--json")]
-    if opts.json:
-        argv = [a for a in argv if a != opts.json]
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    peak = matmul_peak(device)
+    machine = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(f"machine: {machine}; measured matmul peak {peak / 1e9:.1f} GFLOP/s ({'bf16' if device == 'cuda' else 'fp32'})")
+    print(f"load average at start: {os.getloadavg()[0]:.2f}", flush=True)
+    argv = [a for a in sys.argv[1:] if a not in ("--breakdown", "--json", opts.json or "--json")]
+    argv = [a for i, a in enumerate(argv) if not (a == "--model" or (i and argv[i - 1] == "--model"))]
+    models_ = ["shaped"] if opts.breakdown else (["embedded", "shaped"] if opts.model == "both" else [opts.model])
+    variants = list(BREAKDOWN) if opts.breakdown else ["stock", "fast", "fast-warm"]
+    runs = {(m, v): [] for m in models_ for v in variants}
     for rnd in range(opts.rounds):
-        for kind in ("stock", "fast"):
-            with tempfile.TemporaryDirectory() as tmp:  # fresh reference cache: the fast path pays its precompute
-                cmd = [sys.executable, __file__, *argv, "--worker", kind, "--tmp", tmp]
-                proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
-            line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
-            if proc.returncode or line is None:
-                sys.exit(f"{kind} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
-            res = json.loads(line[6:])
-            runs[kind].append(res)
-            print(f"round {rnd + 1}/{opts.rounds} {kind:5s} {res['tokens_per_s']:9.0f} useful tok/s "
-                  f"{res['pairs_per_s']:6.2f} pairs/s  padding eff {res['padding_efficiency']:.3f}  "
-                  f"peak {res['peak_mem_mb']:6.0f} MB  ({res['seconds']:.1f}s, ref precompute "
-                  f"{res['ref_precompute_seconds']:.1f}s)", flush=True)
+        for model in models_:
+            with tempfile.TemporaryDirectory() as tmp:
+                cache = str(Path(tmp) / "ref_cache")  # fresh per round: the first fast run pays the precompute
+                for variant in variants:
+                    worker_variant = {"fast": "fast", "fast-warm": "fast", "+precompute": "fast",
+                                      "+warm cache": "fast"}.get(variant, variant)
+                    res = run(opts, argv, model, worker_variant, tmp, cache)
+                    if variant in ("fast-warm", "+warm cache") and not res["ref_cached"]:
+                        sys.exit(f"{variant}: the reference cache was not reused")
+                    res["mfu"] = res["model_flops_per_s"] / peak
+                    runs[(model, variant)].append(res)
+                    print(f"round {rnd + 1}/{opts.rounds} {model:8s} {variant:16s} {res['tokens_per_s']:9.0f} useful "
+                          f"tok/s {res['pairs_per_s']:6.2f} pairs/s  padding eff {res['padding_efficiency']:.3f}  "
+                          f"computed/useful {res['computed_per_useful']:.2f}  "
+                          f"peak {res['peak_mem_mb']:6.0f} MB  MFU {res['mfu']:.1%}  ({res['seconds']:.1f}s, "
+                          f"ref precompute {res['ref_precompute_seconds']:.1f}s{', ' + res['layout'] if res['layout'] else ''})",
+                          flush=True)
 
-    def med(kind, key):
-        return statistics.median(r[key] for r in runs[kind])
-
-    keys = ("tokens_per_s", "pairs_per_s", "padding_efficiency", "peak_mem_mb")
-    summary = {"profile": "dataset" if opts.dataset else opts.profile, "scale": opts.scale,
-               "stock": {k: med("stock", k) for k in keys}, "fast": {k: med("fast", k) for k in keys}}
-    summary["speedup"] = summary["fast"]["tokens_per_s"] / summary["stock"]["tokens_per_s"]
-    # each round's stock and fast runs are adjacent in time: their ratio is robust to a shared machine's load
-    summary["round_speedups"] = [f["tokens_per_s"] / s["tokens_per_s"] for s, f in zip(runs["stock"], runs["fast"])]
-    summary["setup"] = {"pairs_per_step": opts.pairs_per_device * opts.grad_accum, "steps": opts.steps,
-                        "rounds": opts.rounds, "pairs": runs["fast"][0]["pairs"],
-                        "useful_tokens": runs["fast"][0]["useful_tokens"]}
-    print(f"\n| {summary['profile']} (scale 1/{opts.scale}) | useful tok/s | pairs/s | padding eff | peak MB |")
-    print("|---|---|---|---|---|")
-    for kind in ("stock", "fast"):
-        s = summary[kind]
-        print(f"| {kind} | {s['tokens_per_s']:.0f} | {s['pairs_per_s']:.2f} | {s['padding_efficiency']:.3f} | "
-              f"{s['peak_mem_mb']:.0f} |")
-    print(f"| ratio | {summary['speedup']:.2f}x | "
-          f"{summary['fast']['pairs_per_s'] / summary['stock']['pairs_per_s']:.2f}x | | "
-          f"{summary['fast']['peak_mem_mb'] / summary['stock']['peak_mem_mb']:.2f}x |")
-    print(f"per-round speedups (adjacent runs): {', '.join(f'{r:.2f}x' for r in summary['round_speedups'])}")
+    keys = ("tokens_per_s", "pairs_per_s", "padding_efficiency", "computed_per_useful", "peak_mem_mb", "mfu")
+    summary = {"profile": "dataset" if opts.dataset else opts.profile, "scale": opts.scale, "machine": machine,
+               "matmul_peak_flops": peak, "setup": {"pairs_per_step": opts.pairs_per_device * opts.grad_accum,
+                                                    "steps": opts.steps, "rounds": opts.rounds}, "models": {}}
+    for model in models_:
+        first = runs[(model, variants[0])][0]
+        med = {v: {k: statistics.median(r[k] for r in runs[(model, v)]) for k in keys} for v in variants}
+        # each round's runs are adjacent in time: their ratio is robust to a shared machine's load
+        ratios = {v: [f["tokens_per_s"] / s["tokens_per_s"] for s, f in zip(runs[(model, "stock")], runs[(model, v)])]
+                  for v in variants if v != "stock"}
+        summary["models"][model] = {"shape": first["model"], "pairs": first["pairs"],
+                                    "useful_tokens": first["useful_tokens"], "median": med,
+                                    "round_speedups": ratios,
+                                    "speedup": {v: statistics.median(r) for v, r in ratios.items()}}
+        shape = first["model"]
+        print(f"\n| {summary['profile']} (1/{opts.scale}), {model} model (hidden {shape['hidden']}, {shape['layers']} "
+              f"layers, vocab {shape['vocab']}) | useful tok/s | pairs/s | padding eff | computed / useful | peak MB "
+              "| MFU | vs stock |")
+        print("|---|---|---|---|---|---|---|---|")
+        for v in variants:
+            s = med[v]
+            ratio = "1.00x" if v == "stock" else f"{statistics.median(ratios[v]):.2f}x"
+            print(f"| {v} | {s['tokens_per_s']:.0f} | {s['pairs_per_s']:.2f} | {s['padding_efficiency']:.3f} | "
+                  f"{s['computed_per_useful']:.2f} | {s['peak_mem_mb']:.0f} | {s['mfu']:.1%} | {ratio} |")
+        for v, r in ratios.items():
+            print(f"{model} {v}: per-round speedups {', '.join(f'{x:.2f}x' for x in r)}")
+    print(f"load average at end: {os.getloadavg()[0]:.2f}")
     if opts.json:
         Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
         Path(opts.json).write_text(json.dumps(summary, indent=2) + "\n")
