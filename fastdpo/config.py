@@ -312,7 +312,8 @@ def check_settings(where, script_args, training_args, model_args, check_paths: b
     def fail(key, problem):
         bad.append(f"{where(key)}: {key}: {problem}")
 
-    if hasattr(t, "beta") and not t.beta > 0:
+    dpo = isinstance(t, _TRLDPOConfig)  # SFTConfig has a loss_type of its own (nll, dft) and no beta
+    if dpo and not t.beta > 0:
         fail("beta", f"{t.beta} {'trains nothing (the loss stays at ln 2)' if t.beta == 0 else 'learns to prefer the rejected answers'}; "
              "use beta > 0 (TRL's default 0.1; the OLMo 3 recipes use 5 with loss_type sigmoid_norm)")
     if not t.learning_rate > 0:
@@ -328,7 +329,7 @@ def check_settings(where, script_args, training_args, model_args, check_paths: b
         fail("num_train_epochs", f"{t.num_train_epochs} trains nothing; use a positive value (or set max_steps)")
     if t.warmup_steps < 0:
         fail("warmup_steps", f"{t.warmup_steps}; use a step count, or a float below 1 for a ratio (0.1)")
-    if hasattr(t, "loss_type"):
+    if dpo:
         known = trl_loss_types()
         unknown = [x for x in t.loss_type if known and x not in known]
         if unknown:
