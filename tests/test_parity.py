@@ -201,6 +201,34 @@ def test_distributed_parity(tiny, tmp_path, launcher):
     assert np.allclose(dist_losses, losses(stock), atol=1e-5, rtol=0), (dist_losses, losses(stock))
 
 
+@pytest.mark.slow
+def test_loss_types_parity(tiny, tmp_path):
+    """Every loss TRL computes per pair, and its per-token options (ld_alpha, WPO weighting), follows stock TRL step
+    for step on the default fast path (per-sequence attention, prompt shared, precomputed reference)."""
+    from tests.test_sft_lora_eval import LOSS_EXTRAS, LOSS_TYPES
+    from fastdpo.packing import BATCH_COUPLED_LOSSES
+
+    tok, ds, model_args = tiny
+    small = ds.select(range(48))
+    cases = [([t], LOSS_EXTRAS.get(t, {})) for t in LOSS_TYPES if t not in BATCH_COUPLED_LOSSES]
+    cases += [(["sigmoid"], {"ld_alpha": 0.5}), (["sigmoid"], {"use_weighting": True})]
+    for types, extra in cases:
+        flags = [f"--{k}={v}" for k, v in extra.items()]
+        _, args, _ = parse(tmp_path, "--max_steps", "3", "--per_device_train_batch_size", "4",
+                           "--gradient_accumulation_steps", "2", "--learning_rate", "1e-2", "--loss_type", *types,
+                           *flags, "--ref_logps_cache_dir", str(tmp_path / "_".join(types + flags)))
+        fast = DPOTrainer(model=models.load_model(model_args, args), args=args, train_dataset=small,
+                          processing_class=tok)
+        assert fast._fast and fast._packed_collator.share_prefix, types
+        fast.train()
+        s_args = stock_args(args)
+        stock = StockDPOTrainer(model=models.load_model(model_args, s_args), args=s_args, train_dataset=small,
+                                processing_class=tok)
+        stock.train()
+        got, want = losses(fast), losses(stock)
+        assert len(got) == 3 and np.allclose(got, want, atol=1e-5, rtol=1e-5), (types, extra, got, want)
+
+
 def test_fallback_is_logged(tiny, tmp_path, caplog):
     """A loss that couples the pairs of a micro-batch keeps the stock path, and says why."""
     tok, ds, model_args = tiny
