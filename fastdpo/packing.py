@@ -140,19 +140,13 @@ class PackedPreferenceCollator:
         ids, comp = out["input_ids"], out["completion_mask"]
         n = len(examples)
         lengths = out["attention_mask"].sum(dim=1).tolist()  # [chosen..., rejected...]; right-padded
-        # A unit is a list of parts (padded sequence, first token, tokens, position of the first token, owned_from
-        # within the segment it starts, keys borrowed from the unit's first part). Plain: one part per unit.
+        # A unit is (sequence, rejected, s): a sequence alone (rejected None), or a chosen sequence with the rejected
+        # one of its pair, which shares its first s tokens.
         units = []
         for i in range(n):
-            c, r = i, n + i
-            s = _shared_prefix(ids, comp, c, r, min(lengths[c], lengths[r])) if self.share_prefix else 0
-            if s == 0:
-                units += [[(c, 0, lengths[c], 0)], [(r, 0, lengths[r], 0)]]
-            elif s >= lengths[r]:
-                units.append([(c, 0, lengths[c], 0), ("prefix", r)])
-            else:
-                units.append([(c, 0, lengths[c], 0), ("tail", r, s)])
-        sizes = [sum(self._part_size(p, lengths) for p in u) for u in units]
+            s = _shared_prefix(ids, comp, i, n + i, min(lengths[i], lengths[n + i])) if self.share_prefix else 0
+            units += [(i, n + i, s)] if s else [(i, None, 0), (n + i, None, 0)]
+        sizes = [lengths[c] + (0 if r is None or s >= lengths[r] else lengths[r] - s + 1) for c, r, s in units]
         rows = plan_rows(sizes, self.row_capacity)
         width = max(sum(sizes[u] for u in row) for row in rows)
         R = len(rows)
@@ -162,48 +156,45 @@ class PackedPreferenceCollator:
         token_weight = torch.zeros((R, width), dtype=torch.float32)
         # Packed position of each token of the padded layout's shifted (predicted-token) grid; the sentinel R*(width-1)
         # points at an appended zero, like the zeros the fused head returns for unscored tokens.
-        seq_width = ids.shape[1]
-        unpack = torch.full((2 * n, max(seq_width - 1, 0)), R * (width - 1), dtype=torch.long)
-        specs = []
-        label_of = lambda s, a, b: ids[s, a:b].masked_fill(comp[s, a:b] == 0, -100)  # noqa: E731
-        for r_i, row in enumerate(rows):
+        unpack = torch.full((2 * n, max(ids.shape[1] - 1, 0)), R * (width - 1), dtype=torch.long)
+        specs = []  # (pieces, owned_from) per segment, for fastdpo.segattn
+        label_of = lambda q, a, b: ids[q, a:b].masked_fill(comp[q, a:b] == 0, -100)  # noqa: E731
+        for row_i, row in enumerate(rows):
             start = 0
             for u in row:
-                base = r_i * width + start
-                shifted = r_i * (width - 1) + start  # shifted-grid index of this unit's first token
-                first = units[u][0]
-                seq, _, lc, _ = first
-                p_ids[r_i, start:start + lc] = ids[seq, :lc]
-                pos[r_i, start:start + lc] = torch.arange(lc)
-                lab = label_of(seq, 0, lc)
+                c, r, s = units[u]
+                lc = lengths[c]
+                flat = row_i * width + start  # flat index of the unit's first token
+                shifted = row_i * (width - 1) + start  # its index in the shifted (predicted-token) grid
+                p_ids[row_i, start:start + lc] = ids[c, :lc]
+                pos[row_i, start:start + lc] = torch.arange(lc)
+                lab = label_of(c, 0, lc)
                 lab[0] = -100  # never predicted from the previous unit's last token
-                labels[r_i, start:start + lc] = lab
-                token_weight[r_i, start:start + lc] = 1.0
-                unpack[seq, : lc - 1] = shifted + torch.arange(lc - 1)
-                specs.append(([(base, lc)], 0))
-                if len(units[u]) > 1 and units[u][1][0] == "prefix":
-                    rej = units[u][1][1]
-                    lr = lengths[rej]
-                    token_weight[r_i, start:start + lr] = 2.0  # stock runs these tokens twice
-                    unpack[rej, : lr - 1] = shifted + torch.arange(lr - 1)
-                elif len(units[u]) > 1:
-                    _, rej, s = units[u][1]
-                    lr = lengths[rej]
-                    t0 = start + lc  # the copy x of token s-1, then rejected tokens s .. lr-1
-                    p_ids[r_i, t0] = ids[rej, s - 1]
-                    p_ids[r_i, t0 + 1:t0 + 1 + lr - s] = ids[rej, s:lr]
-                    pos[r_i, t0:t0 + 1 + lr - s] = torch.arange(s - 1, lr)
-                    labels[r_i, t0 + 1:t0 + 1 + lr - s] = label_of(rej, s, lr)
-                    token_weight[r_i, start:start + s - 1] = 2.0
-                    token_weight[r_i, t0:t0 + 1 + lr - s] = 1.0
-                    unpack[rej, : s - 1] = shifted + torch.arange(s - 1)
-                    unpack[rej, s - 1: lr - 1] = r_i * (width - 1) + t0 + torch.arange(lr - s)
-                    specs.append(([(base, s - 1), (base + lc, 1 + lr - s)], s - 1))
+                labels[row_i, start:start + lc] = lab
+                token_weight[row_i, start:start + lc] = 1.0
+                unpack[c, : lc - 1] = shifted + torch.arange(lc - 1)
+                specs.append(([(flat, lc)], 0))
+                if r is not None and s >= lengths[r]:  # the rejected sequence is a prefix of the chosen one
+                    lr = lengths[r]
+                    token_weight[row_i, start:start + lr] = 2.0  # stock runs these tokens twice
+                    unpack[r, : lr - 1] = shifted + torch.arange(lr - 1)
+                elif r is not None:
+                    lr, t0 = lengths[r], start + lc  # at t0: the copy x of token s-1, then rejected tokens s .. lr-1
+                    p_ids[row_i, t0] = ids[r, s - 1]
+                    p_ids[row_i, t0 + 1:t0 + 1 + lr - s] = ids[r, s:lr]
+                    pos[row_i, t0:t0 + 1 + lr - s] = torch.arange(s - 1, lr)
+                    labels[row_i, t0 + 1:t0 + 1 + lr - s] = label_of(r, s, lr)
+                    token_weight[row_i, start:start + s - 1] = 2.0
+                    token_weight[row_i, t0:t0 + 1 + lr - s] = 1.0
+                    unpack[r, : s - 1] = shifted + torch.arange(s - 1)
+                    unpack[r, s - 1: lr - 1] = row_i * (width - 1) + t0 + torch.arange(lr - s)
+                    # the rejected segment: the shared tokens but the last (keys only), then x and the tail
+                    specs.append(([(flat, s - 1), (flat + lc, 1 + lr - s)], s - 1))
                 start += sizes[u]
             if start < width:
                 # Row padding is its own sequence (positions restart), after every real token: nothing attends to it.
-                pos[r_i, start:] = torch.arange(width - start)
-                specs.append(([(r_i * width + start, width - start)], 0))
+                pos[row_i, start:] = torch.arange(width - start)
+                specs.append(([(row_i * width + start, width - start)], 0))
         out["packed_input_ids"] = p_ids
         out["packed_position_ids"] = pos
         out["packed_labels"] = labels
@@ -212,15 +203,6 @@ class PackedPreferenceCollator:
         out["unpack_index"] = unpack
         out["loss_weight"] = torch.tensor(float(n) if weight is None else weight)
         return out
-
-    @staticmethod
-    def _part_size(part, lengths) -> int:
-        if part[0] == "prefix":
-            return 0
-        if part[0] == "tail":
-            _, rej, s = part
-            return lengths[rej] - s + 1
-        return part[2]
 
 
 def unpack_outputs(outputs, unpack_index: torch.Tensor) -> SimpleNamespace:
