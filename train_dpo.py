@@ -29,12 +29,11 @@ from fastdpo import config as cfg
 cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the environment
 
 import torch  # noqa: E402
-from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 from trl import get_peft_config  # noqa: E402
 
-from fastdpo import data, models  # noqa: E402
+from fastdpo import checkpoints, data, models  # noqa: E402
 from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
-from fastdpo.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback  # noqa: E402
+from fastdpo.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionCallback  # noqa: E402
 from fastdpo.trainer import DPOTrainer  # noqa: E402
 
 logger = logging.getLogger("fastdpo")
@@ -63,7 +62,7 @@ def check_hub_access(repo_id: str) -> None:
 
 def main(script_args, training_args, model_args):
     is_main = training_args.process_index == 0
-    preemption = PreemptionCallback()  # SIGUSR1: checkpoint and stop (Slurm time limit; scripts/dpo_train.sh requeues)
+    preemption = PreemptionCallback()  # SIGUSR1/SIGTERM: checkpoint and stop (Slurm; scripts/dpo_train.sh requeues)
     setup_logging(is_main)
     cfg.redact_logs()
     if training_args.push_to_hub:
@@ -72,6 +71,8 @@ def main(script_args, training_args, model_args):
     out.mkdir(parents=True, exist_ok=True)
     logger.info("resolved configuration (recipe + overrides):\n%s",
                 cfg.describe(cfg.given_keys(), script_args, model_args, training_args))
+    # The newest complete checkpoint in output_dir, if any; a changed run (learning rate, model, ...) is refused.
+    run = checkpoints.Run(out, script_args, training_args, model_args)
 
     # Data: load, validate, tokenise exactly as TRL would, then truncate (max_prompt_length keeps the prompt end).
     tokenizer = models.load_tokenizer(model_args.model_name_or_path, script_args.chat_template_path,
@@ -88,6 +89,9 @@ def main(script_args, training_args, model_args):
             pairs.eval, tokenizer, training_args.max_length, script_args.max_prompt_length,
             training_args.dataset_num_proc, "eval")
     report["skipped_rows"] = len(pairs.skipped.rows)
+    run.check_data(train_ds, eval_ds)  # other data than the checkpoint's (or a finished run's) is refused
+    if run.done:  # the same command after the run finished: its outputs stay as they are
+        return
     if is_main:
         write_json(out / "data_report.json", report)
         if pairs.skipped.rows:
@@ -98,7 +102,8 @@ def main(script_args, training_args, model_args):
     # Model and trainer. The reference model is a frozen copy TRL loads from the same path (or, with LoRA,
     # the base model with the adapter disabled).
     model = models.load_model(model_args, training_args)
-    last_checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
+    run.check_space(model, model_args.use_peft, script_args.merge_adapter)
+    last_checkpoint = run.checkpoint
     # The "before" evaluation runs inside train() (eval_on_start), after DeepSpeed has wrapped the model:
     # evaluate() before train() fails under ZeRO-2 ("ZeRO inference only makes sense with ZeRO Stage 3").
     if script_args.eval_before_train and eval_ds is not None and last_checkpoint is None:
@@ -116,6 +121,7 @@ def main(script_args, training_args, model_args):
     if last_checkpoint:
         logger.info("resuming from %s", last_checkpoint)
     trainer.add_callback(preemption)
+    run.attach(trainer)  # marks each checkpoint complete once every rank wrote it
     result = trainer.train(resume_from_checkpoint=last_checkpoint)
     if preemption.preempted:  # the checkpoint is the result; rerunning the same command resumes from it
         logger.info("preempted at step %d; rerun the same command to resume", trainer.state.global_step)
@@ -124,7 +130,8 @@ def main(script_args, training_args, model_args):
     before = next((h for h in trainer.state.log_history if h.get("step") == 0 and "eval_loss" in h), None)
     # model (or LoRA adapter), tokenizer, model card; with merge_adapter the adapter goes to out/adapter and out
     # becomes a plain model folder (merged at the end, after evaluation, because merging unwraps the model)
-    trainer.save_model(str(out / "adapter" if script_args.merge_adapter else out))
+    # a full disk is reported with what is kept, and the metrics below are still written
+    saved = run.save_model(trainer, out / "adapter" if script_args.merge_adapter else out)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
@@ -142,10 +149,13 @@ def main(script_args, training_args, model_args):
             print(f"| {key} | {b} | {after.get(key, float('nan')):.4f} |")
         print()
 
+    if not saved:
+        sys.exit(f"error: the final model is not in {out}; see 'could not write the final model' above")
     if script_args.merge_adapter and is_main:
         models.save_merged(trainer.accelerator.unwrap_model(trainer.model), tokenizer, out)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    run.finished()
     logger.info("saved to %s", out)
 
 
@@ -156,6 +166,9 @@ if __name__ == "__main__":
     except data.DataError as e:
         logging.getLogger("fastdpo").error("%s", e)
         sys.exit(2)
+    except Preempted as e:  # a signal before the first step: nothing to checkpoint yet; rerunning resumes
+        logging.getLogger("fastdpo").warning("preempted (%s); rerun the same command to resume", e)
+        sys.exit(PREEMPTED_EXIT_CODE)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

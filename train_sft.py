@@ -26,19 +26,18 @@ from fastdpo import config as cfg
 cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the environment
 
 import torch  # noqa: E402
-from transformers.trainer_utils import get_last_checkpoint  # noqa: E402
 from trl import SFTConfig, SFTTrainer, get_peft_config  # noqa: E402
 
-from fastdpo import data, models, sft  # noqa: E402
+from fastdpo import checkpoints, data, models, sft  # noqa: E402
 from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
-from fastdpo.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback  # noqa: E402
+from fastdpo.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionCallback  # noqa: E402
 
 logger = logging.getLogger("fastdpo")
 
 
 def main(script_args, training_args, model_args):
     is_main = training_args.process_index == 0
-    preemption = PreemptionCallback()  # SIGUSR1: checkpoint and stop, like train_dpo.py
+    preemption = PreemptionCallback()  # SIGUSR1/SIGTERM: checkpoint and stop, like train_dpo.py
     setup_logging(is_main)
     cfg.redact_logs()
     out = Path(training_args.output_dir)
@@ -46,6 +45,7 @@ def main(script_args, training_args, model_args):
     logger.info("SFT model %s | data %s | lr %g | max_length %s | peft %s", model_args.model_name_or_path,
                 script_args.dataset_name, training_args.learning_rate, training_args.max_length,
                 model_args.use_peft)
+    run = checkpoints.Run(out, script_args, training_args, model_args)  # as in train_dpo.py
 
     # The template is set here once; SFTTrainer would apply the path again (and a folder would resize embeddings).
     tokenizer = models.load_tokenizer(model_args.model_name_or_path, training_args.chat_template_path,
@@ -58,8 +58,12 @@ def main(script_args, training_args, model_args):
                              "conversational; set chat_template_path to a Jinja file or a tokenizer folder")
     logger.info("data: %d train rows, %s eval rows, %d skipped", len(ds.train),
                 len(ds.eval) if ds.eval is not None else "no", len(ds.skipped.rows))
+    run.check_data(ds.train, ds.eval)
+    if run.done:
+        return
 
     model = models.load_model(model_args, training_args)
+    run.check_space(model, model_args.use_peft, script_args.merge_adapter)
     trainer = SFTTrainer(
         model=model,
         args=training_args,
@@ -70,17 +74,17 @@ def main(script_args, training_args, model_args):
     )
     use_plain_progress(trainer)
 
-    last_checkpoint = get_last_checkpoint(str(out)) if out.is_dir() else None
-    if last_checkpoint:
-        logger.info("resuming from %s", last_checkpoint)
+    if run.checkpoint:
+        logger.info("resuming from %s", run.checkpoint)
     trainer.add_callback(preemption)
-    result = trainer.train(resume_from_checkpoint=last_checkpoint)
+    run.attach(trainer)
+    result = trainer.train(resume_from_checkpoint=run.checkpoint)
     if preemption.preempted:
         logger.warning("preempted at step %d; rerun the same command to resume", trainer.state.global_step)
         sys.exit(PREEMPTED_EXIT_CODE)
 
     # With merge_adapter the adapter goes to out/adapter and out becomes a plain model folder for the DPO stage.
-    trainer.save_model(str(out / "adapter" if script_args.merge_adapter else out))
+    saved = run.save_model(trainer, out / "adapter" if script_args.merge_adapter else out)
     trainer.log_metrics("train", result.metrics)
     trainer.save_metrics("train", result.metrics)
     trainer.save_state()
@@ -88,10 +92,13 @@ def main(script_args, training_args, model_args):
         metrics = trainer.evaluate()
         trainer.log_metrics("eval", metrics)
         trainer.save_metrics("eval", metrics)
+    if not saved:
+        sys.exit(f"error: the final model is not in {out}; see 'could not write the final model' above")
     if script_args.merge_adapter and is_main:
         models.save_merged(trainer.accelerator.unwrap_model(trainer.model), tokenizer, out)
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    run.finished()
     logger.info("saved to %s", out)
 
 
@@ -103,6 +110,9 @@ if __name__ == "__main__":
     except data.DataError as e:
         logging.getLogger("fastdpo").error("%s", e)
         sys.exit(2)
+    except Preempted as e:
+        logging.getLogger("fastdpo").warning("preempted (%s); rerun the same command to resume", e)
+        sys.exit(PREEMPTED_EXIT_CODE)
     finally:
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

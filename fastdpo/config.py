@@ -304,6 +304,7 @@ def check_settings(where, script_args, training_args, model_args, check_paths: b
     """
     import torch
     from transformers.integrations import get_available_reporting_integrations
+    from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
     from trl import __version__ as trl_version
 
     t, s, m = training_args, script_args, model_args
@@ -356,10 +357,15 @@ def check_settings(where, script_args, training_args, model_args, check_paths: b
     if (m.load_in_4bit or m.load_in_8bit) and not torch.cuda.is_available():
         fail("load_in_4bit" if m.load_in_4bit else "load_in_8bit",
              "QLoRA needs a CUDA GPU (bitsandbytes); on CPU use --use_peft true without quantization")
-    missing = [r for r in t.report_to if r not in ("none", "all") and r not in get_available_reporting_integrations()]
-    if missing:
-        fail("report_to", f"{', '.join(missing)} is not installed in this environment; pip install "
-             f"{' '.join(missing)}, or drop it from report_to")
+    for name in t.report_to:
+        if name in ("none", "all") or name in get_available_reporting_integrations():
+            continue
+        if name in INTEGRATION_TO_CALLBACK:
+            fail("report_to", f"{name} is not installed in this environment; pip install {name}, or drop it")
+        else:
+            close = difflib.get_close_matches(name, list(INTEGRATION_TO_CALLBACK), n=1)
+            fail("report_to", f"unknown tracker {name!r}{f' (did you mean {close[0]!r}?)' if close else ''}; "
+                 "this repo uses tensorboard, wandb or trackio")
     if check_paths:
         bad += _check_paths(where, s, t, m)
     return bad

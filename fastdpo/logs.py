@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import logging
+import math
 import sys
 import time
 
@@ -49,6 +50,16 @@ def batch_arithmetic(args) -> str:
             f"{args.gradient_accumulation_steps} accumulation = {pairs} pairs per optimizer step")
 
 
+def epochs(max_steps: int, args, train_dataloader) -> str:
+    """The epochs max_steps really covers (with max_steps set, num_train_epochs is ignored), as the Trainer counts
+    steps per epoch: micro-batches per epoch / accumulation, rounded up."""
+    try:
+        per_epoch = max(math.ceil(len(train_dataloader) / args.gradient_accumulation_steps), 1)
+    except TypeError:  # an iterable dataset has no length
+        return f"{args.num_train_epochs} epochs asked" if args.max_steps <= 0 else "epochs unknown: no dataset length"
+    return f"{max_steps / per_epoch:.4g} epochs of {per_epoch} steps"
+
+
 def _fmt(value, spec):
     return "n/a" if value is None else format(value, spec)
 
@@ -61,12 +72,12 @@ class ProgressLine(TrainerCallback):
         self.step0 = 0
         self.tokens_last = 0.0
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, train_dataloader=None, **kwargs):
         self.t0 = self.t_last = time.time()
         self.step0 = state.global_step
         if state.is_world_process_zero:
             logger.info("batch: %s", batch_arithmetic(args))
-            logger.info("optimizer steps: %d (%s epochs)%s", state.max_steps, args.num_train_epochs,
+            logger.info("optimizer steps: %d (%s)%s", state.max_steps, epochs(state.max_steps, args, train_dataloader),
                         f", resuming at step {state.global_step}" if state.global_step else "")
 
     def on_log(self, args, state, control, logs=None, **kwargs):

@@ -1,13 +1,22 @@
-"""Save a checkpoint and stop cleanly on SIGUSR1 (Slurm's time-limit warning, or `scancel --signal=USR1 --full`).
+"""Save a checkpoint and stop cleanly on SIGUSR1 or SIGTERM.
+
+SIGUSR1: Slurm's time-limit warning (`--signal=B:USR1@600`) or `scancel --signal=USR1 --full`; there is time.
+SIGTERM: what Slurm sends when it ends a job (scancel, time limit, preemption) and what `kill` sends; SIGKILL
+follows after Slurm's KillWait (default 30 s), so the save has that long. A kill mid-save leaves the previous
+complete checkpoint usable (fastdpo.checkpoints).
 
 The sbatch scripts requeue the job afterwards, and the requeued run resumes from that checkpoint
-(train_dpo.py resumes from the last checkpoint in output_dir), with the same data order and schedule.
+(train_dpo.py resumes from the newest complete checkpoint in output_dir), with the same data order and schedule.
 
-    cb = PreemptionCallback()      # in the main thread, before training: installs the handler
+    cb = PreemptionCallback()      # in the main thread, before training: installs the handlers
     trainer.add_callback(cb)
     trainer.train(...)
     if cb.preempted:               # checkpoint written by every rank; skip the final save
         sys.exit(PREEMPTED_EXIT_CODE)
+
+Work outside the training loop (tokenising, the reference pass) polls `stop_requested()` and raises
+`Preempted`, which the entry points turn into the same exit code; a signal that arrives before the first step
+stops there too, without a checkpoint (there is nothing to save yet).
 """
 
 from __future__ import annotations
@@ -23,13 +32,14 @@ logger = logging.getLogger("fastdpo")
 
 # sysexits' EX_TEMPFAIL, "try again later": not a crash, and not a finished run.
 PREEMPTED_EXIT_CODE = 75
+SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
-_signalled = False  # set by the handler; read by work that runs before the Trainer's loop (the reference pass)
+_signalled: str | None = None  # name of the signal the handler got; read by work before the Trainer's loop
 
 
 def stop_requested() -> bool:
-    """True once this process got the preemption signal (any PreemptionCallback's handler)."""
-    return _signalled
+    """True once this process got a preemption signal (any PreemptionCallback's handler)."""
+    return _signalled is not None
 
 
 class Preempted(Exception):
@@ -37,16 +47,17 @@ class Preempted(Exception):
 
 
 class PreemptionCallback(TrainerCallback):
-    def __init__(self, signum: int = signal.SIGUSR1):
-        self.signum = signum
-        self.signalled = False  # this process got the signal
+    def __init__(self, signums: tuple[int, ...] = SIGNALS):
+        self.signalled = False  # this process got a signal
         self.preempted = False  # all ranks stopped together after saving a checkpoint
-        signal.signal(signum, self._on_signal)
+        for signum in signums:
+            signal.signal(signum, self._on_signal)
 
     def _on_signal(self, signum, frame):
         # Only set a flag: the step in flight finishes, and the save happens at a step boundary.
         global _signalled
-        self.signalled = _signalled = True
+        self.signalled = True
+        _signalled = _signalled or signal.Signals(signum).name
 
     def _any_rank_signalled(self, args) -> bool:
         # The signal reaches ranks at slightly different times (or only some of them); if one rank
@@ -59,15 +70,21 @@ class PreemptionCallback(TrainerCallback):
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
         return bool(flag.item())
 
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A signal during loading or the reference pass: stop before the first step instead of training one
+        # step only to checkpoint it (and, under SIGTERM, likely be killed mid-save).
+        if self._any_rank_signalled(args):
+            raise Preempted(f"{_signalled or 'a signal on another rank'} before the first step")
+
     def on_step_end(self, args, state, control, **kwargs):
-        if self.preempted or not self._any_rank_signalled(args):
-            return
+        if self.preempted or not self._any_rank_signalled(args) or state.global_step >= state.max_steps:
+            return  # (the last step: finishing, final save included, beats a checkpoint and a requeue)
         self.preempted = True
         control.should_save = True
         control.should_training_stop = True
         if state.is_world_process_zero:
             logger.warning("preempted (%s): saving a checkpoint at step %d/%d and stopping",
-                           signal.Signals(self.signum).name, state.global_step, state.max_steps)
+                           _signalled or "signal on another rank", state.global_step, state.max_steps)
 
     def on_train_end(self, args, state, control, **kwargs):
         # Every rank writes its own part of a ZeRO checkpoint; wait for all of them before anyone

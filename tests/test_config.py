@@ -1,5 +1,7 @@
 """Every recipe parses into valid configs; unknown keys fail with the line and a fix."""
 
+import os
+
 import pytest
 import yaml
 
@@ -53,7 +55,7 @@ def test_small_recipes():
     assert s.max_train_samples == 10000 and t.beta == 0.5 and t.learning_rate == 5e-6
     assert t.lr_scheduler_type.value == "cosine" and t.num_train_epochs == 3 and t.per_device_train_batch_size == 8
     assert (t.max_length, s.max_prompt_length) == (1024, 512)
-    assert t.save_strategy.value == "no" and "tensorboard" in t.report_to
+    assert t.save_strategy.value == "steps" and t.save_total_limit == 2 and "tensorboard" in t.report_to
     assert s.column_map == {"system": "system", "prompt": "question", "chosen": "chosen", "rejected": "rejected"}
     s, t, m = _parse(REPO / "recipes" / "smollm3_hh_rlhf.yaml")
     assert (m.model_name_or_path, s.dataset_name) == ("HuggingFaceTB/SmolLM3-3B", "Anthropic/hh-rlhf")
@@ -99,3 +101,96 @@ def test_missing_recipe_file():
 def test_recipe_yaml_is_plain_mapping():
     for recipe in RECIPES:
         assert isinstance(yaml.safe_load(recipe.read_text()), dict)
+
+
+# ------------------------------------------------------------------ values that cannot work fail at parse time
+# One case per line: the flags, then what the error must say. parse_args runs before any data, tokenizer or
+# model is touched (train_dpo.py calls it first), so each of these fails within seconds of start.
+
+BAD_VALUES = {
+    "beta_zero": (["--beta", "0"], "beta: 0.0 trains nothing"),
+    "beta_negative": (["--beta=-0.5"], "beta: -0.5 learns to prefer the rejected answers"),
+    "learning_rate_negative": (["--learning_rate=-1e-4"], "learning_rate: -0.0001 climbs the loss"),
+    "learning_rate_zero": (["--learning_rate", "0"], "learning_rate: 0.0 trains nothing"),
+    "train_batch_zero": (["--per_device_train_batch_size", "0"], "per_device_train_batch_size: 0; it must be at least 1"),
+    "eval_batch_zero": (["--per_device_eval_batch_size", "0"], "per_device_eval_batch_size: 0; it must be at least 1"),
+    "accumulation_zero": (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps: 0; it must be"),
+    "loss_type_unknown": (["--loss_type", "nonsense"], "loss_type: unknown 'nonsense'; TRL 1.16.0 knows sigmoid,"),
+    "loss_type_typo": (["--loss_type", "sigmod"], "unknown 'sigmod' (did you mean 'sigmoid'?)"),
+    "loss_weights_length": (["--loss_type", "sigmoid", "sft", "--loss_weights", "1.0"], "1 weights for 2 loss types"),
+    "exo_pair_without_smoothing": (["--loss_type", "exo_pair"], "label_smoothing: 0 with loss_type exo_pair"),
+    "max_steps_zero": (["--max_steps", "0"], "max_steps: 0; use a positive number"),
+    "epochs_zero": (["--num_train_epochs", "0"], "num_train_epochs: 0.0 trains nothing"),
+    "prompt_fills_max_length": (["--max_length", "64", "--max_prompt_length", "64"],
+                                "max_prompt_length: 64 leaves no room for answers within max_length 64"),
+    "model_path_missing": (["--model_name_or_path", "/nonexistent"], "model_name_or_path: /nonexistent: no such folder"),
+    "model_relative_path_missing": (["--model_name_or_path", "outputs/nope/sft"], "outputs/nope/sft: no such folder"),
+    "dataset_file_missing": (["--dataset_name", "my_pairs.jsonl"], "dataset_name: my_pairs.jsonl: no such file"),
+    "eval_dataset_missing": (["--eval_dataset_name", "./held_out"], "eval_dataset_name: ./held_out: no such file"),
+    "chat_template_missing": (["--chat_template_path", "tmpl.jinja"], "chat_template_path: tmpl.jinja: no such file"),
+    "report_to_unknown": (["--report_to", "tensorbord"], "unknown tracker 'tensorbord' (did you mean 'tensorboard'?)"),
+    "report_to_not_installed": (["--report_to", "mlflow"], "mlflow is not installed in this environment"),
+    "qlora_on_cpu": (["--use_peft", "true", "--load_in_4bit", "true"], "QLoRA needs a CUDA GPU"),
+}
+
+
+@pytest.mark.parametrize("case", BAD_VALUES, ids=str)
+def test_value_that_cannot_work_fails_at_parse_time(case):
+    flags, message = BAD_VALUES[case]
+    with pytest.raises(SystemExit) as e:
+        parse_args(flags)
+    assert message in str(e.value)
+    key = message.split(":")[0].split()[-1]
+    if "--" + key in flags or f"--{key}=" in " ".join(flags):  # the flag the user typed is named
+        assert f"command line (--{key})" in str(e.value)
+
+
+def test_bad_recipe_value_names_its_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    text = (REPO / "recipes" / "tiny.yaml").read_text().replace("beta: 0.1", "beta: 0")
+    recipe.write_text(text)
+    line = text.splitlines().index("beta: 0") + 1
+    with pytest.raises(SystemExit, match=rf"{recipe}:{line}: beta: 0 trains nothing"):
+        parse_args(["--config", str(recipe)])
+
+
+def test_removed_keys_have_hints_and_are_really_gone():
+    from fastdpo.config import RENAMED, _valid_keys
+
+    assert not (set(RENAMED) - {"hub_token"}) & _valid_keys()  # a hint for a key that exists would shadow it
+    with pytest.raises(SystemExit, match="unknown key 'logging_dir': transformers 5 removed logging_dir"):
+        parse_args(["--logging_dir", "runs/x"])
+
+
+def test_secret_in_any_argument_is_refused(monkeypatch):
+    token = "hf_PLANTEDsecretForConfigTest123"
+    monkeypatch.setenv("HF_TOKEN", token)
+    for flags, key in ((["--run_name", f"try-{token}"], "run_name"),
+                       (["--hub_model_id", f"me/{token}"], "hub_model_id"),
+                       (["--lora_target_modules", "q_proj", token], "lora_target_modules")):
+        with pytest.raises(SystemExit) as e:
+            parse_args(flags)
+        assert f"{key} contains the value of HF_TOKEN" in str(e.value) and token not in str(e.value)
+    parse_args(["--run_name", "try-1"])  # an ordinary name is fine
+
+
+def test_env_file_found_in_the_repo_root_and_the_current_directory(tmp_path, monkeypatch):
+    from fastdpo import config
+
+    repo, cwd = tmp_path / "repo", tmp_path / "elsewhere"
+    repo.mkdir(), cwd.mkdir()
+    (repo / ".env").write_text("FASTDPO_TEST_TOKEN=from-the-repo-root\nFASTDPO_TEST_PROJECT=repo\n")
+    (cwd / ".env").write_text("FASTDPO_TEST_PROJECT=cwd\n")
+    for name in ("FASTDPO_TEST_TOKEN", "FASTDPO_TEST_PROJECT"):
+        monkeypatch.delenv(name, raising=False)
+    try:
+        assert config.load_env([cwd, repo]) == [cwd / ".env", repo / ".env"]
+        assert os.environ["FASTDPO_TEST_TOKEN"] == "from-the-repo-root"  # found from another directory
+        assert os.environ["FASTDPO_TEST_PROJECT"] == "cwd"  # the current directory's value wins
+        # a .env key named like a secret is treated as one (masked in logs, refused in arguments)
+        assert config.secret_values()["FASTDPO_TEST_TOKEN"] == "from-the-repo-root"
+        assert "FASTDPO_TEST_PROJECT" not in config.secret_values()
+    finally:
+        config.load_env([])
+        for name in ("FASTDPO_TEST_TOKEN", "FASTDPO_TEST_PROJECT"):
+            os.environ.pop(name, None)
