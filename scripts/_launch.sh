@@ -1,7 +1,8 @@
 # Shared body of scripts/dpo_train.sh and scripts/dpo_instruct_train.sh (they set RECIPE, then source this).
 # One launcher per node via srun; each runs `accelerate launch` with DeepSpeed ZeRO-2 (accelerate_config.yaml).
-# On SIGUSR1 (time-limit warning or `scancel --signal=USR1 --full`) training saves a checkpoint and stops,
-# then this script requeues the job, which resumes from that checkpoint.
+# On SIGUSR1 (time-limit warning, `scancel --signal=USR1 --full`) or SIGTERM (time limit reached, preemption,
+# node shutdown; SIGKILL follows after Slurm's KillWait) training saves a checkpoint and stops, then this script
+# requeues the job, which resumes from that checkpoint. A plain `scancel` also saves, but is not requeued.
 set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 1; }
@@ -9,8 +10,42 @@ die() { echo "error: $*" >&2; exit 1; }
 # The batch shell gets USR1 (from --signal=B:USR1@..., or scancel --full); srun passes it on to every
 # process of the step on every node. Trapped first thing: an untrapped USR1 would kill the shell.
 preempted=0
+requeued=0
+cancelled=0
 srun_pid=
-trap 'preempted=1; echo "=== $(date -Is) got SIGUSR1: saving a checkpoint"; [[ -n $srun_pid ]] && kill -USR1 "$srun_pid" 2>/dev/null || true' USR1
+stop_ranks() {  # USR1 is a plain signal for srun to pass on; SIGTERM would make srun end the step
+  [[ -n $srun_pid ]] && kill -USR1 "$srun_pid" 2>/dev/null || true
+}
+on_usr1() {
+  preempted=1
+  echo "=== $(date -Is) got SIGUSR1: saving a checkpoint"
+  stop_ranks
+}
+on_term() {
+  # Slurm ends a job with SIGTERM to every process of every step (the ranks too), SIGKILL after KillWait.
+  # The shell may be killed before srun returns, so a job that Slurm is ending is requeued now; it starts
+  # again only once every process of this one has exited, i.e. after the checkpoint is written (or cut off,
+  # in which case the previous complete one is resumed).
+  [[ $preempted == 1 && ($requeued == 1 || $cancelled == 1) ]] && return
+  preempted=1
+  echo "=== $(date -Is) got SIGTERM: saving a checkpoint before Slurm's SIGKILL"
+  stop_ranks
+  local state=unknown reason=unknown
+  [[ $(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null) =~ JobState=([A-Z_]+).*Reason=([^ ]+) ]] \
+    && state=${BASH_REMATCH[1]} reason=${BASH_REMATCH[2]}
+  if [[ $state == RUNNING ]]; then
+    return  # only a signal, the job goes on: requeue once the ranks have saved, as for USR1
+  elif [[ $reason == None ]]; then
+    # `scancel JOBID`: Slurm gives a time limit or a preemption a reason, a user's cancel none.
+    cancelled=1
+    echo "=== $(date -Is) cancelled (scancel): the checkpoint is saved but the job is not requeued; submit the same command to resume"
+  elif scontrol requeue "$SLURM_JOB_ID"; then
+    requeued=1
+    echo "=== $(date -Is) job ending ($state, $reason): requeued job $SLURM_JOB_ID, it resumes from the last complete checkpoint"
+  fi
+}
+trap on_usr1 USR1
+trap on_term TERM
 
 [[ -f train_dpo.py && -f accelerate_config.yaml ]] \
   || die "$PWD is not the repo root: cd to the fastdpo checkout and submit from there (sbatch scripts/dpo_train.sh)"
@@ -45,8 +80,13 @@ GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
 [[ -n $GPUS_PER_NODE ]] \
   || die "no GPUs allocated on this node: request them (--gres=gpu:4) or set GPUS_PER_NODE"
 NNODES=${SLURM_NNODES:-1}
-# The first host of the allocation runs rank 0; every node's launcher meets it there.
+# The first host of the allocation runs rank 0; every node's launcher meets it there. A name that does not
+# resolve would leave torchrun retrying its rendezvous for 15 minutes; fail now instead (and again on any
+# node that cannot resolve it, inside srun below).
 MAIN_HOST=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)
+export MAIN_HOST
+getent hosts "$MAIN_HOST" >/dev/null \
+  || die "the main host $MAIN_HOST (first node of $SLURM_JOB_NODELIST) does not resolve on $(hostname); torchrun would retry for 15 minutes. Fix the cluster's DNS or /etc/hosts, or exclude the node (sbatch --exclude=$MAIN_HOST)"
 # Derived from the job id so two jobs sharing a node do not fight over the rendezvous port.
 MAIN_PORT=$((20000 + SLURM_JOB_ID % 20000))
 
@@ -68,11 +108,15 @@ export PYTHONUNBUFFERED=1
 launcher=()
 # Slurm 22.05+ srun does not inherit --cpus-per-task; without it the launcher and all ranks share one core.
 [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && launcher+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
-# USR1 is ignored in the launcher (the ignore survives exec) and handled by the training processes
-# (fastdpo/preemption.py); a launcher that died of the signal would take the ranks down with it.
-# Single quotes: SLURM_NODEID is expanded by each node's own shell.
+# USR1 and TERM are ignored in the launcher (an ignore survives exec) and handled by the training processes
+# (fastdpo/preemption.py): a launcher that died of USR1 would take the ranks down with it, and torchrun on
+# SIGTERM kills its workers 30 s later whatever Slurm's KillWait (TORCHELASTIC_SIGNALS_TO_HANDLE leaves
+# SIGTERM out of the signals it handles; torch >= 2.6). Single quotes: each node's own shell expands them.
 srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 "${launcher[@]}" \
-  bash -c 'trap "" USR1; exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' launch \
+  bash -c 'getent hosts "$MAIN_HOST" >/dev/null || { echo "error: node $(hostname) cannot resolve the main host $MAIN_HOST" >&2; exit 1; }
+           echo "launcher: node ${SLURMD_NODENAME:-$(hostname)}, machine rank $SLURM_NODEID of $SLURM_NNODES"
+           trap "" USR1 TERM; export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+           exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' launch \
     --config_file accelerate_config.yaml \
     --num_machines "$NNODES" --num_processes $((NNODES * GPUS_PER_NODE)) \
     --main_process_ip "$MAIN_HOST" --main_process_port "$MAIN_PORT" \
@@ -90,6 +134,10 @@ done
 if [[ $preempted == 1 && $rc != 0 ]]; then
   # The ranks saved a checkpoint and exited with 75 (torchrun reports that as a failure above); a run
   # that finished anyway exits 0 and is not requeued.
+  if [[ $cancelled == 1 || $requeued == 1 ]]; then
+    echo "=== $(date -Is) stopped (training exited with $rc); $([[ $requeued == 1 ]] && echo requeued || echo 'cancelled, not requeued')"
+    exit 0
+  fi
   echo "=== $(date -Is) stopped for preemption; requeueing job $SLURM_JOB_ID, it resumes from the last checkpoint"
   scontrol requeue "$SLURM_JOB_ID"
   exit 0

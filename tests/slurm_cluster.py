@@ -1,6 +1,9 @@
-"""A real one-node Slurm cluster for tests: munged, slurmctld and slurmd from Debian packages.
+"""A real two-node Slurm cluster on one host for tests: munged, slurmctld and two slurmd from Debian packages.
 
-Everything (config, keys, state, sockets, logs) lives in one temporary directory and the daemons
+Two `slurmd -N fastdpo-n1` / `-N fastdpo-n2` daemons share this host (NodeHostname) and 127.0.0.1 (NodeAddr),
+each on its own port, with per-node spool, pid and log files (%n). The node names resolve through lines this
+module adds to /etc/hosts and removes again (the launcher hands the first node's name to torchrun).
+Everything else (config, keys, state, sockets, logs) lives in one temporary directory and the daemons
 listen on free ports, so a Slurm that is already installed on the machine is left untouched.
 Daemons run in the foreground (no systemd) and are stopped by the PIDs we started.
 
@@ -23,6 +26,8 @@ from pathlib import Path
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 BINARIES = ["slurmctld", "slurmd", "sbatch", "scontrol", "munged", "mungekey"]
+NODES = ["fastdpo-n1", "fastdpo-n2"]
+HOSTS = Path("/etc/hosts")
 
 
 def unavailable_reason():
@@ -68,12 +73,15 @@ CredType=cred/munge
 # cred_expire also sets how long a requeued job waits before it may start again (default 120 s);
 # 10 s keeps the preemption test short.
 AuthInfo=socket={munge_socket},cred_expire=10
+# Slurm's default: SIGTERM, then SIGKILL 30 s later; the SIGTERM tests save a checkpoint within it.
+KillWait=30
 StateSaveLocation={root}/state
-SlurmdSpoolDir={root}/spool
+# %n: each slurmd (one per node name, both on this host) keeps its own spool, pid and log.
+SlurmdSpoolDir={root}/spool-%n
 SlurmctldPidFile={root}/slurmctld.pid
-SlurmdPidFile={root}/slurmd.pid
+SlurmdPidFile={root}/slurmd-%n.pid
 SlurmctldLogFile={root}/slurmctld.log
-SlurmdLogFile={root}/slurmd.log
+SlurmdLogFile={root}/slurmd-%n.log
 # No cgroups in a container: track processes by parent PID and do no CPU binding.
 ProctrackType=proctrack/linuxproc
 TaskPlugin=task/none
@@ -89,12 +97,13 @@ ReturnToService=2
 # Requests the node can never satisfy (e.g. GPUs here) fail at submit instead of pending forever.
 EnforcePartLimits=ALL
 GresTypes=gpu
-# The node claims what the scripts' #SBATCH header asks for on a 4-GPU node (CPUs, memory), so the
+# Each node claims what the scripts' #SBATCH header asks for on a 4-GPU node (CPUs, memory), so the
 # tests submit the scripts unchanged except for the GPU request; config_overrides stops slurmd
 # from draining the node for having fewer real cores than configured.
 SlurmdParameters=config_overrides
-NodeName={host} NodeAddr=127.0.0.1 CPUs=64 RealMemory=512000 State=UNKNOWN
-PartitionName=debug Nodes={host} Default=YES MaxTime=INFINITE State=UP
+NodeName=DEFAULT CPUs=64 RealMemory=512000 State=UNKNOWN
+{nodes}
+PartitionName=debug Nodes={node_list} Default=YES MaxTime=INFINITE State=UP
 """
 
 
@@ -103,6 +112,7 @@ class SlurmCluster:
         self.root = root
         self.conf = root / "slurm.conf"
         self.procs = []
+        self.hosts_line = None
         # Every Slurm command (and every job, which inherits it) finds this cluster through SLURM_CONF.
         self.env = {**os.environ, "SLURM_CONF": str(self.conf)}
 
@@ -122,8 +132,9 @@ class SlurmCluster:
         root.chmod(0o755)
         munge_dir = root / "munge"
         munge_dir.mkdir(mode=0o700)
-        for d in ("state", "spool"):
-            (root / d).mkdir()
+        (root / "state").mkdir()
+        for node in NODES:
+            (root / f"spool-{node}").mkdir()
         shutil.chown(munge_dir, "munge", "munge")
         key = munge_dir / "munge.key"
         subprocess.run(["setpriv", "--reuid=munge", "--regid=munge", "--init-groups",
@@ -140,23 +151,45 @@ class SlurmCluster:
         host = socket.gethostname().split(".")[0]  # must equal `hostname -s` or slurmd refuses
         self.conf.write_text(SLURM_CONF.format(
             host=host, root=root, munge_socket=munge_socket, first_job_id=int(time.time()) % 60_000_000 + 1,
-            ctld_port=_free_port(), slurmd_port=_free_port()))
+            ctld_port=_free_port(), slurmd_port=_free_port(), node_list=",".join(NODES),
+            nodes="\n".join(f"NodeName={n} NodeHostname={host} NodeAddr=127.0.0.1 Port={_free_port()}"
+                             for n in NODES)))
+        self._add_hosts()
         self._spawn("slurmctld", ["slurmctld", "-D", "-c", "-f", str(self.conf)])
-        self._spawn("slurmd", ["slurmd", "-D", "-f", str(self.conf)])
-        self._wait(self._node_idle, timeout, "node idle")
+        for node in NODES:
+            self._spawn(f"slurmd-{node}", ["slurmd", "-D", "-N", node, "-f", str(self.conf)])
+        self._wait(self._nodes_idle, timeout, "idle nodes")
+
+    def _add_hosts(self):
+        # In place (append, later rewrite), not by rename: /etc/hosts is often a bind mount in containers.
+        # The line names this cluster's directory, so stop() removes exactly it, not another session's.
+        self.hosts_line = f"127.0.0.1 {' '.join(NODES)}  # fastdpo test cluster {self.root}\n"
+        with HOSTS.open("a") as f:
+            f.write(self.hosts_line)
+
+    def _remove_hosts(self):
+        if self.hosts_line is None:
+            return
+        lines = HOSTS.read_text().splitlines(keepends=True)
+        if self.hosts_line in lines:
+            lines.remove(self.hosts_line)
+            with HOSTS.open("r+") as f:
+                f.write("".join(lines))
+                f.truncate()
+        self.hosts_line = None
 
     def _spawn(self, name, cmd):
         log = open(self.root / f"{name}.stdout", "w")
         self.procs.append((name, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT,
                                                   env=self.env)))
 
-    def _node_idle(self):
+    def _nodes_idle(self):
         for name, p in self.procs:
             if p.poll() is not None:
                 raise RuntimeError(f"{name} exited with {p.returncode}; see {self.root}/{name}*.log "
                                    f"and {self.root}/{name}.stdout")
-        out = subprocess.run(["sinfo", "-h", "-o", "%t"], env=self.env, capture_output=True, text=True)
-        return out.stdout.strip() == "idle"
+        out = subprocess.run(["sinfo", "-h", "-N", "-o", "%N %t"], env=self.env, capture_output=True, text=True)
+        return sorted(out.stdout.split()) == sorted([*NODES, *["idle"] * len(NODES)])
 
     @staticmethod
     def _wait(ok, timeout, what):
@@ -183,6 +216,7 @@ class SlurmCluster:
                     p.kill()
                     p.wait()
         self.procs = []
+        self._remove_hosts()
 
 
 if __name__ == "__main__":

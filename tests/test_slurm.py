@@ -1,9 +1,13 @@
-"""The sbatch scripts on a real one-node Slurm (tests/slurm_cluster.py), with the CPU overrides:
+"""The sbatch scripts on a real two-node Slurm on this host (tests/slurm_cluster.py), with the CPU overrides:
 
     RECIPE=recipes/tiny.yaml GPUS_PER_NODE=2 SBATCH_GRES=none \
         sbatch --wait scripts/dpo_train.sh --use_cpu true --max_steps 40 --output_dir ...
+    RECIPE=recipes/tiny.yaml GPUS_PER_NODE=1 SBATCH_GRES=none \
+        sbatch --wait --nodes=2 scripts/dpo_train.sh --use_cpu true --max_steps 40 --output_dir ...
 
-Two processes per job, DeepSpeed ZeRO-2 from the repo's accelerate_config.yaml and ds_config.json.
+Two processes per job (2 on one node, or 1 on each of two), DeepSpeed ZeRO-2 from the repo's
+accelerate_config.yaml and ds_config.json. The uninterrupted runs are the references the interrupted ones
+must end on bit for bit.
 Run: .venv/bin/python -m pytest tests/test_slurm.py -m slurm   (as root; installs Slurm with apt-get)
 """
 
@@ -17,12 +21,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from tests.slurm_cluster import SlurmCluster, unavailable_reason
+from fastdpo.checkpoints import MARKER
+from tests.slurm_cluster import NODES, SlurmCluster, unavailable_reason
 
 REPO = Path(__file__).resolve().parent.parent
 SCRIPTS = {"scripts/dpo_train.sh": "dpo-think", "scripts/dpo_instruct_train.sh": "dpo-instruct"}
 STEPS = 40  # ~10 s of training at 2 ranks: long enough to interrupt in the middle
 JOB_TIMEOUT = 600  # the first job in a fresh CI image also builds DeepSpeed's CPU comm op (~1 min)
+ENDED = ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT")
 
 pytestmark = [pytest.mark.slurm, pytest.mark.slow]
 
@@ -37,12 +43,12 @@ def cluster():
     c.stop()
 
 
-def submit(cluster, script, out_dir, wait=True):
+def submit(cluster, script, out_dir, wait=True, nodes=1):
     """sbatch the repo's own script with the CPU overrides; returns (job id, sbatch result)."""
-    env = {**cluster.env, "RECIPE": "recipes/tiny.yaml", "GPUS_PER_NODE": "2", "SBATCH_GRES": "none"}
+    env = {**cluster.env, "RECIPE": "recipes/tiny.yaml", "GPUS_PER_NODE": str(2 // nodes), "SBATCH_GRES": "none"}
     # eval_before_train is off: transformers cannot evaluate a ZeRO-2 model before training starts.
-    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), script,
-           "--use_cpu", "true", "--eval_before_train", "false", "--max_steps", str(STEPS),
+    cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *([f"--nodes={nodes}"] if nodes > 1 else []),
+           script, "--use_cpu", "true", "--eval_before_train", "false", "--max_steps", str(STEPS),
            "--logging_steps", "2", "--output_dir", str(out_dir)]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
     job_id = r.stdout.split(";")[0].strip()
@@ -52,6 +58,11 @@ def submit(cluster, script, out_dir, wait=True):
 
 def log_of(cluster, job_id):
     return Path(cluster.scontrol_job(job_id)["StdOut"])
+
+
+def _read(cluster, job_id):
+    log = log_of(cluster, job_id)
+    return log.read_text() if log.exists() else ""
 
 
 def assert_trained(cluster, job_id, out_dir, name):
@@ -68,58 +79,111 @@ def assert_trained(cluster, job_id, out_dir, name):
     return text
 
 
-@pytest.fixture(scope="session")
-def uninterrupted(cluster, tmp_path_factory):
-    """One sbatch --wait run of scripts/dpo_train.sh; also the reference for the resume test."""
-    out = tmp_path_factory.mktemp("slurm") / "uninterrupted"
-    job_id, r = submit(cluster, "scripts/dpo_train.sh", out)
-    assert r.returncode == 0, f"sbatch --wait returned {r.returncode}: {r.stderr}\n{log_of(cluster, job_id).read_text()[-3000:]}"
-    return job_id, out
+def assert_same_weights(reference_dir, out_dir):
+    reference = load_file(reference_dir / "model.safetensors")
+    resumed = load_file(out_dir / "model.safetensors")
+    assert reference.keys() == resumed.keys()
+    for name, tensor in reference.items():
+        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
 
 
-def test_dpo_train_sh(cluster, uninterrupted):
-    job_id, out = uninterrupted
-    text = assert_trained(cluster, job_id, out, "dpo-think")
-    assert "recipe:  recipes/tiny.yaml" in text and "restart 0" in text
-
-
-def test_dpo_instruct_train_sh(cluster, tmp_path):
-    job_id, r = submit(cluster, "scripts/dpo_instruct_train.sh", tmp_path / "out")
-    assert r.returncode == 0, log_of(cluster, job_id).read_text()[-3000:]
-    assert_trained(cluster, job_id, tmp_path / "out", "dpo-instruct")
-
-
-def test_usr1_saves_requeues_and_resumes_to_the_same_weights(cluster, uninterrupted, tmp_path):
-    out = tmp_path / "out"
-    job_id, _ = submit(cluster, "scripts/dpo_train.sh", out, wait=False)
-
-    deadline = time.monotonic() + JOB_TIMEOUT
+def wait_for_a_step(cluster, job_id, deadline):
     while not re.search(r"^step \d+/", _read(cluster, job_id), re.M):  # training has taken a step
         assert time.monotonic() < deadline, _read(cluster, job_id)[-3000:]
         time.sleep(0.5)
+
+
+def wait_until_ended(cluster, job_id, deadline):
+    while (job := cluster.scontrol_job(job_id))["JobState"] not in ENDED:
+        assert time.monotonic() < deadline, _read(cluster, job_id)[-3000:]
+        time.sleep(1)
+    return job
+
+
+@pytest.fixture(scope="session")
+def one_node(cluster, tmp_path_factory):
+    """scripts/dpo_train.sh on one node, 2 processes; the reference for the scancel-and-resubmit test."""
+    out = tmp_path_factory.mktemp("slurm") / "one_node"
+    job_id, r = submit(cluster, "scripts/dpo_train.sh", out)
+    assert r.returncode == 0, f"sbatch --wait returned {r.returncode}: {r.stderr}\n{_read(cluster, job_id)[-3000:]}"
+    return job_id, out
+
+
+@pytest.fixture(scope="session")
+def two_nodes(cluster, tmp_path_factory):
+    """scripts/dpo_train.sh with --nodes=2, 1 process per node; the reference for the two-node USR1 test."""
+    out = tmp_path_factory.mktemp("slurm") / "two_nodes"
+    job_id, r = submit(cluster, "scripts/dpo_train.sh", out, nodes=2)
+    assert r.returncode == 0, f"sbatch --wait returned {r.returncode}: {r.stderr}\n{_read(cluster, job_id)[-3000:]}"
+    return job_id, out
+
+
+def test_dpo_train_sh(cluster, one_node):
+    job_id, out = one_node
+    text = assert_trained(cluster, job_id, out, "dpo-think")
+    assert "recipe:  recipes/tiny.yaml" in text and "restart 0" in text
+    assert f"launcher: node {NODES[0]}, machine rank 0 of 1" in text
+
+
+def test_two_nodes_one_process_each(cluster, two_nodes, one_node):
+    job_id, out = two_nodes
+    text = assert_trained(cluster, job_id, out, "dpo-think")
+    assert f"nodes:   2 ({NODES[0][:-1]}[1-2]), main {NODES[0]}:" in text and "gpus:    1 per node, 2 processes" in text
+    assert "x 2 processes x" in text  # world size 2 across the two nodes
+    for rank, node in enumerate(NODES):  # one launcher on each node, ranked by its own SLURM_NODEID
+        assert f"launcher: node {node}, machine rank {rank} of 2" in text
+    # 2 ranks on two nodes or on one: the same ZeRO-2 math, to the bit
+    assert_same_weights(one_node[1], out)
+
+
+def test_usr1_on_two_nodes_saves_requeues_and_resumes_to_the_same_weights(cluster, two_nodes, tmp_path):
+    out = tmp_path / "out"
+    job_id, _ = submit(cluster, "scripts/dpo_train.sh", out, wait=False, nodes=2)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    wait_for_a_step(cluster, job_id, deadline)
     # What a user (or an admin draining a node) types; the time-limit warning takes the same path.
     subprocess.run(["scancel", "--signal=USR1", "--full", job_id], env=cluster.env, check=True)
 
-    while (job := cluster.scontrol_job(job_id))["JobState"] not in ("COMPLETED", "FAILED", "CANCELLED", "TIMEOUT"):
-        assert time.monotonic() < deadline, _read(cluster, job_id)[-3000:]
-        time.sleep(1)
+    job = wait_until_ended(cluster, job_id, deadline)
     text = assert_trained(cluster, job_id, out, "dpo-think")
     assert job["Restarts"] == "1", text[-3000:]
     stopped = re.search(r"preempted \(SIGUSR1\): saving a checkpoint at step (\d+)/", text)
     assert stopped and 0 < int(stopped[1]) < STEPS, text[-3000:]
     assert f"requeueing job {job_id}" in text and "restart 1" in text
     assert f"resuming from {out}/checkpoint-{stopped[1]}" in text
-
-    reference = load_file(uninterrupted[1] / "model.safetensors")
-    resumed = load_file(out / "model.safetensors")
-    assert reference.keys() == resumed.keys()
-    for name, tensor in reference.items():
-        torch.testing.assert_close(resumed[name], tensor, rtol=0, atol=0, msg=name)
+    assert text.count(f"launcher: node {NODES[1]}, machine rank 1 of 2") == 2  # both runs on both nodes
+    assert_same_weights(two_nodes[1], out)
 
 
-def _read(cluster, job_id):
-    log = log_of(cluster, job_id)
-    return log.read_text() if log.exists() else ""
+def test_scancel_saves_a_checkpoint_and_a_resubmit_resumes_to_the_same_weights(cluster, one_node, tmp_path):
+    """Plain `scancel` sends SIGTERM, SIGKILL after KillWait (30 s): the ranks save in time; a user's cancel is
+    not requeued, and submitting the same command again resumes. (A time limit or a preemption is requeued.)"""
+    out = tmp_path / "out"
+    job_id, _ = submit(cluster, "scripts/dpo_instruct_train.sh", out, wait=False)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    wait_for_a_step(cluster, job_id, deadline)
+    subprocess.run(["scancel", job_id], env=cluster.env, check=True)
+    job = wait_until_ended(cluster, job_id, deadline)
+    text = _read(cluster, job_id)
+    assert (job["JobState"], job["Restarts"]) == ("CANCELLED", "0"), text[-3000:]
+    stopped = re.search(r"preempted \(SIGTERM\): saving a checkpoint at step (\d+)/", text)
+    assert stopped and 0 < int(stopped[1]) < STEPS, text[-3000:]
+    assert "cancelled (scancel): the checkpoint is saved but the job is not requeued" in text
+    assert (out / f"checkpoint-{stopped[1]}" / MARKER).is_file()  # complete, written within KillWait
+
+    again, r = submit(cluster, "scripts/dpo_instruct_train.sh", out)  # the same command again
+    assert r.returncode == 0, _read(cluster, again)[-3000:]
+    text = assert_trained(cluster, again, out, "dpo-instruct")
+    assert f"resuming from {out}/checkpoint-{stopped[1]}" in text
+    assert_same_weights(one_node[1], out)
+
+
+def test_main_host_that_does_not_resolve_fails_at_once(cluster):
+    env = {**cluster.env, "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "fastdpo-nowhere", "GPUS_PER_NODE": "1"}
+    t0 = time.monotonic()
+    r = subprocess.run(["bash", "scripts/dpo_train.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 1 and "the main host fastdpo-nowhere (first node of fastdpo-nowhere) does not resolve" in r.stderr
+    assert time.monotonic() - t0 < 60  # not torchrun's 15-minute rendezvous
 
 
 def test_gpu_request_fails_at_submit_without_gpus(cluster):
