@@ -46,8 +46,8 @@ _CHECKPOINT = re.compile(r"^checkpoint-(\d+)$")
 # What defines a run: resuming with any of these changed would silently mix two runs.
 DEFINING = {
     # model
-    "model_name_or_path", "model_revision", "dtype", "use_peft", "lora_r", "lora_alpha", "lora_dropout",
-    "lora_target_modules", "use_rslora", "use_dora", "load_in_4bit", "load_in_8bit",
+    "model_name_or_path", "model_data", "model_revision", "dtype", "use_peft", "lora_r", "lora_alpha",
+    "lora_dropout", "lora_target_modules", "use_rslora", "use_dora", "load_in_4bit", "load_in_8bit",
     # data
     "dataset_name", "dataset_config", "dataset_train_split", "max_train_samples", "dataset_shuffle_seed",
     "column_map", "max_prompt_length", "chat_template_path", "skip_bad_rows", "train_data",
@@ -126,6 +126,29 @@ def fingerprint(dataset) -> str:
         h.update(sink.getvalue().to_pybytes())
         digest = h.hexdigest()
     return f"{digest[:16]} ({len(dataset)} rows)"
+
+
+def model_fingerprint(name_or_path: str) -> str | None:
+    """A local model folder's content, sampled: every weight file's size, its first MiB (the safetensors header)
+    and 16 blocks spread over it, plus config.json. Retraining the folder in place (an earlier stage rerun with
+    other settings) changes it; reading ~2 MiB per file keeps it fast for a 7B model. None for a Hub id."""
+    from .models import resolve
+
+    path = Path(resolve(name_or_path)).expanduser()
+    if not path.is_dir():
+        return None
+    h = hashlib.blake2b(digest_size=16)
+    files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin", ".pt")
+                                                                 or p.name in ("config.json", "adapter_config.json")))
+    for p in files:
+        size = p.stat().st_size
+        h.update(f"{p.name}:{size}".encode())
+        with open(p, "rb") as f:
+            h.update(f.read(2**20))
+            for i in range(1, 17):
+                f.seek(size * i // 17)
+                h.update(f.read(2**16))
+    return f"{h.hexdigest()[:16]} ({len(files)} files)"
 
 
 def _fmt(value) -> str:
@@ -309,6 +332,7 @@ class Run:
         self.args = training_args
         self.allow = bool(getattr(script_args, "allow_changed_run", False))
         self.settings = settings(script_args, training_args, model_args, world_size=training_args.world_size)
+        self.settings["model_data"] = model_fingerprint(model_args.model_name_or_path)
         self.checkpoint, self.incomplete = _from_rank0(self._find())
         for path, reason in self.incomplete:
             logger.warning("skipping %s: %s; it will be removed", path, reason)

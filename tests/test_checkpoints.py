@@ -72,3 +72,17 @@ def test_fingerprint_follows_content_not_names():
     assert ck.fingerprint(a) != ck.fingerprint(Dataset.from_list(rows[::-1]))  # order is the data order too
     raw = Dataset.from_list([{"messages": [{"role": "user", "content": "hi"}]}])  # SFT rows: the Arrow table
     assert ck.fingerprint(raw) != ck.fingerprint(Dataset.from_list([{"messages": [{"role": "user", "content": "ho"}]}]))
+
+
+def test_model_fingerprint_sees_a_retrained_folder_of_the_same_size(tmp_path):
+    model = tmp_path / "sft"
+    model.mkdir()
+    (model / "config.json").write_text('{"hidden_size": 64}')
+    weights = bytearray(range(256)) * 40_000  # ~10 MB: sampled, not read whole
+    (model / "model.safetensors").write_bytes(weights)
+    before = ck.model_fingerprint(str(model))
+    assert before == ck.model_fingerprint(str(model)) and before.endswith("(2 files)")
+    weights[len(weights) * 3 // 17 : len(weights) * 3 // 17 + 8] = b"retrain!"  # same size, other values
+    (model / "model.safetensors").write_bytes(weights)
+    assert ck.model_fingerprint(str(model)) != before
+    assert ck.model_fingerprint("org/hub-model") is None  # a Hub id is compared by name and revision

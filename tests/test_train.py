@@ -26,6 +26,8 @@ def test_embedded_default_learns_the_preference(tmp_path):
     assert read_json(out / "data_report.json")["train"] == {"pairs": 1024, "truncated": 0, "dropped": 0}
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("step ")]
     assert lines and lines[-1].startswith("step 128/128 | loss ")
+    assert "optimizer steps: 128 (1 epochs of 128 steps)" in proc.stdout  # counted, not the num_train_epochs key
+    assert "gemm_4bit" not in proc.stdout + proc.stderr  # bitsandbytes' import-time noise is gone
     assert "\r" not in proc.stdout + proc.stderr  # no progress bars in a log file
     # the before/after table: before training policy == reference, so rewards tie (TRL counts a tie as wrong);
     # packed reference log-probs can differ from the policy's in the last float bits, flipping a rare tie
@@ -106,6 +108,7 @@ def test_changed_run_is_refused_and_a_finished_one_left_alone(tmp_path):
     assert "changed since" in proc.stdout and "max_steps: 4 -> 6 (trains longer" in proc.stdout
     assert "logging_steps: 1.0 -> 2;" in proc.stdout  # safe changes are named too
     assert f"resuming from {out}/checkpoint-4" in proc.stdout and "step 6/6" in proc.stdout
+    assert "optimizer steps: 6 (1.5 epochs of 4 steps), resuming at step 4" in proc.stdout  # 30 pairs / 8 a step
     assert read_json(out / "trainer_state.json")["global_step"] == 6
 
 
