@@ -12,6 +12,7 @@ trainer     TRL's DPOTrainer taking pre-tokenised pairs, plus the fast path:
   refcache  reference log-probs computed once, cached on disk
 lengths     token-length statistics for scripts/analyze_dataset.py
 evaluation  preference accuracy, margins, KL and generations for scripts/evaluate.py
-preemption  SIGUSR1 -> checkpoint and exit 75 (Slurm requeue)
+preemption  SIGUSR1/SIGTERM -> checkpoint and exit 75 (Slurm requeue)
+checkpoints complete-checkpoint markers, resume choice, run identity (a changed rerun is refused)
 logs        one plain progress line per logging step
 """

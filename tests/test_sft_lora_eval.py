@@ -43,9 +43,10 @@ def test_sft_recipe_parses_with_sft_config():
 def test_dpo_after_sft_recipe_and_lora_flags():
     from fastdpo import config as cfg
 
+    # check_paths=False: the recipe names the SFT stage's output folder, which exists only once that stage ran
     script_args, training_args, model_args = cfg.parse_args(
         ["--config", "recipes/tiny_dpo_after_sft.yaml", "--use_peft", "true", "--merge_adapter", "true",
-         "--loss_type", "ipo"])
+         "--loss_type", "ipo"], check_paths=False)
     assert model_args.model_name_or_path == "outputs/demo/sft" and model_args.use_peft
     assert script_args.merge_adapter and training_args.loss_type == ["ipo"]
     with pytest.raises(SystemExit, match="merge_adapter: true needs use_peft"):
