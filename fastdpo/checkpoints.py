@@ -59,9 +59,9 @@ DEFINING = {
     "learning_rate", "lr_scheduler_type", "lr_scheduler_kwargs", "warmup_steps", "weight_decay", "optim",
     "optim_args", "adam_beta1", "adam_beta2", "adam_epsilon", "max_grad_norm", "seed", "data_seed",
     "train_sampling_strategy",
-    # batch arithmetic, lengths, precision
+    # batch arithmetic, lengths, precision; the backend decides the checkpoint's optimizer format
     "per_device_train_batch_size", "gradient_accumulation_steps", "world_size", "max_length", "truncation_mode",
-    "bf16", "fp16",
+    "bf16", "fp16", "backend",
 }
 # The run's length: longer is allowed (it continues), shorter or switching between the two is a change.
 LENGTH = ("max_steps", "num_train_epochs")
@@ -91,6 +91,14 @@ def _local(name):
     if isinstance(name, str) and not name.startswith("embedded:") and Path(name).expanduser().exists():
         return str(Path(name).expanduser().resolve())
     return name
+
+
+def backend(training_args) -> str:
+    """How the ranks train: DeepSpeed (with its ZeRO stage), DDP, FSDP or one process. A DeepSpeed checkpoint's
+    optimizer state is not what a DDP run reads (it would start with a fresh optimizer)."""
+    kind = getattr(training_args.distributed_state.distributed_type, "value", "NO")
+    plugin = getattr(training_args, "deepspeed_plugin", None)
+    return f"{kind} (ZeRO-{plugin.zero_stage})" if plugin is not None else kind
 
 
 def settings(*configs, world_size: int = 1) -> dict:
@@ -333,6 +341,7 @@ class Run:
         self.allow = bool(getattr(script_args, "allow_changed_run", False))
         self.settings = settings(script_args, training_args, model_args, world_size=training_args.world_size)
         self.settings["model_data"] = model_fingerprint(model_args.model_name_or_path)
+        self.settings["backend"] = backend(training_args)
         self.checkpoint, self.incomplete = _from_rank0(self._find())
         for path, reason in self.incomplete:
             logger.warning("skipping %s: %s; it will be removed", path, reason)
