@@ -402,6 +402,9 @@ class Run:
         if self.done:
             logger.info("%s already holds this run, finished; nothing to train and nothing is rewritten (raise "
                         "max_steps or num_train_epochs to train longer)", self.out)
+        elif self.finished_settings is not None and not self.checkpoint:
+            logger.warning("the finished run in %s saved no checkpoint to continue from: this run starts from step 0 "
+                           "and replaces its outputs", self.out)
         _barrier()  # every rank has chosen its checkpoint before partial ones disappear
         if self.args.should_save:
             for path, _ in self.incomplete:
