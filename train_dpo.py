@@ -29,9 +29,10 @@ from fastdpo import config as cfg
 cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the environment
 
 import torch  # noqa: E402
+from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 from trl import get_peft_config  # noqa: E402
 
-from fastdpo import checkpoints, data, models  # noqa: E402
+from fastdpo import checkpoints, data, models, tokcache  # noqa: E402
 from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
 from fastdpo.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionCallback  # noqa: E402
 from fastdpo.trainer import DPOTrainer  # noqa: E402
@@ -74,30 +75,28 @@ def main(script_args, training_args, model_args):
     # The newest complete checkpoint in output_dir, if any; a changed run (learning rate, model, ...) is refused.
     run = checkpoints.Run(out, script_args, training_args, model_args)
 
-    # Data: load, validate, tokenise exactly as TRL would, then truncate (max_prompt_length keeps the prompt end).
+    # Data: read, validate, tokenise exactly as TRL would, then truncate (max_prompt_length keeps the prompt end).
+    # Done once per data and tokenizer by each node's local main process; a requeue, a resume or another run on
+    # the same data memory-maps the cached rows in seconds (fastdpo/tokcache.py).
     tokenizer = models.load_tokenizer(model_args.model_name_or_path, script_args.chat_template_path,
                                       model_args.model_revision)
-    pairs = data.load_pairs(script_args)
-    models.require_chat_template(tokenizer, pairs.train, model_args.model_name_or_path)
-    report = {}
-    train_ds, report["train"] = data.tokenize_dataset(
-        pairs.train, tokenizer, training_args.max_length, script_args.max_prompt_length,
-        training_args.dataset_num_proc, "train")
-    eval_ds = None
-    if pairs.eval is not None:
-        eval_ds, report["eval"] = data.tokenize_dataset(
-            pairs.eval, tokenizer, training_args.max_length, script_args.max_prompt_length,
-            training_args.dataset_num_proc, "eval")
-    report["skipped_rows"] = len(pairs.skipped.rows)
+    prepared = tokcache.prepare(script_args, tokenizer, training_args.max_length, script_args.max_prompt_length,
+                                training_args.dataset_num_proc)
+    train_ds, eval_ds, report = prepared.train, prepared.eval, prepared.report
+    if eval_ds is None and training_args.eval_strategy != "no":
+        logger.warning("no eval split: eval_strategy %s -> no", training_args.eval_strategy.value)
+        training_args.eval_strategy = IntervalStrategy.NO
     run.check_data(train_ds, eval_ds)  # other data than the checkpoint's (or a finished run's) is refused
     if run.done:  # the same command after the run finished: its outputs stay as they are
         return
     if is_main:
         write_json(out / "data_report.json", report)
-        if pairs.skipped.rows:
-            with open(out / "skipped_rows.jsonl", "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in pairs.skipped.rows)
-    logger.info("data: %s", json.dumps(report))
+        for name in tokcache.LISTINGS:  # rows not trained on, with file:line; none left from an earlier run
+            rows = prepared.listings.get(name)
+            (out / name).unlink(missing_ok=True)
+            if rows:
+                with open(out / name, "w") as f:
+                    f.writelines(json.dumps(r) + "\n" for r in rows)
 
     # Model and trainer. The reference model is a frozen copy TRL loads from the same path (or, with LoRA,
     # the base model with the adapter disabled).

@@ -112,7 +112,8 @@ class ScriptArguments:
     dataset_train_split: str = field(default="train", metadata={"help": "Split to train on."})
     dataset_test_split: str | None = field(
         default=None,
-        metadata={"help": "Eval split: a split name (e.g. test) or a fraction of the train rows (e.g. 0.05)."},
+        metadata={"help": "Eval split: a split name (e.g. test), a fraction of the train rows (e.g. 0.05), or none "
+                  "(no eval)."},
     )
     eval_dataset_name: str | None = field(
         default=None, metadata={"help": "A separate eval source (file, folder or Hub id); overrides the fraction."}
@@ -134,6 +135,12 @@ class ScriptArguments:
     )
     skip_bad_rows: bool = field(
         default=False, metadata={"help": "Skip malformed rows (listed in output_dir/skipped_rows.jsonl) instead of failing."}
+    )
+    dedup: str = field(
+        default="eval",
+        metadata={"help": "Repeated pairs (same prompt, chosen and rejected): eval = drop eval pairs that also occur "
+                  "in train; all = also keep only the first of repeats within each split; none = keep all. Counted "
+                  "in data_report.json and listed in duplicate_rows.jsonl either way."},
     )
     chat_template_path: str | None = field(
         default=None, metadata={"help": "A Jinja chat template file (or tokenizer folder) for a model without one."}

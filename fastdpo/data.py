@@ -1,38 +1,46 @@
 """Preference data: any supported source -> TRL's preference format -> token ids.
 
-Training (`train_dpo.py`) and the dataset analyzer (`scripts/analyze_dataset.py`) both call `load_pairs`
-and `tokenize_pairs`, so they see identical tokens by construction.
+Training (through fastdpo.tokcache), the dataset analyzer and scripts/evaluate.py all read with `open_source`,
+normalise with `normalize_row` and tokenise with `tokenize_pairs`, so they see identical tokens by construction.
 
-Accepted layouts, detected from the columns:
+Accepted layouts, detected from the columns of each row:
   standard        prompt, chosen, rejected as strings
   conversational  prompt, chosen, rejected as message lists (the Dolci sets)
-  implicit prompt chosen, rejected as whole transcripts; the prompt is their shared prefix (Anthropic/hh-rlhf)
+  implicit prompt chosen, rejected as whole transcripts; the prompt is their shared prefix (Anthropic/hh-rlhf).
+                  With a chat template, Human/Assistant transcripts become messages; without one (a base model,
+                  the DPO paper's Pythia-on-HH setup) they stay raw text split by TRL's own `extract_prompt`.
   column map      any other layout renamed with `column_map` (Intel/orca_dpo_pairs: system, question)
+
+Rows are read by fastdpo.sources (streamed, with file:line). A row that cannot be read (invalid UTF-8, malformed
+JSON, a CSV record with the wrong field count), fails a check, or has roles no chat template can render is a row
+error: it fails with its place and the fix, or is skipped and listed with --skip_bad_rows.
 """
 
 from __future__ import annotations
 
-import gzip
+import difflib
 import json
 import logging
 import math
+import random
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 
 from datasets import Dataset
 
-from . import tiny
+from .sources import DataError, Source, decode, open_source
 
 logger = logging.getLogger(__name__)
 
-FILE_TYPES = {".jsonl": "json", ".json": "json", ".parquet": "parquet", ".csv": "csv"}
 DEFAULT_EVAL_FRACTION = 0.1
 FIX_SKIP = "fix the row, or pass --skip_bad_rows true to skip bad rows (they are counted and listed in output_dir)"
+NO_EVAL = ("", "none", "null", "no")  # dataset_test_split values that mean "no eval split"
+KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool")
+DEDUP = ("eval", "all", "none")
 
 
-class DataError(ValueError):
-    """Bad input, with the place it was found and what to do about it."""
+class TemplateMissing(DataError):
+    """Conversational rows and a tokenizer without a chat template: a setup error, never skipped row by row."""
 
 
 @dataclass
@@ -41,101 +49,6 @@ class Skipped:
 
     def add(self, where: str, problem: str) -> None:
         self.rows.append({"where": where, "problem": problem})
-
-
-# ----------------------------------------------------------------------------------------------- reading
-
-
-def _suffix(path: Path) -> str:
-    suffixes = [s for s in path.suffixes if s != ".gz"]
-    return suffixes[-1].lower() if suffixes else ""
-
-
-def _open_text(path: Path):
-    return gzip.open(path, "rt", encoding="utf-8") if path.suffix == ".gz" else open(path, encoding="utf-8")
-
-
-def _read_jsonl(path: Path) -> tuple[list, list[str]]:
-    rows, where = [], []
-    with _open_text(path) as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise DataError(f"{path}:{lineno}: malformed JSON ({e.msg} at column {e.colno}); fix the line") from None
-            where.append(f"{path}:{lineno}")
-    return rows, where
-
-
-def _read_json(path: Path) -> tuple[list, list[str]]:
-    with _open_text(path) as f:
-        text = f.read()
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as e:
-        if e.msg.startswith("Extra data"):  # JSON lines saved with a .json name
-            return _read_jsonl(path)
-        raise DataError(f"{path}:{e.lineno}: malformed JSON ({e.msg} at column {e.colno}); fix the file") from None
-    if isinstance(data, dict):  # {"train": [...]} or {"data": [...]}: one list of rows inside
-        lists = [v for v in data.values() if isinstance(v, list)]
-        if len(lists) != 1:
-            raise DataError(f"{path}: expected a JSON list of rows (or an object holding one list), got an object "
-                            f"with keys {sorted(data)[:8]}")
-        data = lists[0]
-    if not isinstance(data, list):
-        raise DataError(f"{path}: expected a JSON list of rows, got {type(data).__name__}")
-    return data, [f"{path} row {i}" for i in range(1, len(data) + 1)]
-
-
-def _read_table(path: Path, kind: str) -> tuple[list, list[str]]:
-    from datasets import load_dataset
-
-    ds = load_dataset(kind, data_files=str(path), split="train")
-    offset = 2 if kind == "csv" else 1  # a CSV's first line is its header
-    label = "line" if kind == "csv" else "row"
-    return ds.to_list(), [f"{path} {label} {i + offset}" for i in range(len(ds))]
-
-
-def read_file(path: str | Path) -> tuple[list, list[str]]:
-    """Rows of one local file and, for each, where it came from (file:line or file row N)."""
-    path = Path(path)
-    kind = _suffix(path)
-    if kind == ".jsonl":
-        return _read_jsonl(path)
-    if kind == ".json":
-        return _read_json(path)
-    if kind in (".parquet", ".csv"):
-        return _read_table(path, kind[1:])
-    raise DataError(f"{path}: unsupported file type {kind or '(none)'}; use .jsonl, .json, .parquet or .csv "
-                    "(optionally .gz)")
-
-
-def read_source(source: str, config: str | None = None, split: str = "train") -> tuple[list, list[str]]:
-    """Rows of a split from an embedded dataset, a local file, a local folder or a Hub dataset id."""
-    if source == tiny.DATASET_ID:
-        rows = tiny.preference_rows(split)
-        return rows, [f"{source} [{split}] row {i}" for i in range(1, len(rows) + 1)]
-    if source == tiny.SFT_DATASET_ID:
-        rows = tiny.sft_rows()
-        return rows, [f"{source} row {i}" for i in range(1, len(rows) + 1)]
-    path = Path(source).expanduser()
-    if path.is_file():
-        return read_file(path)
-    if source.startswith((".", "/", "~")) and not path.exists():
-        raise DataError(f"{source}: no such file or folder")
-    # A folder goes through the same `load_dataset` code path as a Hub id (splits from file names).
-    from datasets import load_dataset
-
-    try:
-        ds = load_dataset(source, config, split=split)
-    except ValueError as e:
-        if "Unknown split" in str(e) or "split" in str(e).lower():
-            raise DataError(f"{source}: has no split {split!r} ({e}); set dataset_train_split / "
-                            "dataset_test_split to one of its splits") from None
-        raise
-    return ds.to_list(), [f"{source} [{split}] row {i}" for i in range(1, len(ds) + 1)]
 
 
 # ------------------------------------------------------------------------------------------- normalising
@@ -152,23 +65,18 @@ def _hh_messages(text: str) -> list[dict] | None:
     return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
 
 
-def _split_implicit(chosen, rejected) -> tuple:
-    """Shared prefix of two transcripts = the prompt. Messages split on whole turns; text on a word boundary."""
-    if isinstance(chosen, str) and isinstance(rejected, str):
+def _split_implicit(chosen, rejected, templated: bool) -> tuple:
+    """The shared prefix of two transcripts is the prompt, split by TRL's own `extract_prompt` (whole turns for
+    messages; for text, the first differing character, the space before it going to the answers). With a chat
+    template, Human/Assistant transcripts are rendered through it as messages."""
+    from trl.data_utils import extract_prompt
+
+    if templated and isinstance(chosen, str) and isinstance(rejected, str):
         hc, hr = _hh_messages(chosen), _hh_messages(rejected)
         if hc is not None and hr is not None:
             chosen, rejected = hc, hr
-    if isinstance(chosen, list):
-        i = 0
-        while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
-            i += 1
-        return chosen[:i], chosen[i:], rejected[i:]
-    i = 0
-    while i < min(len(chosen), len(rejected)) and chosen[i] == rejected[i]:
-        i += 1
-    while i > 0 and not chosen[i - 1].isspace():  # never split a word between prompt and answer
-        i -= 1
-    return chosen[:i], chosen[i:], rejected[i:]
+    out = extract_prompt({"chosen": chosen, "rejected": rejected})
+    return out["prompt"], out["chosen"], out["rejected"]
 
 
 def _check_messages(value, name: str) -> str | None:
@@ -179,6 +87,34 @@ def _check_messages(value, name: str) -> str | None:
             return f"field {name!r} message {j + 1} must be an object with 'role' and 'content'"
         if not isinstance(m["content"], str):
             return f"field {name!r} message {j + 1} has non-string content ({type(m['content']).__name__})"
+    return None
+
+
+def _check_roles(prompt: list, answer: list, name: str) -> str | None:
+    """Role order a chat template can render: system first, then user/assistant turns that alternate (tool
+    results may follow an assistant turn), the answer starting with the assistant. Checked before any template
+    renders, so a strict template's Jinja error never replaces the row's place."""
+    conv = [("prompt", j + 1, m["role"]) for j, m in enumerate(prompt)]
+    conv += [(name, j + 1, m["role"]) for j, m in enumerate(answer)]
+    for where, j, role in conv:
+        if role not in KNOWN_ROLES:
+            close = difflib.get_close_matches(str(role), KNOWN_ROLES, n=1)
+            hint = f" (did you mean {close[0]!r}?)" if close else f"; known roles: {', '.join(KNOWN_ROLES)}"
+            return f"field {where!r} message {j} has unknown role {role!r}{hint}"
+    head = 0
+    while head < len(conv) and conv[head][2] in ("system", "developer"):
+        head += 1
+    for where, j, role in conv[head:]:
+        if role in ("system", "developer"):
+            return f"field {where!r} message {j} is a {role} message after the conversation started"
+    body = conv[head:]
+    if prompt and body and body[0][0] == "prompt" and body[0][2] == "assistant":
+        return "field 'prompt' starts with an assistant message; a conversation starts with the user"
+    for (w1, j1, r1), (w2, j2, r2) in zip(body, body[1:]):
+        if r1 == r2 and r1 in ("user", "assistant"):
+            return f"two {r1} messages in a row (field {w1!r} message {j1}, field {w2!r} message {j2})"
+    if answer[0]["role"] != "assistant":
+        return f"field {name!r} must start with an assistant message, not {answer[0]['role']!r}"
     return None
 
 
@@ -210,11 +146,18 @@ def _check(row: dict) -> str | None:
         for name in ("chosen", "rejected"):
             if row[name][-1]["role"] != "assistant":
                 return f"field {name!r} must end with an assistant message"
+            problem = _check_roles(row["prompt"], row[name], name)
+            if problem:
+                return problem
     return None
 
 
-def normalize_row(raw, column_map: dict[str, str] | None) -> dict:
-    """One raw row -> {"prompt", "chosen", "rejected"} (strings, or message lists). Raises DataError(problem)."""
+def normalize_row(raw, column_map: dict[str, str] | None = None, templated: bool = True) -> dict:
+    """One raw row -> {"prompt", "chosen", "rejected"} (strings, or message lists). Raises DataError(problem).
+
+    `templated`: the tokenizer has a chat template. Without one, implicit-prompt transcripts stay raw text, and a
+    conversational row raises TemplateMissing (a setup error, not a bad row).
+    """
     if not isinstance(raw, dict):
         raise DataError(f"expected an object with prompt/chosen/rejected, got {type(raw).__name__}")
     if column_map:
@@ -242,7 +185,7 @@ def normalize_row(raw, column_map: dict[str, str] | None) -> dict:
         if not isinstance(chosen, (str, list)) or type(chosen) is not type(rejected):
             raise DataError("without a prompt column, chosen and rejected must both be transcripts (strings or "
                             "message lists)")
-        prompt, chosen, rejected = _split_implicit(chosen, rejected)
+        prompt, chosen, rejected = _split_implicit(chosen, rejected, templated)
     if system is not None:
         if not isinstance(system, str):
             raise DataError(f"field 'system' must be a string, got {type(system).__name__}")
@@ -252,25 +195,72 @@ def normalize_row(raw, column_map: dict[str, str] | None) -> dict:
     problem = _check(row)
     if problem:
         raise DataError(problem)
+    if not templated and isinstance(chosen, list):
+        raise TemplateMissing("the row is conversational (message lists) but the tokenizer has no chat template; "
+                              "set chat_template_path to a Jinja file or a tokenizer folder that has one")
     return row
 
 
+def layout_note(templated: bool) -> str:
+    """What happens to implicit-prompt transcripts with this tokenizer (logged once per run)."""
+    if templated:
+        return "chat template: messages rendered through it; Human/Assistant transcripts become messages"
+    return ("no chat template: plain-text rows tokenised as raw text; implicit-prompt transcripts split by TRL's "
+            "extract_prompt (as stock TRL does)")
+
+
+def pair_hash(row: dict) -> bytes:
+    """16 bytes identifying a normalised pair (duplicates, eval rows that also occur in train)."""
+    import xxhash
+
+    blob = json.dumps([row["prompt"], row["chosen"], row["rejected"]], ensure_ascii=False, sort_keys=True)
+    return xxhash.xxh3_128_digest(blob.encode("utf-8", "surrogatepass"))
+
+
+# ------------------------------------------------------------------------------- small-data API (in memory)
+
+
+def read_source(source: str, config: str | None = None, split: str = "train", limit: int | None = None,
+                skipped: Skipped | None = None) -> tuple[list, list[str]]:
+    """Rows of a split as one list (SFT data, evaluation sets, tests), with where each came from. Rows that
+    cannot be read fail with their place, or go to `skipped` when one is given."""
+    rows, where = [], []
+    for batch in open_source(source, config, split).batches(limit):
+        for item, place in zip(batch.items, batch.where):
+            try:
+                rows.append(decode(item))
+            except DataError as e:
+                if skipped is None:
+                    raise DataError(f"{place}: {e}; {FIX_SKIP}") from None
+                skipped.add(place, str(e))
+                continue
+            where.append(place)
+    return rows, where
+
+
 def normalize(raw_rows: list, where: list[str], column_map: dict | None, skip_bad_rows: bool,
-              skipped: Skipped) -> list[dict]:
-    rows = []
-    for raw, place in zip(raw_rows, where):
-        try:
-            rows.append(normalize_row(raw, column_map))
-        except DataError as e:
-            if not skip_bad_rows:
-                raise DataError(f"{place}: {e}; {FIX_SKIP}") from None
-            skipped.add(place, str(e))
+              skipped: Skipped, templated: bool = True) -> list[dict]:
+    rows, _ = _normalize_rows(raw_rows, where, column_map, skip_bad_rows, skipped, templated)
     if skipped.rows:
         logger.warning("skipped %d bad rows (listed in skipped_rows.jsonl in output_dir)", len(skipped.rows))
     return rows
 
 
-# --------------------------------------------------------------------------------------------- loading
+def _normalize_rows(raw_rows, where, column_map, skip_bad_rows, skipped, templated):
+    """(rows, where) of the rows that normalise; the others fail with their place, or go to `skipped`."""
+    rows, places = [], []
+    for raw, place in zip(raw_rows, where):
+        try:
+            rows.append(normalize_row(decode(raw), column_map, templated))
+        except TemplateMissing as e:
+            raise TemplateMissing(f"{place}: {e}") from None
+        except DataError as e:
+            if not skip_bad_rows:
+                raise DataError(f"{place}: {e}; {FIX_SKIP}") from None
+            skipped.add(place, str(e))
+            continue
+        places.append(place)
+    return rows, places
 
 
 @dataclass
@@ -296,47 +286,144 @@ def _to_dataset(rows: list[dict], what: str) -> Dataset:
     return Dataset.from_list(rows)
 
 
-def load_pairs(args) -> Pairs:
-    """Train (and eval) pairs in TRL's preference format from the script arguments (see ScriptArguments)."""
-    skipped = Skipped()
-    source = args.dataset_name
-    raw, where = read_source(source, args.dataset_config, args.dataset_train_split)
-    if args.max_train_samples is not None:
-        raw, where = raw[: args.max_train_samples], where[: args.max_train_samples]
-    rows = normalize(raw, where, args.column_map, args.skip_bad_rows, skipped)
+@dataclass
+class EvalSpec:
+    """Where eval pairs come from: nowhere, a held-out fraction of the train rows, or another split/source."""
 
-    eval_rows = None
-    fraction = _as_fraction(args.dataset_test_split)
-    if fraction is None and args.dataset_test_split and not args.eval_dataset_name and Path(source).expanduser().is_file():
+    fraction: float | None = None
+    source: str | None = None
+    split: str | None = None
+    note: str = ""
+
+
+def eval_spec(args, train_source: Source | None = None) -> EvalSpec:
+    """Decided before any row is read, so a bad value fails in seconds, not after tokenising."""
+    if getattr(args, "dedup", "eval") not in DEDUP:
+        raise DataError(f"dedup={args.dedup!r}: expected one of {', '.join(DEDUP)} (eval drops eval pairs that also "
+                        "occur in train, all also repeats within a split, none keeps everything)")
+    test = args.dataset_test_split
+    if args.eval_dataset_name:
+        split = test if test and test.strip().lower() not in NO_EVAL and _as_fraction(test) is None else "train"
+        return EvalSpec(source=args.eval_dataset_name, split=split,
+                        note=f"eval pairs from {args.eval_dataset_name} [{split}]")
+    if test is None or test.strip().lower() in NO_EVAL:
+        return EvalSpec(note=f"no eval split (dataset_test_split={test!r}): training without evaluation")
+    fraction = _as_fraction(test)
+    if fraction is not None:
+        return EvalSpec(fraction=fraction, note=f"holding out {fraction:g} of the train rows for eval "
+                                                f"(dataset_seed {args.dataset_seed})")
+    if train_source is None:
+        train_source = open_source(args.dataset_name, args.dataset_config, args.dataset_train_split)
+    if train_source.single_file:
         # A single file has no named splits. Hold out a fraction rather than fail, so any recipe (the tiny one
         # names the embedded "test" split) runs on a user's file with just --dataset_name.
-        fraction = DEFAULT_EVAL_FRACTION
         logger.warning("%s is a single file with no %r split: holding out %d%% of its rows for eval (set "
-                       "dataset_test_split to a fraction to choose, or eval_dataset_name to a file)", source,
-                       args.dataset_test_split, round(100 * fraction))
-    if args.eval_dataset_name:
-        raw_e, where_e = read_source(args.eval_dataset_name, args.dataset_config, args.dataset_test_split or "train")
-        eval_rows = normalize(raw_e, where_e, args.column_map, args.skip_bad_rows, skipped)
-    elif fraction is not None:
-        import random
+                       "dataset_test_split to a fraction to choose, none for no eval, or eval_dataset_name to a "
+                       "file)", args.dataset_name, test, round(100 * DEFAULT_EVAL_FRACTION))
+        return EvalSpec(fraction=DEFAULT_EVAL_FRACTION, note=f"holding out {DEFAULT_EVAL_FRACTION:g} of the "
+                        f"train rows for eval (dataset_seed {args.dataset_seed})")
+    return EvalSpec(source=args.dataset_name, split=test, note=f"eval pairs from {args.dataset_name} [{test}]")
 
-        order = list(range(len(rows)))
+
+@dataclass
+class SplitPlan:
+    """Which rows train and evaluate, and why the others do not (every row accounted for)."""
+
+    train: list[int]  # indices into the train source's rows, in order
+    eval: list[int] | None  # indices into the eval rows: the train source's (held out) or the eval source's
+    eval_from_train: bool
+    removed: list[tuple[str, int, str]] = field(default_factory=list)  # (source "train"/"eval", index, problem)
+    repeats: dict = field(default_factory=lambda: {"train": 0, "eval": 0, "eval_in_train": 0})
+    unused: list[int] = field(default_factory=list)  # eval rows beyond max_eval_samples
+
+
+def plan_splits(args, spec: EvalSpec, train_hashes: list[bytes], eval_hashes: list[bytes] | None,
+                train_where, eval_where) -> SplitPlan:
+    """Split, deduplicate and cap. `dedup`: "eval" (default) drops eval pairs that also occur in train; "all" also
+    drops repeats within each split (the first stays); "none" keeps everything. Repeats are counted either way."""
+    mode = getattr(args, "dedup", "eval")
+    n = len(train_hashes)
+    train, evals, from_train = list(range(n)), None, False
+    if spec.fraction is not None:
+        order = list(range(n))
         random.Random(args.dataset_seed).shuffle(order)
-        n_eval = max(1, math.floor(len(rows) * fraction))
-        held = set(order[:n_eval])
-        eval_rows = [rows[i] for i in sorted(held)]
-        rows = [r for i, r in enumerate(rows) if i not in held]
-    elif args.dataset_test_split:
-        raw_e, where_e = read_source(source, args.dataset_config, args.dataset_test_split)
-        eval_rows = normalize(raw_e, where_e, args.column_map, args.skip_bad_rows, skipped)
-    if eval_rows is not None and args.max_eval_samples is not None:
-        eval_rows = eval_rows[: args.max_eval_samples]
+        held = set(order[: max(1, math.floor(n * spec.fraction))])
+        evals, from_train = sorted(held), True
+        train = [i for i in train if i not in held]
+    elif spec.source is not None:
+        evals = list(range(len(eval_hashes)))
+    plan = SplitPlan(train, evals, from_train)
+    e_hashes, e_where = (train_hashes, train_where) if from_train else (eval_hashes, eval_where)
 
-    train = _to_dataset(rows, f"{source} [{args.dataset_train_split}]")
+    def repeats(indices, hashes, where, kind, src):
+        first, keep = {}, []
+        for i in indices:
+            j = first.setdefault(hashes[i], i)
+            if j != i:
+                plan.repeats[kind] += 1
+                if mode == "all":
+                    plan.removed.append((src, i, f"repeats the pair at {where[j]}"))
+                    continue
+            keep.append(i)
+        return keep, first
+
+    plan.train, seen = repeats(plan.train, train_hashes, train_where, "train", "train")
+    if plan.eval is not None:
+        src = "train" if from_train else "eval"
+        plan.eval, _ = repeats(plan.eval, e_hashes, e_where, "eval", src)
+        keep = []
+        for i in plan.eval:
+            j = seen.get(e_hashes[i])
+            if j is not None:
+                plan.repeats["eval_in_train"] += 1
+                if mode != "none":
+                    plan.removed.append((src, i, f"eval pair also in train at {train_where[j]} (dedup: none keeps it)"))
+                    continue
+            keep.append(i)
+        plan.eval = keep
+        if args.max_eval_samples is not None:
+            plan.eval, plan.unused = plan.eval[: args.max_eval_samples], plan.eval[args.max_eval_samples:]
+    return plan
+
+
+def load_pairs(args, tokenizer=None) -> Pairs:
+    """Train (and eval) pairs in TRL's preference format, in memory (evaluation sets, tests). Training at scale
+    goes through fastdpo.tokcache.prepare, which streams the same reading, checks and split to a disk cache.
+
+    `tokenizer` decides how implicit-prompt transcripts are read (see `normalize_row`); None = with a template.
+    """
+    templated = tokenizer is None or bool(getattr(tokenizer, "chat_template", None))
+    skipped = Skipped()
+    source = open_source(args.dataset_name, args.dataset_config, args.dataset_train_split)
+    spec = eval_spec(args, source)
+    logger.info("%s: %s", args.dataset_name, spec.note)
+    raw, where = read_source(args.dataset_name, args.dataset_config, args.dataset_train_split,
+                             args.max_train_samples, skipped if args.skip_bad_rows else None)
+    rows, where = _normalize_rows(raw, where, args.column_map, args.skip_bad_rows, skipped, templated)
+    eval_rows = eval_where = None
+    if spec.source is not None:
+        raw_e, where_e = read_source(spec.source, args.dataset_config, spec.split, None,
+                                     skipped if args.skip_bad_rows else None)
+        eval_rows, eval_where = _normalize_rows(raw_e, where_e, args.column_map, args.skip_bad_rows, skipped,
+                                                  templated)
+    plan = plan_splits(args, spec, [pair_hash(r) for r in rows],
+                       [pair_hash(r) for r in eval_rows] if eval_rows is not None else None, where, eval_where)
+    pool = rows if plan.eval_from_train else eval_rows
+    train = _to_dataset([rows[i] for i in plan.train], f"{args.dataset_name} [{args.dataset_train_split}]")
     if args.dataset_shuffle_seed is not None:
         train = train.shuffle(seed=args.dataset_shuffle_seed)
-    evalset = _to_dataset(eval_rows, f"{source} [eval]") if eval_rows is not None else None
+    evalset = None
+    if plan.eval is not None:
+        check_eval_left(plan, spec)
+        evalset = _to_dataset([pool[i] for i in plan.eval], f"{args.dataset_name} [eval]")
     return Pairs(train, evalset, skipped)
+
+
+def check_eval_left(plan: SplitPlan, spec: EvalSpec) -> None:
+    if plan.eval is not None and not plan.eval and plan.repeats["eval_in_train"]:
+        raise DataError(f"{spec.source or 'the held-out rows'} [eval]: every eval pair also occurs in train "
+                        f"({plan.repeats['eval_in_train']}), so none is left to evaluate on; use other eval rows, "
+                        "or pass --dedup none to keep them")
 
 
 # ------------------------------------------------------------------------------------------ tokenising
@@ -350,36 +437,78 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def tokenize_pairs(batch: dict, tokenizer) -> dict:
+def _encoder(tokenizer):
+    """texts, add_special_tokens -> ids, the same ids as `tokenizer(texts)["input_ids"]`.
+
+    For a plain fast tokenizer this calls the backend's `encode_batch_fast` (no character offsets: ~15-20% less
+    CPU than `encode_batch`) after the same set-up `__call__` does (no truncation or padding, its special-token
+    splitting). Tokenizers that customise encoding in Python keep the ordinary call.
+    """
+    from transformers.tokenization_utils_base import PreTrainedTokenizerBase
+
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # another transformers layout: the ordinary call is always right
+        TokenizersBackend = None
+    backend = getattr(tokenizer, "_tokenizer", None)
+    plain = (TokenizersBackend is not None and isinstance(tokenizer, TokenizersBackend)
+             and type(tokenizer)._encode_plus is TokenizersBackend._encode_plus
+             and type(tokenizer).__call__ is PreTrainedTokenizerBase.__call__
+             and not hasattr(tokenizer, "_switch_to_input_mode") and hasattr(backend, "encode_batch_fast"))
+    if not plain:
+        return lambda texts, special: tokenizer(texts, add_special_tokens=special)["input_ids"]
+
+    from transformers.tokenization_utils_base import PaddingStrategy, TruncationStrategy
+
+    def encode(texts, special):
+        tokenizer.set_truncation_and_padding(PaddingStrategy.DO_NOT_PAD, TruncationStrategy.DO_NOT_TRUNCATE,
+                                             None, 0, None, None)
+        if backend.encode_special_tokens != tokenizer.split_special_tokens:
+            backend.encode_special_tokens = tokenizer.split_special_tokens
+        return [e.ids for e in backend.encode_batch_fast(texts, add_special_tokens=special)]
+
+    return encode
+
+
+def tokenize_pairs(batch: dict, tokenizer, encode=None) -> dict:
     """Untruncated ids for a batch of pairs, exactly as TRL 1.16's DPOTrainer tokenises them.
 
     Conversational rows go through the chat template (prompt with the generation prompt; prompt + answer);
-    text rows get the EOS appended. The answer starts where prompt and prompt + answer diverge. The chat
-    template is rendered to text first so the tokenizer can encode a whole batch at once (a fast tokenizer's
-    batch call is parallel), which gives the same ids as tokenising inside apply_chat_template.
+    text rows get the EOS appended and the tokenizer's special tokens. The answer starts where prompt and
+    prompt + answer diverge. Templates are rendered to text for the whole batch and encoded in one call, which
+    gives the same ids as tokenising inside apply_chat_template (it renders, then encodes without special tokens).
     """
+    encode = encode or _encoder(tokenizer)
     prompts, chosens, rejecteds = batch["prompt"], batch["chosen"], batch["rejected"]
-    if isinstance(prompts[0], list) or isinstance(chosens[0], list):
+    n = len(prompts)
+    conv = [i for i in range(n) if isinstance(prompts[i], list) or isinstance(chosens[i], list)]
+    text = [i for i in range(n) if not (isinstance(prompts[i], list) or isinstance(chosens[i], list))]
+    ids: list = [None] * n
+    if conv:
         render = tokenizer.apply_chat_template
-        p_text = [render(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-        c_text = [render(p + c, tokenize=False) for p, c in zip(prompts, chosens)]
-        r_text = [render(p + r, tokenize=False) for p, r in zip(prompts, rejecteds)]
-        special = False
-    else:
+        p_text = render([prompts[i] for i in conv], tokenize=False, add_generation_prompt=True)
+        c_text = render([prompts[i] + chosens[i] for i in conv], tokenize=False)
+        r_text = render([prompts[i] + rejecteds[i] for i in conv], tokenize=False)
+        out = encode(p_text + c_text + r_text, False)
+        k = len(conv)
+        for j, i in enumerate(conv):
+            ids[i] = (out[j], out[k + j], out[2 * k + j])
+    if text:
         eos = tokenizer.eos_token
-        p_text = list(prompts)
-        c_text = [p + (c if c.endswith(eos) else c + eos) for p, c in zip(prompts, chosens)]
-        r_text = [p + (r if r.endswith(eos) else r + eos) for p, r in zip(prompts, rejecteds)]
-        special = True
-    enc = lambda texts: tokenizer(texts, add_special_tokens=special)["input_ids"]  # noqa: E731
-    p_ids, pc_ids, pr_ids = enc(p_text), enc(c_text), enc(r_text)
-    out = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
-    for p, pc, pr in zip(p_ids, pc_ids, pr_ids):
-        n = min(_common_prefix(p, pc), _common_prefix(p, pr))
-        out["prompt_ids"].append(p[:n])
-        out["chosen_ids"].append(pc[n:])
-        out["rejected_ids"].append(pr[n:])
-    return out
+        p_text = [prompts[i] for i in text]
+        c_text = [prompts[i] + (chosens[i] if chosens[i].endswith(eos) else chosens[i] + eos) for i in text]
+        r_text = [prompts[i] + (rejecteds[i] if rejecteds[i].endswith(eos) else rejecteds[i] + eos) for i in text]
+        out = encode(p_text + c_text + r_text, True)
+        k = len(text)
+        for j, i in enumerate(text):
+            ids[i] = (out[j], out[k + j], out[2 * k + j])
+    result = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}
+    for p, pc, pr in ids:
+        m = min(_common_prefix(p, pc), _common_prefix(p, pr))
+        result["prompt_ids"].append(p[:m])
+        result["chosen_ids"].append(pc[m:])
+        result["rejected_ids"].append(pr[m:])
+    return result
 
 
 def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max_length: int | None,
@@ -408,11 +537,16 @@ def truncate_pair(prompt: list[int], chosen: list[int], rejected: list[int], max
 
 def tokenize_dataset(ds: Dataset, tokenizer, max_length: int | None, max_prompt_length: int | None,
                      num_proc: int | None = None, name: str = "train") -> tuple[Dataset, dict]:
-    """Tokenise, truncate and drop what cannot fit; return the dataset TRL trains on and the counts."""
+    """Tokenise, truncate and drop what cannot fit, in memory; return the dataset TRL trains on and the counts.
+
+    The small-data path (evaluation sets, tests); training goes through fastdpo.tokcache, which produces the same
+    rows through the same functions, streamed and cached on disk.
+    """
     bos = tokenizer.bos_token_id
+    encode = _encoder(tokenizer)
 
     def fn(batch):
-        out = tokenize_pairs(batch, tokenizer)
+        out = tokenize_pairs(batch, tokenizer, encode)
         status = []
         for i in range(len(out["prompt_ids"])):
             p, c, r, s = truncate_pair(out["prompt_ids"][i], out["chosen_ids"][i], out["rejected_ids"][i],
@@ -422,8 +556,8 @@ def tokenize_dataset(ds: Dataset, tokenizer, max_length: int | None, max_prompt_
         out["status"] = status
         return out
 
-    tokenized = ds.map(fn, batched=True, batch_size=256, num_proc=num_proc, remove_columns=ds.column_names,
-                       desc=f"Tokenizing {name}")
+    tokenized = ds.map(fn, batched=True, batch_size=256, num_proc=num_proc if num_proc and num_proc > 1 else None,
+                       remove_columns=ds.column_names, desc=f"Tokenizing {name}")
     status = tokenized["status"]
     counts = {"pairs": len(status), "truncated": status.count("truncated"), "dropped": status.count("dropped")}
     if counts["dropped"]:

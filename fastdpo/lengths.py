@@ -29,6 +29,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from . import data
+from .sources import open_source
 
 LADDER = [1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768]  # x1.5 then x4/3: 1k..32k
 PERCENTILES = [50, 90, 95, 99]
@@ -54,22 +55,32 @@ class Lengths:
 # ----------------------------------------------------------------------------------------------- sampling
 
 
-def load_sample(args, samples: int | None, seed: int = 0) -> tuple[list[dict], int, data.Skipped]:
+def load_sample(args, samples: int | None, seed: int = 0, templated: bool = True
+                ) -> tuple[list[dict], int, data.Skipped]:
     """Normalised rows of a seeded random sample of the train split (all rows when samples is None).
 
-    Reads and validates exactly as `data.load_pairs` does (same reader, same `normalize`, same errors), but only
-    the sampled rows are normalised, so a bad row outside the sample goes unnoticed: `--samples all` checks
-    every row. Returns (rows in file order, rows in the split, skipped rows).
+    Streams the source once (a seeded reservoir: only `samples` raw rows are held) and normalises only the sampled
+    rows, with `data.normalize` (same checks, same errors as training), so a bad row outside the sample goes
+    unnoticed: `--samples all` checks every row (and fills training's cache). Returns (rows in file order, rows in
+    the split, skipped rows).
     """
-    raw, where = data.read_source(args.dataset_name, args.dataset_config, args.dataset_train_split)
-    if args.max_train_samples is not None:  # training only ever sees these rows
-        raw, where = raw[: args.max_train_samples], where[: args.max_train_samples]
-    n_rows = len(raw)
-    if samples is not None and samples < n_rows:
-        keep = sorted(random.Random(seed).sample(range(n_rows), samples))
-        raw, where = [raw[i] for i in keep], [where[i] for i in keep]
+    rng = random.Random(seed)
+    picked: list[tuple[int, object, str]] = []
+    n_rows = 0
+    source = open_source(args.dataset_name, args.dataset_config, args.dataset_train_split)
+    for batch in source.batches(args.max_train_samples):  # training only ever sees these rows
+        for item, where in zip(batch.items, batch.where):
+            if samples is None or len(picked) < samples:
+                picked.append((n_rows, item, where))
+            else:
+                j = rng.randint(0, n_rows)
+                if j < samples:
+                    picked[j] = (n_rows, item, where)
+            n_rows += 1
+    picked.sort(key=lambda x: x[0])
     skipped = data.Skipped()
-    rows = data.normalize(raw, where, args.column_map, args.skip_bad_rows, skipped)
+    rows = data.normalize([x[1] for x in picked], [x[2] for x in picked], args.column_map, args.skip_bad_rows,
+                          skipped, templated)
     if not rows:
         raise data.DataError(f"{args.dataset_name} [{args.dataset_train_split}]: no usable rows")
     return rows, n_rows, skipped

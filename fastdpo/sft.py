@@ -60,15 +60,16 @@ def _rows(raw: list, where: list[str], skip_bad_rows: bool, skipped: data.Skippe
 def load_sft(args) -> data.Pairs:
     """Train (and eval) SFT datasets from the script arguments, the split rules of `data.load_pairs`."""
     skipped = data.Skipped()
-    raw, where = data.read_source(args.dataset_name, args.dataset_config, args.dataset_train_split)
-    if args.max_train_samples is not None:
-        raw, where = raw[: args.max_train_samples], where[: args.max_train_samples]
+    unreadable = skipped if args.skip_bad_rows else None  # invalid UTF-8, malformed JSON: row errors too
+    raw, where = data.read_source(args.dataset_name, args.dataset_config, args.dataset_train_split,
+                                  args.max_train_samples, unreadable)
     rows = _rows(raw, where, args.skip_bad_rows, skipped)
     eval_rows = None
     fraction = data._as_fraction(args.dataset_test_split)
     if args.eval_dataset_name or (args.dataset_test_split and fraction is None):
         source = args.eval_dataset_name or args.dataset_name
-        raw_e, where_e = data.read_source(source, args.dataset_config, args.dataset_test_split or "train")
+        raw_e, where_e = data.read_source(source, args.dataset_config, args.dataset_test_split or "train",
+                                          skipped=unreadable)
         eval_rows = _rows(raw_e, where_e, args.skip_bad_rows, skipped)
     elif fraction is not None:
         order = list(range(len(rows)))

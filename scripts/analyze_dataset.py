@@ -27,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import logging
-import os
 import sys
 import time
 import warnings
@@ -53,8 +52,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--samples", default="1000", help="pairs to sample (seeded), or 'all' (default 1000)")
     p.add_argument("--seed", type=int, default=0, help="seed of the sample and of the random micro-batches")
     p.add_argument("--coverage", type=float, default=0.9, help="fraction of pairs max_length must hold whole")
-    p.add_argument("--num_proc", type=int, help="tokenising processes (default: the recipe's dataset_num_proc, "
-                   "at most half the CPUs; 1 below 4000 pairs, where forking costs more than it saves)")
+    p.add_argument("--num_proc", type=int, help="tokenising processes for --samples all (default: the recipe's "
+                   "dataset_num_proc, at most the CPUs); a sample is tokenised in this process")
     p.add_argument("--column_map", help="JSON mapping prompt/chosen/rejected/system to columns (overrides the recipe)")
     p.add_argument("--max_length", type=int, help="max_length to compare (default: the recipe's)")
     p.add_argument("--max_prompt_length", type=int, help="max_prompt_length in effect (default: the recipe's)")
@@ -89,12 +88,16 @@ def settings(args: argparse.Namespace):
         argv += ["--skip_bad_rows", "true"]
     # A GPU recipe (bf16) must still parse on a CPU-only machine; only data settings are used here.
     argv += ["--bf16", "false", "--fp16", "false", "--use_cpu", "true"]
-    return recipe, *cfg.parse_args(argv)
+    return recipe, *cfg.parse_args(argv, check_paths=False)  # a tokenizer folder is not a model folder
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    from fastdpo import data, lengths, models
+    import random
+
+    import numpy as np
+
+    from fastdpo import data, lengths, models, tokcache
 
     recipe, script_args, training_args, model_args = settings(args)
     tokenizer_name = model_args.model_name_or_path
@@ -105,27 +108,45 @@ def main(argv: list[str] | None = None) -> dict:
                          "id once online; gated models need HF_TOKEN in .env)") from None
     if not tokenizer.is_fast:
         logger.warning("%s is a slow (Python) tokenizer: expect tens of pairs/s, not thousands", tokenizer_name)
+    templated = bool(tokenizer.chat_template)
+    logger.info("data: %s", data.layout_note(templated))
     samples = None if args.samples == "all" else int(args.samples)
     start = time.perf_counter()
+    # Training's token cache for these settings: read it when it exists; with --samples all, fill it (the
+    # training run with this recipe then starts from it).
     try:
-        rows, n_rows, skipped = lengths.load_sample(script_args, samples, args.seed)
+        entry = tokcache.train_entry(script_args, tokenizer, training_args.max_length, script_args.max_prompt_length,
+                                     args.num_proc or training_args.dataset_num_proc, build=samples is None)
     except OSError as e:  # the Hub unreachable, or a folder datasets cannot read
         raise data.DataError(f"cannot read {script_args.dataset_name!r}: {e}; use a local file, or set "
                              "HF_HUB_OFFLINE=1 with a cached copy") from None
-    models.require_chat_template(tokenizer, rows, tokenizer_name)
-    loaded = time.perf_counter()
-
-    # A fast tokenizer already encodes a batch on every core; extra processes only spread the chat-template
-    # rendering, so they pay off with many cores and many pairs (on 2 cores, 2 processes cost 25% more CPU).
-    cpus = os.cpu_count() or 1
-    num_proc = args.num_proc or max(1, min(training_args.dataset_num_proc or cpus, cpus // 2))
-    if args.num_proc is None and len(rows) < 4000:
-        num_proc = 1
-    lens = lengths.measure(rows, tokenizer, num_proc)
-    tokenized = time.perf_counter()
-    pairs_per_s = len(lens) / max(tokenized - loaded, 1e-9)
-    logger.info("tokenised %d pairs in %.1f s: %.0f pairs/s with num_proc %d (reading took %.1f s)",
-                len(lens), tokenized - loaded, pairs_per_s, num_proc, loaded - start)
+    if entry is not None:
+        skipped = data.Skipped(entry.skipped())
+        if skipped.rows and not script_args.skip_bad_rows:
+            first = skipped.rows[0]
+            raise data.DataError(f"{first['where']}: {first['problem']}; {data.FIX_SKIP}")
+        table = entry.rows()
+        keep = np.arange(table.num_rows)
+        if samples is not None and samples < table.num_rows:
+            keep = np.sort(np.asarray(random.Random(args.seed).sample(range(table.num_rows), samples)))
+        col = lambda name: table.column(name).to_numpy()[keep].astype(np.int64)  # noqa: E731
+        lens = lengths.Lengths(col("prompt_len"), col("chosen_len"), col("rejected_len"))
+        n_rows = entry.meta["items"]
+        seconds = entry.meta["seconds"] if entry.built else 0.0
+        logger.info("%s %d pairs (%s)", "tokenised" if entry.built else "lengths from training's token cache:",
+                    len(lens), entry.path)
+    else:
+        try:
+            rows, n_rows, skipped = lengths.load_sample(script_args, samples, args.seed, templated)
+        except OSError as e:
+            raise data.DataError(f"cannot read {script_args.dataset_name!r}: {e}; use a local file, or set "
+                                 "HF_HUB_OFFLINE=1 with a cached copy") from None
+        loaded = time.perf_counter()
+        # A sample is small: one process, whose fast tokenizer already encodes a batch on every core.
+        lens = lengths.measure(rows, tokenizer, args.num_proc)
+        seconds = time.perf_counter() - loaded
+    pairs_per_s = len(lens) / max(seconds, 1e-9) if seconds else None
+    logger.info("%d pairs measured in %.1f s (tokenising %.1f s)", len(lens), time.perf_counter() - start, seconds)
 
     batch = training_args.per_device_train_batch_size
     result = {
@@ -143,8 +164,9 @@ def main(argv: list[str] | None = None) -> dict:
         "per_device_train_batch_size": batch,
         "pad_to_multiple_of": training_args.pad_to_multiple_of,
         "batching": f"seeded random micro-batches of {batch} pairs, padded to the longest row as TRL's collator",
-        "tokenize_seconds": round(tokenized - loaded, 2),
-        "pairs_per_second": round(pairs_per_s, 1),
+        "tokenize_seconds": round(seconds, 2),
+        "pairs_per_second": round(pairs_per_s, 1) if pairs_per_s else None,
+        "from_cache": entry is not None and not entry.built,
         **lengths.analyze(lens, coverage=args.coverage, max_length=training_args.max_length,
                           max_prompt_length=script_args.max_prompt_length, batch_size=batch,
                           pad_to_multiple_of=training_args.pad_to_multiple_of, seed=args.seed),

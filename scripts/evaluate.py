@@ -70,8 +70,9 @@ def main(args) -> dict:
         raise SystemExit(f"--ref {args.ref} has a different vocabulary ({len(ref.tokenizer)} vs "
                          f"{len(policy.tokenizer)} tokens): the reference must be the model DPO started from")
 
+    print(f"data: {data.layout_note(bool(policy.tokenizer.chat_template))}", file=sys.stderr)
     pairs = evaluation.load_eval_pairs(args.dataset_name, args.split, args.column_map, args.max_pairs,
-                                       args.dataset_config)
+                                       args.dataset_config, policy.tokenizer)
     tokenized, counts = data.tokenize_dataset(pairs, policy.tokenizer, args.max_length, args.max_prompt_length,
                                               name=args.split)
     report = {"model": args.model, "reference": args.ref or f"{policy.base} (adapter disabled)",

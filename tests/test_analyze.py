@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from fastdpo import data, lengths, tiny
+from fastdpo import data, lengths, tiny, tokcache
 from fastdpo.config import ScriptArguments
 
 from .conftest import REPO, PYTHON, run
@@ -22,6 +22,13 @@ from .conftest import REPO, PYTHON, run
 spec = importlib.util.spec_from_file_location("analyze_dataset", REPO / "scripts" / "analyze_dataset.py")
 analyze_dataset = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(analyze_dataset)
+
+@pytest.fixture(autouse=True)
+def token_cache(tmp_path, monkeypatch):
+    """`--samples all` fills training's token cache: a fresh one per test, never the user's."""
+    monkeypatch.setattr(tokcache, "DEFAULT_DIR", tmp_path / "tokens")
+    return tmp_path / "tokens"
+
 
 WORD_TEMPLATE = ("{% for m in messages %}<{{ m['role'] }}> {{ m['content'] }} {% endfor %}"
                  "{% if add_generation_prompt %}<assistant> {% endif %}")

@@ -2,12 +2,14 @@
 
 import gzip
 import json
+import logging
+import re
 import types
 
 import pytest
 from datasets import Dataset
 
-from fastdpo import data, tiny
+from fastdpo import data, sources, tiny
 from fastdpo.config import ScriptArguments
 
 STANDARD = [{"prompt": f"Question {i}?", "chosen": f" Good answer {i}.", "rejected": f" Bad {i}."} for i in range(10)]
@@ -48,7 +50,7 @@ def test_conversational_json_gz_parquet_csv(tmp_path):
 def test_folder_goes_through_load_dataset_with_splits(tmp_path):
     # The same code path as a Hub dataset id: split names come from the file names.
     write_jsonl(tmp_path / "train.jsonl", CONVERSATIONAL)
-    write_jsonl(tmp_path / "test.jsonl", CONVERSATIONAL[:3])
+    write_jsonl(tmp_path / "test.jsonl", tiny.preference_rows("test", 3))
     pairs = data.load_pairs(args(dataset_name=str(tmp_path), dataset_test_split="test"))
     assert len(pairs.train) == 10 and len(pairs.eval) == 3
 
@@ -67,8 +69,8 @@ def test_implicit_prompt_multi_turn_messages_and_text():
     row = {"chosen": conv["prompt"] + conv["chosen"], "rejected": conv["prompt"] + conv["rejected"]}
     assert data.normalize_row(row, None) == conv
     out = data.normalize_row({"chosen": "Q: sky colour? It is blue", "rejected": "Q: sky colour? It is green"}, None)
-    # split on a word boundary, never inside a word
-    assert out == {"prompt": "Q: sky colour? It is ", "chosen": "blue", "rejected": "green"}
+    # TRL's extract_prompt: the first differing character, the space before it going to the answers
+    assert out == {"prompt": "Q: sky colour? It is", "chosen": " blue", "rejected": " green"}
 
 
 def test_column_map_orca_layout():
@@ -201,3 +203,146 @@ def test_tiny_tokenizer_handles_any_utf8(tiny_tokenizer):
     text = "naïve café — 東京 🚀 \u0000 ok"
     ids = tiny_tokenizer(text, add_special_tokens=False)["input_ids"]
     assert tiny_tokenizer.decode(ids) == text
+
+
+# --------------------------------------------------------------- rows that cannot be read, and chat roles
+
+
+def test_invalid_utf8_and_malformed_json_are_row_errors_with_their_line(tmp_path):
+    good = json.dumps(STANDARD[0]).encode()
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(good + b'\n{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n{"prompt": \n' + good + b"\n")
+    with pytest.raises(data.DataError, match=rf"{path}:2: invalid UTF-8 \(byte 0xe9 at byte 16 of the line\)"):
+        data.load_pairs(args(dataset_name=str(path)))
+    pairs = data.load_pairs(args(dataset_name=str(path), skip_bad_rows=True, dedup="none"))
+    assert len(pairs.train) == 2
+    assert [r["where"] for r in pairs.skipped.rows] == [f"{path}:2", f"{path}:3"]
+    assert pairs.skipped.rows[1]["problem"].startswith("malformed JSON (Expecting value")
+
+
+def test_utf8_bom_is_accepted(tmp_path):
+    jsonl, arr, csv = tmp_path / "d.jsonl", tmp_path / "d.json", tmp_path / "d.csv"
+    jsonl.write_bytes(sources.BOM + "".join(json.dumps(r) + "\n" for r in STANDARD).encode())
+    arr.write_bytes(sources.BOM + json.dumps(STANDARD).encode())
+    Dataset.from_list(STANDARD).to_csv(csv, index=False)
+    csv.write_bytes(sources.BOM + csv.read_bytes())
+    for path in (jsonl, arr, csv):
+        assert data.load_pairs(args(dataset_name=str(path))).train.to_list() == STANDARD, path
+
+
+def msg(role, content="hi"):
+    return {"role": role, "content": content}
+
+
+ROLES = [
+    ([msg("user"), msg("user")], "two user messages in a row (field 'prompt' message 1, field 'prompt' message 2)"),
+    ([msg("assistant"), msg("user")], "field 'prompt' starts with an assistant message"),
+    ([msg("usr")], "field 'prompt' message 1 has unknown role 'usr' (did you mean 'user'?)"),
+    ([msg("user"), msg("system")], "field 'prompt' message 2 is a system message after the conversation started"),
+]
+
+
+@pytest.mark.parametrize("prompt,problem", ROLES, ids=[r[1][:30] for r in ROLES])
+def test_chat_role_problems_are_row_errors(tmp_path, prompt, problem):
+    rows = [CONVERSATIONAL[0], {"prompt": prompt, "chosen": [msg("assistant", "a")],
+                                "rejected": [msg("assistant", "b")]}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    with pytest.raises(data.DataError, match=re.escape(f"{path}:2: {problem}")):
+        data.load_pairs(args(dataset_name=str(path)))
+    pairs = data.load_pairs(args(dataset_name=str(path), skip_bad_rows=True))
+    assert len(pairs.train) == 1 and pairs.skipped.rows[0]["problem"].startswith(problem)
+
+
+def test_roles_are_checked_before_a_strict_template_renders(tmp_path, tiny_tokenizer):
+    """A template that raises on non-alternating roles (as many do) never sees the bad row: it is skipped with
+    its line, and the good rows train."""
+    import copy
+
+    from fastdpo import tokcache
+
+    strict = copy.deepcopy(tiny_tokenizer)
+    strict.chat_template = ("{% for m in messages %}{% if loop.index0 > 0 and m['role'] == messages[loop.index0 - 1]"
+                            "['role'] %}{{ raise_exception('roles must alternate') }}{% endif %}<|{{ m['role'] }}|>"
+                            "{{ m['content'] }}<|end|>{% endfor %}"
+                            "{% if add_generation_prompt %}<|assistant|>{% endif %}")
+    with pytest.raises(Exception, match="roles must alternate"):  # what a user would see without the check
+        strict.apply_chat_template([msg("user"), msg("user")], tokenize=False)
+    rows = tiny.preference_rows("train", 8)
+    rows.insert(3, {"prompt": [msg("user"), msg("user")], "chosen": [msg("assistant", "a")],
+                    "rejected": [msg("assistant", "b")]})
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    prep = tokcache.prepare(args(dataset_name=str(path), skip_bad_rows=True), strict, 128, None,
+                            cache_dir=tmp_path / "cache")
+    assert len(prep.train) == 8
+    assert prep.listings["skipped_rows.jsonl"][0]["where"] == f"{path}:4"
+
+
+def test_csv_rows_keep_their_real_line_numbers(tmp_path):
+    path = tmp_path / "d.csv"
+    path.write_text('prompt,chosen,rejected\nQ1,"a long\nanswer",no\nQ2,same,same\n\nQ3,yes,"no,\nnever"\n')
+    with pytest.raises(data.DataError, match=rf"{path}:4: chosen is identical"):
+        data.load_pairs(args(dataset_name=str(path)))
+    pairs = data.load_pairs(args(dataset_name=str(path), skip_bad_rows=True))
+    assert pairs.train.to_list() == [{"prompt": "Q1", "chosen": "a long\nanswer", "rejected": "no"},
+                                     {"prompt": "Q3", "chosen": "yes", "rejected": "no,\nnever"}]
+    path.write_text('prompt,chosen,rejected\nQ1,a,b\nQ2,a,b,c\n')
+    with pytest.raises(data.DataError, match=rf"{path}:3: 4 fields where the header has 3"):
+        data.load_pairs(args(dataset_name=str(path)))
+
+
+def test_folder_with_several_file_types_is_read_whole(tmp_path):
+    write_jsonl(tmp_path / "a.jsonl", STANDARD[:3])
+    Dataset.from_list(STANDARD[3:6]).to_parquet(tmp_path / "b.parquet")
+    Dataset.from_list(STANDARD[6:]).to_csv(tmp_path / "c.csv", index=False)
+    assert data.load_pairs(args(dataset_name=str(tmp_path))).train.to_list() == STANDARD
+
+
+@pytest.mark.parametrize("value", ["none", "None", ""])
+def test_dataset_test_split_none_means_no_eval(tmp_path, caplog, value):
+    caplog.set_level(logging.INFO)
+    path = write_jsonl(tmp_path / "d.jsonl", STANDARD)
+    pairs = data.load_pairs(args(dataset_name=str(path), dataset_test_split=value))
+    assert pairs.eval is None and len(pairs.train) == 10
+    assert "no eval split" in caplog.text
+
+
+def test_duplicates_are_counted_and_eval_rows_in_train_dropped(tmp_path):
+    train, test = tiny.preference_rows("train", 6), tiny.preference_rows("test", 3)
+    write_jsonl(tmp_path / "train.jsonl", train + [train[1]])
+    write_jsonl(tmp_path / "test.jsonl", test + [train[2]])
+    pairs = data.load_pairs(args(dataset_name=str(tmp_path), dataset_test_split="test"))  # default: dedup eval
+    assert (len(pairs.train), len(pairs.eval)) == (7, 3) and train[2] not in pairs.eval.to_list()
+    pairs = data.load_pairs(args(dataset_name=str(tmp_path), dataset_test_split="test", dedup="all"))
+    assert (len(pairs.train), len(pairs.eval)) == (6, 3)
+    pairs = data.load_pairs(args(dataset_name=str(tmp_path), dataset_test_split="test", dedup="none"))
+    assert (len(pairs.train), len(pairs.eval)) == (7, 4)
+    with pytest.raises(data.DataError, match="dedup='some'"):
+        data.load_pairs(args(dataset_name=str(tmp_path), dataset_test_split="test", dedup="some"))
+
+
+# ------------------------------------------------------------------- implicit prompts without a template
+
+
+HH = [{"chosen": f"\n\nHuman: What is {w}?\n\nAssistant: {w} is a word.",
+       "rejected": f"\n\nHuman: What is {w}?\n\nAssistant: No idea."} for w in ("tea", "rain", "stone")]
+
+
+def test_implicit_prompt_without_chat_template_trains_as_raw_text(tmp_path, tiny_tokenizer):
+    """A base model's tokenizer (no chat template) trains hh-rlhf transcripts as raw text, split by TRL's own
+    extract_prompt: the same ids as TRL's preprocessing. With a template they become messages, as before."""
+    import copy
+
+    base = copy.deepcopy(tiny_tokenizer)
+    base.chat_template = None
+    path = write_jsonl(tmp_path / "hh.jsonl", HH)
+    pairs = data.load_pairs(args(dataset_name=str(path)), base)
+    assert pairs.train[0] == {"prompt": "\n\nHuman: What is tea?\n\nAssistant:", "chosen": " tea is a word.",
+                              "rejected": " No idea."}
+    ours, _ = data.tokenize_dataset(pairs.train, base, None, None)
+    theirs = _trl_prepare(HH, base)
+    for key in ("prompt_ids", "chosen_ids", "rejected_ids"):
+        assert ours[key] == theirs[key], key
+    assert isinstance(data.load_pairs(args(dataset_name=str(path)), tiny_tokenizer).train[0]["prompt"], list)
+    conv = write_jsonl(tmp_path / "conv.jsonl", CONVERSATIONAL)
+    with pytest.raises(data.TemplateMissing, match=rf"{conv}:1: .*no chat template; set chat_template_path"):
+        data.load_pairs(args(dataset_name=str(conv)), base)
