@@ -1,7 +1,9 @@
 """fastdpo: the reusable pieces behind train_dpo.py, train_sft.py and scripts/.
 
 config      recipe + command line -> (ScriptArguments, DPOConfig, ModelConfig); secrets from .env
-data        any preference source -> TRL's format -> TRL-identical token ids (shared with the analyzer)
+sources     every data source streamed in batches, with file:line for each row
+data        rows -> checks -> TRL's format -> TRL-identical token ids (shared with the analyzer)
+tokcache    tokenise once: the memory-mapped token cache every launch and rank reads
 sft         SFT rows (messages or prompt/completion) for train_sft.py
 models      model/tokenizer loading (`embedded:tiny-llama` resolves to the offline tiny model)
 tiny        the embedded tiny model, tokenizer and datasets
@@ -9,7 +11,7 @@ trainer     TRL's DPOTrainer taking pre-tokenised pairs, plus the fast path:
   packing   padding-free rows of chosen/rejected sequences
   segattn   per-sequence causal sdpa inside packed rows
   batching  token-budget micro-batches with the stock per-pair loss weights
-  refcache  reference log-probs computed once, cached on disk
+  refcache  reference log-probs computed once, in resumable chunks, cached on disk
 lengths     token-length statistics for scripts/analyze_dataset.py
 evaluation  preference accuracy, margins, KL and generations for scripts/evaluate.py
 preemption  SIGUSR1/SIGTERM -> checkpoint and exit 75 (Slurm requeue)
