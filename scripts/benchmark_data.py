@@ -1,7 +1,8 @@
 """Data stage at scale: this repo's tokenised-pair cache vs stock TRL 1.16, on Think-shaped pairs, fresh processes.
 
-    .venv/bin/python scripts/benchmark_data.py                          # 2,000 pairs, 1 round (~5 minutes, 2 cores)
-    .venv/bin/python scripts/benchmark_data.py --pairs 10000 --rounds 3 --json outputs/bench_data.json
+    .venv/bin/python scripts/benchmark_data.py                          # 2,000 pairs, 1 round (~3 minutes, 2 cores)
+    .venv/bin/python scripts/benchmark_data.py --pairs 10000 --rounds 2 --json outputs/bench_data_10000.json
+    .venv/bin/python scripts/benchmark_data.py --pairs 10000 --rounds 5 --launches second   # cached launches only
 
 What it builds, offline, once (cached under --work, default outputs/bench_data):
   tokenizer  a 50k byte-level BPE trained with `tokenizers` on ~19 MB of English prose found on this machine (the

@@ -135,6 +135,9 @@ def test_every_row_is_accounted_for(tmp_path, tiny_tokenizer):
     assert listed["dropped_rows.jsonl"] == [(f"{train}:11", "train: the prompt is 918 token")]
     assert listed["duplicate_rows.jsonl"] == [(f"{test}:1", f"eval pair also in train at {train}"[:30])]
     assert prep.report["accounting_line"].startswith("39 rows read = 31 trained + 4 eval + 1 skipped + 1 dropped")
+    # the cached entry holds the skipped row: without --skip_bad_rows it fails exactly as a fresh read does
+    with pytest.raises(data.DataError, match=rf"{train}:4: malformed JSON .*--skip_bad_rows true"):
+        prepare(args(tmp_path, dataset_test_split="test"), tiny_tokenizer, tmp_path / "cache")
 
 
 def test_worker_pool_gives_the_rows_of_one_process(rows_file, tiny_tokenizer, tmp_path, monkeypatch, caplog):
