@@ -174,7 +174,7 @@ def test_recommendation_reaches_coverage_and_is_smallest(coverage):
 
 def training_rows(script_args, tokenizer, max_length, max_prompt_length):
     """Per-row lengths as TRL's collator builds them from the training data path."""
-    pairs = data.load_pairs(script_args)
+    pairs = data.load_pairs(script_args, tokenizer)
     ds, counts = data.tokenize_dataset(pairs.train, tokenizer, max_length, max_prompt_length)
     collator = DataCollatorForPreference(pad_token_id=tokenizer.pad_token_id, max_length=max_length)
     batch = collator([ds[i] for i in range(len(ds))])
@@ -361,3 +361,21 @@ def test_every_file_format_gives_the_same_lengths(word_tokenizer, tmp_path):
     results = [cli([p, "--recipe", "recipes/tiny.yaml", "--tokenizer", word_tokenizer]) for p in paths]
     assert all(r["percentiles"] == results[0]["percentiles"] for r in results)
     assert results[0]["percentiles"]["total"]["max"] == 100
+
+
+def test_implicit_prompts_without_chat_template_are_analysed_as_raw_text(tiny_tokenizer, tmp_path):
+    """A base model's tokenizer (no chat template) on hh-rlhf transcripts: raw text, as training reads them (this
+    was refused before); the lengths are those of training's own rows (its token cache, filled here)."""
+    import copy
+
+    base = copy.deepcopy(tiny_tokenizer)
+    base.chat_template = None
+    base.save_pretrained(tmp_path / "base")
+    rows = tiny.preference_rows("train", 40, seed=8)
+    path = write_jsonl(tmp_path / "hh.jsonl", LAYOUTS["implicit_hh"](rows))
+    out = cli([path, "--recipe", "recipes/tiny.yaml", "--tokenizer", str(tmp_path / "base"), "--samples", "all",
+               "--max_length", "512"])
+    assert out["num_samples"] == 40
+    chosen_rows, rejected_rows, _ = training_rows(ScriptArguments(dataset_name=path), base, None, None)
+    totals = np.maximum(chosen_rows, rejected_rows)  # prompt + the longer answer, as TRL's collator builds them
+    assert out["percentiles"]["total"] == lengths.percentiles(totals)

@@ -174,3 +174,24 @@ def test_two_processes_build_once_and_share(tmp_path, tiny_model_path):
     assert results[0]["pairs"] == results[1]["pairs"] == 300
     assert results[0]["cache"] == results[1]["cache"]  # one entry, memory-mapped by both
     assert results[1]["cpu"] < 0.5 * results[0]["cpu"] + 1  # the waiting rank does not tokenise
+
+
+def test_implicit_prompt_without_chat_template_trains_as_raw_text(tmp_path, tiny_tokenizer, caplog):
+    """hh-rlhf transcripts with a base model's tokenizer (no chat template): the cached rows are TRL's own
+    preprocessing of the same file (raw text, TRL's prompt split), and the log says so."""
+    import types
+
+    from datasets import Dataset
+    from trl import DPOTrainer
+
+    rows = [{"chosen": f"\n\nHuman: What is {w}?\n\nAssistant: {w} is a word.",
+             "rejected": f"\n\nHuman: What is {w}?\n\nAssistant: No idea."} for w in ("tea", "rain", "stone")]
+    base = copy.deepcopy(tiny_tokenizer)
+    base.chat_template = None
+    caplog.set_level(logging.INFO)
+    prep = prepare(args(tiny.write_jsonl(rows, tmp_path / "hh.jsonl")), base, tmp_path / "cache", max_length=None)
+    assert "no chat template: plain-text rows tokenised as raw text" in caplog.text
+    theirs = DPOTrainer._prepare_dataset(types.SimpleNamespace(_tokenizer=base), Dataset.from_list(rows), base,
+                                         types.SimpleNamespace(dataset_num_proc=None, max_length=None,
+                                                               truncation_mode="keep_start"), "train")
+    assert ids(prep.train) == ids(theirs)
