@@ -421,10 +421,17 @@ class Cache:
                     p.stat().st_size for p in source.files) < SMALL_SOURCE_BYTES
                 meta = _build(source, limit, job, 1 if small or isinstance(source, sources.RowsSource) else workers,
                               tmp, parts)
-                os.replace(tmp, self.root / key)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
+            try:
+                os.replace(tmp, self.root / key)
+            except OSError:  # built meanwhile by another node sharing this disk whose lock we did not see
+                shutil.rmtree(tmp, ignore_errors=True)
+                theirs = self.find(key)
+                if theirs is None:
+                    raise
+                return theirs
         return Entry(self.root / key, meta, built=True)
 
     def take(self, entry: Entry, rows: np.ndarray) -> Dataset:
