@@ -286,10 +286,38 @@ class HubSource(Source):
         return {"hub": self.name, "config": self.config, "split": self.split, "dataset": self.dataset()._fingerprint}
 
 
+class SavedSource(HubSource):
+    """A folder written by `Dataset.save_to_disk` / `DatasetDict.save_to_disk`, read with `load_from_disk`."""
+
+    def dataset(self):
+        if self._ds is None:
+            from datasets import DatasetDict, load_from_disk
+
+            ds = load_from_disk(self.name)
+            if isinstance(ds, DatasetDict):
+                if self.split not in ds:
+                    raise DataError(f"{self.name}: has no split {self.split!r} (saved splits: {sorted(ds)}); set "
+                                    "dataset_train_split / dataset_test_split to one of them")
+                ds = ds[self.split]
+            self._ds = ds
+        return self._ds
+
+    def fingerprint(self, memo_dir=None):
+        # the saved fingerprint, plus the files themselves: a folder saved again in place changes them
+        files = sorted(Path(self.name).rglob("*.arrow"))
+        return {**super().fingerprint(memo_dir),
+                "files": [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]}
+
+
+SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what save_to_disk writes beside its Arrow files
+
+
 def _folder(path: Path, config: str | None, split: str) -> Source:
     """A local folder: split names from file names as `load_dataset` does, every supported file type read whole."""
     from datasets.data_files import DataFilesDict, get_data_patterns
 
+    if any((path / name).is_file() for name in SAVED_MARKERS):
+        return SavedSource(str(path), config, split)
     try:
         files = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
     except FileNotFoundError:

@@ -290,6 +290,19 @@ def test_csv_rows_keep_their_real_line_numbers(tmp_path):
         data.load_pairs(args(dataset_name=str(path)))
 
 
+def test_save_to_disk_folder(tmp_path):
+    from datasets import DatasetDict
+
+    Dataset.from_list(STANDARD).save_to_disk(tmp_path / "one")
+    assert data.load_pairs(args(dataset_name=str(tmp_path / "one"))).train.to_list() == STANDARD
+    DatasetDict({"train": Dataset.from_list(STANDARD), "test": Dataset.from_list(STANDARD[:2])}).save_to_disk(
+        tmp_path / "dict")
+    pairs = data.load_pairs(args(dataset_name=str(tmp_path / "dict"), dataset_test_split="test", dedup="none"))
+    assert (len(pairs.train), len(pairs.eval)) == (10, 2)
+    with pytest.raises(data.DataError, match=r"has no split 'valid' \(saved splits: \['test', 'train'\]\)"):
+        data.load_pairs(args(dataset_name=str(tmp_path / "dict"), dataset_train_split="valid"))
+
+
 def test_folder_with_several_file_types_is_read_whole(tmp_path):
     write_jsonl(tmp_path / "a.jsonl", STANDARD[:3])
     Dataset.from_list(STANDARD[3:6]).to_parquet(tmp_path / "b.parquet")
