@@ -310,6 +310,7 @@ class SavedSource(HubSource):
 
 
 SAVED_MARKERS = ("state.json", "dataset_dict.json")  # what save_to_disk writes beside its Arrow files
+METADATA_FILES = ("dataset_info.json", "dataset_infos.json")  # Hub-style metadata next to data files: not rows
 
 
 def _folder(path: Path, config: str | None, split: str) -> Source:
@@ -322,7 +323,7 @@ def _folder(path: Path, config: str | None, split: str) -> Source:
         files = DataFilesDict.from_patterns(get_data_patterns(str(path)), base_path=str(path))
     except FileNotFoundError:
         files = {}
-    by_split = {str(k): [Path(f) for f in v] for k, v in files.items()}
+    by_split = {str(k): [Path(f) for f in v if Path(f).name not in METADATA_FILES] for k, v in files.items()}
     data = {k: [f for f in v if _suffix(f) in READERS] for k, v in by_split.items()}
     if not any(data.values()):  # e.g. a save_to_disk or Arrow folder: let datasets read it
         return HubSource(str(path), config, split)
