@@ -91,7 +91,8 @@ class DPOConfig(_TRLDPOConfig):
         default=None,
         metadata={"help": "Most tokens one packed micro-batch computes (padding-free only). Steps keep their "
                   "pairs (per_device_train_batch_size x gradient_accumulation_steps) and per-pair loss weights. "
-                  "Default: per_device_train_batch_size x 2 x max_length, the stock worst case."},
+                  "Default: per_device_train_batch_size x 2 x the longest sequence in the data (at most max_length), "
+                  "the largest micro-batch stock TRL builds on the same data, so peak memory stays at or below its."},
     )
     ref_logps_cache_dir: str | None = field(
         default=None,

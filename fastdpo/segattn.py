@@ -55,16 +55,16 @@ class Segments:
     """
 
     gather: torch.Tensor  # [slots]: flat token index for each slot of the grouped, right-padded segment batches
-    inverse: torch.Tensor  # [rows * T]: the slot whose output each flat token takes (its owner)
     groups: list  # (first slot, number of segments, width) per sdpa call
+    owned: list  # per group: (slots within the group that own a token, those tokens' flat indices)
     rows: int
     width: int
     mode: str = "dense"
     _bands: dict = field(default_factory=dict, repr=False)
 
     def to(self, device):
-        return Segments(self.gather.to(device), self.inverse.to(device), self.groups, self.rows, self.width,
-                        self.mode)
+        owned = [(s.to(device), t.to(device)) for s, t in self.owned]
+        return Segments(self.gather.to(device), self.groups, owned, self.rows, self.width, self.mode)
 
     def band(self, width: int, window: int, device) -> torch.Tensor:
         """[width, width] bool: causal and within the window (transformers' sliding mask in slot coordinates)."""
@@ -90,6 +90,7 @@ def build_segments(specs: list[tuple[list[tuple[int, int]], int]], rows: int, wi
         if len(idx):
             segs.append((idx, own))
     segs.sort(key=lambda x: -len(x[0]))
+    # inverse: the slot whose output each flat token takes (its owner)
     gather, inverse = [], torch.full((rows * width,), -1, dtype=torch.long)
     groups, i, slot = [], 0, 0
     while i < len(segs):
@@ -109,7 +110,11 @@ def build_segments(specs: list[tuple[list[tuple[int, int]], int]], rows: int, wi
         i = j
     if (inverse < 0).any():
         raise ValueError("packed layout: some tokens belong to no segment")
-    return Segments(torch.cat(gather) if gather else torch.empty(0, dtype=torch.long), inverse, groups, rows, width,
+    owned = []
+    for first, n, w in groups:
+        tokens = ((inverse >= first) & (inverse < first + n * w)).nonzero().flatten()
+        owned.append((inverse[tokens] - first, tokens))
+    return Segments(torch.cat(gather) if gather else torch.empty(0, dtype=torch.long), groups, owned, rows, width,
                     mode)
 
 
@@ -159,26 +164,26 @@ def _segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scalin
         raise Unsupported(f"{type(module).__name__}: {reason}")
     window = kwargs.get("sliding_window")
     hk = key.shape[1]
-    q = query.transpose(1, 2).reshape(b * t, h, d)[seg.gather]
-    k = key.transpose(1, 2).reshape(b * t, hk, key.shape[-1])[seg.gather]
-    v = value.transpose(1, 2).reshape(b * t, hk, value.shape[-1])[seg.gather]
-    outs = []
-    for first, n, w in seg.groups:
+    # [rows * T, heads, dim] views where rows == 1 (no copy before the gather), else one copy each
+    flat = lambda x: x[0].transpose(0, 1) if b == 1 else x.transpose(1, 2).reshape(b * t, x.shape[1], x.shape[-1])  # noqa: E731
+    q, k, v = flat(query)[seg.gather], flat(key)[seg.gather], flat(value)[seg.gather]
+    out = query.new_empty(b * t, h, value.shape[-1])
+    for (first, n, w), (slots, tokens) in zip(seg.groups, seg.owned):
         sl = slice(first, first + n * w)
         qg = q[sl].view(n, w, h, d).transpose(1, 2)
         kg = k[sl].view(n, w, hk, -1).transpose(1, 2)
         vg = v[sl].view(n, w, hk, -1).transpose(1, 2)
-        if hk != h:  # GQA: share each key/value head across its query group (what repeat_kv does)
-            kg = kg.repeat_interleave(h // hk, dim=1)
-            vg = vg.repeat_interleave(h // hk, dim=1)
+        # GQA: each key/value head serves its group of query heads (what repeat_kv does, without the copies)
+        gqa = {"enable_gqa": True} if hk != h else {}
         if window is not None and w > window:  # some member can reach past its window: the band, explicitly
             o = torch.nn.functional.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=seg.band(w, window, qg.device), dropout_p=dropout, scale=scaling)
+                qg, kg, vg, attn_mask=seg.band(w, window, qg.device), dropout_p=dropout, scale=scaling, **gqa)
         else:
             o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, scale=scaling,
-                                                                 is_causal=True)
-        outs.append(o.transpose(1, 2).reshape(n * w, h, -1))
-    out = torch.cat(outs)[seg.inverse].view(b, t, h, -1)
+                                                                 is_causal=True, **gqa)
+        # each owned slot's output to its token, written in place (no concatenation of every group first)
+        out.index_copy_(0, tokens, o.transpose(1, 2).reshape(n * w, h, -1)[slots])
+    out = out.view(b, t, h, -1)
     return out, None
 
 

@@ -259,7 +259,8 @@ def main():
     parser.add_argument("--max_length", type=int, help="override the profile's max_length / scale")
     parser.add_argument("--pairs_per_device", type=int, default=4)
     parser.add_argument("--grad_accum", type=int, default=8)
-    parser.add_argument("--steps", type=int, default=2, help="optimizer steps per run")
+    parser.add_argument("--steps", type=int, help="optimizer steps per run (default: think 3, instruct 6, multiturn "
+                        "4: long enough that one-off costs, the probe and trainer construction, are a small share)")
     parser.add_argument("--rounds", type=int, default=3, help="rounds of alternating runs")
     parser.add_argument("--breakdown", action="store_true", help="add the fast path's options one at a time "
                         "(shaped model) instead of stock / fast / fast-warm on both models")
@@ -269,6 +270,8 @@ def main():
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.steps is None:
+        opts.steps = {"think": 3, "instruct": 6, "multiturn": 4}[opts.profile]
 
     if opts.worker:
         import logging
