@@ -47,6 +47,30 @@ class Unsupported(RuntimeError):
 
 
 @dataclass
+class Group:
+    """One sdpa call: n segments, right-padded to a common width, as slices of the gathered queries and keys.
+
+    Plain segments (every slot owned) have queries = keys and run `is_causal`. Continuations (a rejected answer
+    after its pair's shared prompt) query only from their owned slots on: query j of member i sits at key slot
+    offset[i] + j and sees the keys up to it, so the prompt's queries are not computed twice.
+    """
+
+    q_first: int  # first row of this group in the gathered queries
+    k_first: int  # ... and in the gathered keys / values
+    n: int
+    q_width: int
+    k_width: int
+    offset: torch.Tensor | None  # [n] key slot of each member's first query; None: plain, queries = keys
+    slots: torch.Tensor  # query slots (within the group) that own a token ...
+    tokens: torch.Tensor  # ... and those tokens' flat indices
+
+    def to(self, device):
+        offset = None if self.offset is None else self.offset.to(device)
+        return Group(self.q_first, self.k_first, self.n, self.q_width, self.k_width, offset, self.slots.to(device),
+                     self.tokens.to(device))
+
+
+@dataclass
 class Segments:
     """Where each sequence's tokens live, as gather / scatter indices over the flattened [rows * T] tokens.
 
@@ -54,26 +78,35 @@ class Segments:
     mode "segments": no usable dense mask (a placeholder, or prefix sharing): such calls raise `Unsupported`.
     """
 
-    gather: torch.Tensor  # [slots]: flat token index for each slot of the grouped, right-padded segment batches
-    groups: list  # (first slot, number of segments, width) per sdpa call
-    owned: list  # per group: (slots within the group that own a token, those tokens' flat indices)
+    q_gather: torch.Tensor  # flat token index of every query slot of every group
+    k_gather: torch.Tensor  # flat token index of every key slot of every group
+    groups: list[Group]
     rows: int
     width: int
     mode: str = "dense"
-    _bands: dict = field(default_factory=dict, repr=False)
+    _masks: dict = field(default_factory=dict, repr=False)
 
     def to(self, device):
-        owned = [(s.to(device), t.to(device)) for s, t in self.owned]
-        return Segments(self.gather.to(device), self.groups, owned, self.rows, self.width, self.mode)
+        return Segments(self.q_gather.to(device), self.k_gather.to(device), [g.to(device) for g in self.groups],
+                        self.rows, self.width, self.mode)
 
-    def band(self, width: int, window: int, device) -> torch.Tensor:
-        """[width, width] bool: causal and within the window (transformers' sliding mask in slot coordinates)."""
-        key = (width, window, str(device))
-        if key not in self._bands:
-            i = torch.arange(width, device=device)
-            diff = i[:, None] - i[None, :]
-            self._bands[key] = (diff >= 0) & (diff < window)
-        return self._bands[key]
+    def mask(self, i: int, window: int | None, device) -> torch.Tensor | None:
+        """Group i's boolean mask (None: plain `is_causal` does it): causal in slot coordinates, within the window,
+        built once per group and window and shared by every layer."""
+        g = self.groups[i]
+        if g.offset is None and (window is None or g.k_width <= window):
+            return None
+        key = (i, window, str(device))
+        if key not in self._masks:
+            q = torch.arange(g.q_width, device=device)[None, :, None]
+            if g.offset is not None:
+                q = q + g.offset.to(device)[:, None, None]
+            k = torch.arange(g.k_width, device=device)[None, None, :]
+            visible = k <= q
+            if window is not None:
+                visible &= k > q - window
+            self._masks[key] = visible[:, None]  # [n or 1, 1, q_width, k_width]
+        return self._masks[key]
 
 
 def build_segments(specs: list[tuple[list[tuple[int, int]], int]], rows: int, width: int,
@@ -89,33 +122,42 @@ def build_segments(specs: list[tuple[list[tuple[int, int]], int]], rows: int, wi
         idx = torch.cat([torch.arange(s, s + n) for s, n in pieces]) if pieces else torch.empty(0, dtype=torch.long)
         if len(idx):
             segs.append((idx, own))
-    segs.sort(key=lambda x: -len(x[0]))
-    # inverse: the slot whose output each flat token takes (its owner)
-    gather, inverse = [], torch.full((rows * width,), -1, dtype=torch.long)
-    groups, i, slot = [], 0, 0
-    while i < len(segs):
-        top = len(segs[i][0])
-        j = i
-        while j < len(segs) and len(segs[j][0]) >= top * (1 - _GROUP_SLACK):
-            j += 1
-        first = slot
-        for idx, own in segs[i:j]:
-            n = len(idx)
-            inverse[idx[own:]] = torch.arange(slot + own, slot + n)
-            # pad slots repeat the segment's first token: they only see themselves and earlier slots (causal), and
-            # no real slot ever sees them
-            gather.append(torch.cat([idx, idx[:1].expand(top - n)]))
-            slot += top
-        groups.append((first, j - i, top))
-        i = j
-    if (inverse < 0).any():
-        raise ValueError("packed layout: some tokens belong to no segment")
-    owned = []
-    for first, n, w in groups:
-        tokens = ((inverse >= first) & (inverse < first + n * w)).nonzero().flatten()
-        owned.append((inverse[tokens] - first, tokens))
-    return Segments(torch.cat(gather) if gather else torch.empty(0, dtype=torch.long), groups, owned, rows, width,
-                    mode)
+    owner = torch.zeros(rows * width, dtype=torch.long)
+    q_gather, k_gather, groups = [], [], []
+    q_rows = k_rows = 0
+    for plain in (True, False):
+        members = sorted((x for x in segs if (x[1] == 0) == plain), key=lambda x: -(len(x[0]) - x[1]))
+        i = 0
+        while i < len(members):
+            # grouped by query length; a group's padding stays within _GROUP_SLACK of its longest member
+            top = len(members[i][0]) - members[i][1]
+            j = i
+            while j < len(members) and len(members[j][0]) - members[j][1] >= top * (1 - _GROUP_SLACK):
+                j += 1
+            batch = members[i:j]
+            k_width = max(len(idx) for idx, _ in batch)
+            q_width = k_width if plain else top
+            slots, tokens = [], []
+            for m, (idx, own) in enumerate(batch):
+                # pad slots repeat the segment's first key / query: no real query ever sees them (causal, and the
+                # continuation mask ends at each query's own slot)
+                k_gather.append(torch.cat([idx, idx[:1].expand(k_width - len(idx))]))
+                q = idx if plain else idx[own:]
+                q_gather.append(torch.cat([q, q[:1].expand(q_width - len(q))]))
+                slots.append(m * q_width + torch.arange(len(q)))
+                tokens.append(q)
+                owner[q] += 1
+            offset = None if plain else torch.tensor([own for _, own in batch])
+            groups.append(Group(q_rows, k_rows, len(batch), q_width, k_width, offset, torch.cat(slots),
+                                torch.cat(tokens)))
+            q_rows += len(batch) * q_width
+            k_rows += len(batch) * k_width
+            i = j
+    if (owner != 1).any():
+        raise ValueError("packed layout: every token must belong to exactly one segment")
+    empty = torch.empty(0, dtype=torch.long)
+    return Segments(torch.cat(q_gather) if q_gather else empty, torch.cat(k_gather) if k_gather else empty, groups,
+                    rows, width, mode)
 
 
 def segments_from_position_ids(position_ids: torch.Tensor, mode: str = "dense") -> Segments:
@@ -168,23 +210,25 @@ def _segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scalin
     flat = lambda x: x[0].transpose(0, 1) if b == 1 else x.transpose(1, 2).reshape(b * t, x.shape[1], x.shape[-1])  # noqa: E731
     # index_select, not x[idx]: its backward is index_add_ (indices repeat: pad slots, shared prompts), which is
     # several times faster than the accumulating index_put_ of advanced indexing
-    q, k, v = (torch.index_select(flat(x), 0, seg.gather) for x in (query, key, value))
+    q = torch.index_select(flat(query), 0, seg.q_gather)
+    k, v = (torch.index_select(flat(x), 0, seg.k_gather) for x in (key, value))
     out = query.new_empty(b * t, h, value.shape[-1])
-    for (first, n, w), (slots, tokens) in zip(seg.groups, seg.owned):
-        sl = slice(first, first + n * w)
-        qg = q[sl].view(n, w, h, d).transpose(1, 2)
-        kg = k[sl].view(n, w, hk, -1).transpose(1, 2)
-        vg = v[sl].view(n, w, hk, -1).transpose(1, 2)
-        # GQA: each key/value head serves its group of query heads (what repeat_kv does, without the copies)
-        gqa = {"enable_gqa": True} if hk != h else {}
-        if window is not None and w > window:  # some member can reach past its window: the band, explicitly
-            o = torch.nn.functional.scaled_dot_product_attention(
-                qg, kg, vg, attn_mask=seg.band(w, window, qg.device), dropout_p=dropout, scale=scaling, **gqa)
-        else:
+    # GQA: each key/value head serves its group of query heads (what repeat_kv does, without the copies)
+    gqa = {"enable_gqa": True} if hk != h else {}
+    for i, g in enumerate(seg.groups):
+        qg = q[g.q_first:g.q_first + g.n * g.q_width].view(g.n, g.q_width, h, d).transpose(1, 2)
+        kg = k[g.k_first:g.k_first + g.n * g.k_width].view(g.n, g.k_width, hk, -1).transpose(1, 2)
+        vg = v[g.k_first:g.k_first + g.n * g.k_width].view(g.n, g.k_width, hk, -1).transpose(1, 2)
+        mask = seg.mask(i, window, qg.device)
+        if mask is None:
             o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, scale=scaling,
                                                                  is_causal=True, **gqa)
+        else:  # a window some member reaches past, or queries that start after a shared prompt
+            o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout,
+                                                                 scale=scaling, **gqa)
         # each owned slot's output to its token, written in place (no concatenation of every group first)
-        out.index_copy_(0, tokens, torch.index_select(o.transpose(1, 2).reshape(n * w, h, -1), 0, slots))
+        out.index_copy_(0, g.tokens, torch.index_select(o.transpose(1, 2).reshape(g.n * g.q_width, h, -1), 0,
+                                                        g.slots))
     out = out.view(b, t, h, -1)
     return out, None
 
