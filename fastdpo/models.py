@@ -30,13 +30,6 @@ def load_tokenizer(name_or_path: str, chat_template_path: str | None = None, rev
     return tok
 
 
-def require_chat_template(tokenizer, dataset, name_or_path: str) -> None:
-    row = dataset[0]
-    if isinstance(row["prompt"], list) and not tokenizer.chat_template:
-        raise SystemExit(f"{name_or_path}: the tokenizer has no chat template but the data is conversational; "
-                         "set chat_template_path to a Jinja file or a tokenizer folder that has one")
-
-
 def torch_dtype(name: str | None):
     if name in (None, "auto"):
         return "auto"

@@ -50,9 +50,10 @@ class Unsupported(RuntimeError):
 class Group:
     """One sdpa call: n segments, right-padded to a common width, as slices of the gathered queries and keys.
 
-    Plain segments (every slot owned) have queries = keys and run `is_causal`. Continuations (a rejected answer
-    after its pair's shared prompt) query only from their owned slots on: query j of member i sits at key slot
-    offset[i] + j and sees the keys up to it, so the prompt's queries are not computed twice.
+    Plain segments have queries = keys and run `is_causal` (a rejected answer after a short shared prompt is one too:
+    the prompt slots' outputs are dropped). Continuations (a rejected answer after a longer prompt) query only from
+    their owned slots on: query j of member i sits at key slot offset[i] + j and sees the keys up to it, so the
+    prompt's queries are not computed twice.
     """
 
     q_first: int  # first row of this group in the gathered queries
@@ -125,14 +126,20 @@ def build_segments(specs: list[tuple[list[tuple[int, int]], int]], rows: int, wi
     owner = torch.zeros(rows * width, dtype=torch.long)
     q_gather, k_gather, groups = [], [], []
     q_rows = k_rows = 0
+    # A segment after a shared prompt either queries from every slot (plain: `is_causal`, the prompt's queries
+    # computed again and their outputs dropped, ~K^2/2 scores) or from its own slots only (a continuation: an explicit
+    # offset mask, which the kernels cannot skip blocks of, ~Q x K). The continuation is cheaper only when the
+    # prompt is longer than the segment's own tokens. Both are the same math.
+    continuation = lambda x: 2 * x[1] > len(x[0])  # noqa: E731
     for plain in (True, False):
-        members = sorted((x for x in segs if (x[1] == 0) == plain), key=lambda x: -(len(x[0]) - x[1]))
+        size = (lambda x: len(x[0])) if plain else (lambda x: len(x[0]) - x[1])  # noqa: E731  (query slots)
+        members = sorted((x for x in segs if continuation(x) != plain), key=lambda x: -size(x))
         i = 0
         while i < len(members):
             # grouped by query length; a group's padding stays within _GROUP_SLACK of its longest member
-            top = len(members[i][0]) - members[i][1]
+            top = size(members[i])
             j = i
-            while j < len(members) and len(members[j][0]) - members[j][1] >= top * (1 - _GROUP_SLACK):
+            while j < len(members) and size(members[j]) >= top * (1 - _GROUP_SLACK):
                 j += 1
             batch = members[i:j]
             k_width = max(len(idx) for idx, _ in batch)
@@ -144,9 +151,10 @@ def build_segments(specs: list[tuple[list[tuple[int, int]], int]], rows: int, wi
                 k_gather.append(torch.cat([idx, idx[:1].expand(k_width - len(idx))]))
                 q = idx if plain else idx[own:]
                 q_gather.append(torch.cat([q, q[:1].expand(q_width - len(q))]))
-                slots.append(m * q_width + torch.arange(len(q)))
-                tokens.append(q)
-                owner[q] += 1
+                first = own if plain else 0  # a plain segment's slots before `own` are the prompt's: not its outputs
+                slots.append(m * q_width + torch.arange(first, len(q)))
+                tokens.append(idx[own:])
+                owner[idx[own:]] += 1
             offset = None if plain else torch.tensor([own for _, own in batch])
             groups.append(Group(q_rows, k_rows, len(batch), q_width, k_width, offset, torch.cat(slots),
                                 torch.cat(tokens)))

@@ -93,6 +93,35 @@ def test_packed_logps_parity(tiny, layout):
     assert result.ok(torch.float32) and result.logps_gap < 1e-5, result.describe()
 
 
+def test_shared_prompt_both_attention_forms_parity(tiny):
+    """A rejected answer after its shared prompt runs in one of two forms, picked by length: after a short prompt
+    it re-queries the prompt's slots under plain causal attention; after a long one it queries from its own tokens
+    under an offset mask. A batch with both forms gives the padded batch's per-token log-probs and gradients."""
+    tok, ds, model_args = tiny
+    model = models.load_model(model_args, cfg.parse_args(["--output_dir", "/tmp/unused"])[1])
+    add_fused_lm_head(model)
+    examples = [dict(ds[i]) for i in range(0, 80, 10)]
+    for ex in examples[::2]:  # every other prompt made longer than its answers
+        ex["prompt_ids"] = (ex["prompt_ids"] * 8)[:60]
+    max_length = 96
+    collator = PackedPreferenceCollator(tok.pad_token_id, max_length, "keep_start", mode="segments",
+                                        share_prefix=True)
+    batch = collator(examples)
+    forms = [g.offset is not None for g in batch["packed_segments"].groups]
+    assert any(forms) and not all(forms), forms  # both forms present
+    stock = padded_logps(model, examples, tok.pad_token_id, max_length, per_token=True)
+    packed = PackedForward(model)(**{k: v for k, v in batch.items() if k != "completion_mask"},
+                                  fused_lm_head=True).log_probs
+    assert torch.allclose(packed, stock, atol=1e-5, rtol=0), (packed - stock).abs().max()
+    weights = torch.randn_like(stock)
+    grads = []
+    for logps in (stock, packed):
+        model.zero_grad()
+        (logps * weights).sum().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[1], grads[0], atol=1e-5, rtol=1e-4), (grads[1] - grads[0]).abs().max()
+
+
 @pytest.mark.parametrize("share_prefix", [False, True])
 def test_token_budget_sampler_parity(tiny, share_prefix):
     """Same pairs per (rank, optimizer step) as the stock sampler, weights summing to 1 per step, micro-batches
