@@ -89,7 +89,8 @@ class DPOConfig(_TRLDPOConfig):
     )
     token_budget: int | None = field(
         default=None,
-        metadata={"help": "Most tokens one packed micro-batch computes (padding-free only). Steps keep their "
+        metadata={"help": "Most tokens of chosen + rejected sequences in one packed micro-batch (padding-free only; "
+                  "a shared prompt still counts twice, so prefix sharing computes fewer). Steps keep their "
                   "pairs (per_device_train_batch_size x gradient_accumulation_steps) and per-pair loss weights. "
                   "Default: per_device_train_batch_size x 2 x the longest sequence in the data (at most max_length), "
                   "the largest micro-batch stock TRL builds on the same data, so peak memory stays at or below its."},

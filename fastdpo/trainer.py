@@ -189,7 +189,11 @@ class DPOTrainer(_TRLDPOTrainer):
             args.gradient_accumulation_steps, world_size=args.world_size, rank=args.process_index,
             token_budget=self._token_budget, row_capacity=collator.row_capacity, order=args.train_sampling_strategy,
             seed=args.data_seed if args.data_seed is not None else args.seed, drop_last=args.dataloader_drop_last,
-            share_prefix=collator.share_prefix)
+            # The budget counts each pair's two sequences whole, even when its prompt runs once: a micro-batch then
+            # never holds more than stock's largest one, so peak memory stays below it. Counting shared tokens let
+            # prompt-heavy micro-batches take more pairs: multiturn peak 1.02x stock's, against 0.82x this way, at
+            # the same speed (shaped model, 2 CPU cores).
+            share_prefix=False)
         extra = {}
         if args.dataloader_num_workers > 0:
             extra = {"persistent_workers": args.dataloader_persistent_workers,
