@@ -85,11 +85,13 @@ class Segments:
     rows: int
     width: int
     mode: str = "dense"
+    # flat token -> its row in the groups' owned outputs concatenated (every token is owned exactly once)
+    inverse: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict, repr=False)
 
     def to(self, device):
         return Segments(self.q_gather.to(device), self.k_gather.to(device), [g.to(device) for g in self.groups],
-                        self.rows, self.width, self.mode)
+                        self.rows, self.width, self.mode, None if self.inverse is None else self.inverse.to(device))
 
     def mask(self, i: int, window: int | None, device) -> torch.Tensor | None:
         """Group i's boolean mask (None: plain `is_causal` does it): causal in slot coordinates, within the window,
@@ -164,8 +166,11 @@ def build_segments(specs: list[tuple[list[tuple[int, int]], int]], rows: int, wi
     if (owner != 1).any():
         raise ValueError("packed layout: every token must belong to exactly one segment")
     empty = torch.empty(0, dtype=torch.long)
+    inverse = torch.empty(rows * width, dtype=torch.long)
+    if groups:
+        inverse[torch.cat([g.tokens for g in groups])] = torch.arange(rows * width)
     return Segments(torch.cat(q_gather) if q_gather else empty, torch.cat(k_gather) if k_gather else empty, groups,
-                    rows, width, mode)
+                    rows, width, mode, inverse)
 
 
 def segments_from_position_ids(position_ids: torch.Tensor, mode: str = "dense") -> Segments:
@@ -220,13 +225,17 @@ def _segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scalin
     # several times faster than the accumulating index_put_ of advanced indexing
     q = torch.index_select(flat(query), 0, seg.q_gather)
     k, v = (torch.index_select(flat(x), 0, seg.k_gather) for x in (key, value))
-    out = query.new_empty(b * t, h, value.shape[-1])
+    # split, not slices: a slice's backward writes its gradient into a zeroed copy of the whole tensor, once per
+    # group (a full-size fill and add per group, per layer); split's backward is one concatenation
+    qs = torch.split(q, [g.n * g.q_width for g in seg.groups])
+    ks, vs = (torch.split(x, [g.n * g.k_width for g in seg.groups]) for x in (k, v))
+    owned = []
     # GQA: each key/value head serves its group of query heads (what repeat_kv does, without the copies)
     gqa = {"enable_gqa": True} if hk != h else {}
     for i, g in enumerate(seg.groups):
-        qg = q[g.q_first:g.q_first + g.n * g.q_width].view(g.n, g.q_width, h, d).transpose(1, 2)
-        kg = k[g.k_first:g.k_first + g.n * g.k_width].view(g.n, g.k_width, hk, -1).transpose(1, 2)
-        vg = v[g.k_first:g.k_first + g.n * g.k_width].view(g.n, g.k_width, hk, -1).transpose(1, 2)
+        qg = qs[i].view(g.n, g.q_width, h, d).transpose(1, 2)
+        kg = ks[i].view(g.n, g.k_width, hk, -1).transpose(1, 2)
+        vg = vs[i].view(g.n, g.k_width, hk, -1).transpose(1, 2)
         mask = seg.mask(i, window, qg.device)
         if mask is None:
             o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, dropout_p=dropout, scale=scaling,
@@ -234,11 +243,11 @@ def _segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scalin
         else:  # a window some member reaches past, or queries that start after a shared prompt
             o = torch.nn.functional.scaled_dot_product_attention(qg, kg, vg, attn_mask=mask, dropout_p=dropout,
                                                                  scale=scaling, **gqa)
-        # each owned slot's output to its token, written in place (no concatenation of every group first)
-        out.index_copy_(0, g.tokens, torch.index_select(o.transpose(1, 2).reshape(g.n * g.q_width, h, -1), 0,
-                                                        g.slots))
-    out = out.view(b, t, h, -1)
-    return out, None
+        owned.append(torch.index_select(o.transpose(1, 2).reshape(g.n * g.q_width, h, -1), 0, g.slots))
+    # one gather puts every token's output in place (in-place writes per group would clone the whole gradient once
+    # per group in the backward)
+    out = torch.index_select(torch.cat(owned), 0, seg.inverse)
+    return out.view(b, t, h, -1), None
 
 
 def install() -> bool:
