@@ -296,7 +296,10 @@ def main():
         for model in models_:
             with tempfile.TemporaryDirectory() as tmp:
                 cache = str(Path(tmp) / "ref_cache")  # fresh per round: the first fast run pays the precompute
-                for variant in variants:
+                # Stock runs first in even rounds and last in odd ones, so that no variant always takes the same
+                # place in a round: a shared machine's speed drifts over a burst of runs
+                order = variants if rnd % 2 == 0 else variants[1:] + variants[:1]
+                for variant in order:
                     worker_variant = {"fast": "fast", "fast-warm": "fast", "+precompute": "fast",
                                       "+warm cache": "fast"}.get(variant, variant)
                     res = run(opts, argv, model, worker_variant, tmp, cache)
