@@ -8,12 +8,17 @@ import logging
 import os
 import re
 import sys
+import warnings
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
 # peft imports bitsandbytes, whose CPU backend warns on every run that an optional 4-bit kernel package is
 # missing. Nothing here runs 4-bit on CPU (models.load_model refuses it), so the line is noise.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+# TRL 1.16's configs default `gradient_checkpointing` (transformers 5.23's deprecated alias of
+# `activation_checkpointing`), so transformers warned about the old name on every run, set by the user or not.
+# The two names are mirrored both ways; TRL still reads the old one, which is why the recipes use it.
+warnings.filterwarnings("ignore", message="`gradient_checkpointing(_kwargs)?` is deprecated", category=FutureWarning)
 
 from trl import DPOConfig as _TRLDPOConfig  # noqa: E402
 from trl import ModelConfig, TrlParser  # noqa: E402

@@ -28,6 +28,7 @@ def test_embedded_default_learns_the_preference(tmp_path):
     assert lines and lines[-1].startswith("step 128/128 | loss ")
     assert "optimizer steps: 128 (1 epochs of 128 steps)" in proc.stdout  # counted, not the num_train_epochs key
     assert "gemm_4bit" not in proc.stdout + proc.stderr  # bitsandbytes' import-time noise is gone
+    assert "is deprecated" not in proc.stderr  # TRL's own gradient_checkpointing default warned on every run
     assert "\r" not in proc.stdout + proc.stderr  # no progress bars in a log file
     # the before/after table: before training policy == reference, so rewards tie (TRL counts a tie as wrong);
     # packed reference log-probs can differ from the policy's in the last float bits, flipping a rare tie
