@@ -44,8 +44,9 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", nargs="?", help="Hub id, local file (.jsonl/.json/.parquet/.csv[.gz]) or folder; "
                    "default: the recipe's dataset_name (allenai/Dolci-Instruct-DPO)")
-    p.add_argument("--recipe", default=None, help="YAML recipe for tokenizer, chat template, column_map, limits and "
-                   "batch size (default recipes/olmo3_instruct.yaml)")
+    p.add_argument("--recipe", "--config", dest="recipe", default=None,
+                   help="YAML recipe for tokenizer, chat template, column_map, limits and batch size (default "
+                   "recipes/olmo3_instruct.yaml); --config, as train_dpo.py spells it, is the same")
     p.add_argument("--tokenizer", help="tokenizer name or folder (default: the recipe's model_name_or_path)")
     p.add_argument("--chat_template_path", help="Jinja chat template or tokenizer folder (default: the recipe's)")
     p.add_argument("--split", help="split to analyze (default: the recipe's dataset_train_split)")

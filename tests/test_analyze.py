@@ -259,6 +259,9 @@ def test_recipe_limits_and_a_gpu_recipe_parse_on_cpu(word_tokenizer, tmp_path):
     out = cli(["--recipe", "recipes/tiny.yaml"])  # no dataset: the recipe's (the embedded data)
     assert out["dataset"] == "embedded:tiny-prefs" and out["tokenizer"] == "embedded:tiny-llama"
     assert out["max_length"] == 128 and out["max_prompt_length"] == 64
+    timing = ("pairs_per_second", "tokenize_seconds")
+    same = {k: v for k, v in cli(["--config", "recipes/tiny.yaml"]).items() if k not in timing}
+    assert same == {k: v for k, v in out.items() if k not in timing}  # train_dpo.py's spelling of the flag
 
 
 def test_conversational_column_map_override(word_tokenizer, tmp_path):
