@@ -48,7 +48,8 @@ class Unsupported(RuntimeError):
 
 @dataclass
 class Group:
-    """One sdpa call: n segments, right-padded to a common width, as slices of the gathered queries and keys.
+    """One sdpa call: n segments, right-padded to a common width, as consecutive blocks of the gathered queries and
+    keys (n x q_width and n x k_width rows, in group order).
 
     Plain segments have queries = keys and run `is_causal` (a rejected answer after a short shared prompt is one too:
     the prompt slots' outputs are dropped). Continuations (a rejected answer after a longer prompt) query only from
@@ -56,8 +57,6 @@ class Group:
     prompt's queries are not computed twice.
     """
 
-    q_first: int  # first row of this group in the gathered queries
-    k_first: int  # ... and in the gathered keys / values
     n: int
     q_width: int
     k_width: int
@@ -67,8 +66,7 @@ class Group:
 
     def to(self, device):
         offset = None if self.offset is None else self.offset.to(device)
-        return Group(self.q_first, self.k_first, self.n, self.q_width, self.k_width, offset, self.slots.to(device),
-                     self.tokens.to(device))
+        return Group(self.n, self.q_width, self.k_width, offset, self.slots.to(device), self.tokens.to(device))
 
 
 @dataclass
@@ -84,14 +82,13 @@ class Segments:
     groups: list[Group]
     rows: int
     width: int
+    inverse: torch.Tensor  # flat token -> its row in the groups' owned outputs, concatenated (each token owned once)
     mode: str = "dense"
-    # flat token -> its row in the groups' owned outputs concatenated (every token is owned exactly once)
-    inverse: torch.Tensor | None = None
     _masks: dict = field(default_factory=dict, repr=False)
 
     def to(self, device):
         return Segments(self.q_gather.to(device), self.k_gather.to(device), [g.to(device) for g in self.groups],
-                        self.rows, self.width, self.mode, None if self.inverse is None else self.inverse.to(device))
+                        self.rows, self.width, self.inverse.to(device), self.mode)
 
     def mask(self, i: int, window: int | None, device) -> torch.Tensor | None:
         """Group i's boolean mask (None: plain `is_causal` does it): causal in slot coordinates, within the window,
@@ -127,7 +124,6 @@ def build_segments(specs: list[tuple[list[tuple[int, int]], int]], rows: int, wi
             segs.append((idx, own))
     owner = torch.zeros(rows * width, dtype=torch.long)
     q_gather, k_gather, groups = [], [], []
-    q_rows = k_rows = 0
     # A segment after a shared prompt either queries from every slot (plain: `is_causal`, the prompt's queries
     # computed again and their outputs dropped, ~K^2/2 scores) or from its own slots only (a continuation: an explicit
     # offset mask, which the kernels cannot skip blocks of, ~Q x K). The continuation is cheaper only when the
@@ -158,10 +154,7 @@ def build_segments(specs: list[tuple[list[tuple[int, int]], int]], rows: int, wi
                 tokens.append(idx[own:])
                 owner[idx[own:]] += 1
             offset = None if plain else torch.tensor([own for _, own in batch])
-            groups.append(Group(q_rows, k_rows, len(batch), q_width, k_width, offset, torch.cat(slots),
-                                torch.cat(tokens)))
-            q_rows += len(batch) * q_width
-            k_rows += len(batch) * k_width
+            groups.append(Group(len(batch), q_width, k_width, offset, torch.cat(slots), torch.cat(tokens)))
             i = j
     if (owner != 1).any():
         raise ValueError("packed layout: every token must belong to exactly one segment")
@@ -170,7 +163,7 @@ def build_segments(specs: list[tuple[list[tuple[int, int]], int]], rows: int, wi
     if groups:
         inverse[torch.cat([g.tokens for g in groups])] = torch.arange(rows * width)
     return Segments(torch.cat(q_gather) if q_gather else empty, torch.cat(k_gather) if k_gather else empty, groups,
-                    rows, width, mode, inverse)
+                    rows, width, inverse, mode)
 
 
 def segments_from_position_ids(position_ids: torch.Tensor, mode: str = "dense") -> Segments:
