@@ -133,8 +133,23 @@ class ScriptArguments:
     )
     column_map: str | None = field(
         default=None,
-        metadata={"help": "JSON object mapping prompt/chosen/rejected/system to the dataset's columns, e.g. "
-                  '\'{"system": "system", "prompt": "question", "chosen": "chosen", "rejected": "rejected"}\'.'},
+        metadata={"help": "JSON object naming the columns of a layout detection does not know: prompt (or messages), "
+                  "chosen, rejected, system; dotted paths reach nested fields (input.messages); message keys and role "
+                  "names with LLaMA-Factory's tags (role_tag, content_tag, user_tag, assistant_tag, system_tag, "
+                  'observation_tag, function_tag), e.g. \'{"prompt": "question", "chosen": "good", "rejected": '
+                  '"bad"}\'. Most layouts are detected without it (README: data layouts).'},
+    )
+    ranked_pairs: str | None = field(
+        default=None,
+        metadata={"help": "Ranked or scored replies (LLaMA-Factory's ranking layout, Nectar, UltraFeedback's raw "
+                  "completions) -> pairs: best_vs_worst (one pair a row) or best_vs_rest (the best against each "
+                  "other reply). Replies of equal rank give no pair and are counted.",
+                  "choices": ["best_vs_worst", "best_vs_rest"]},
+    )
+    judged_pairs: bool = field(
+        default=False,
+        metadata={"help": "Two answers and a judge's winner label (FastChat judgments, Chatbot Arena) -> pairs: the "
+                  "winner is chosen, the other rejected; ties and unlabelled rows give no pair and are counted."},
     )
     max_prompt_length: int | None = field(
         default=None,
@@ -175,9 +190,11 @@ class ScriptArguments:
                 raise SystemExit(f"column_map is not a JSON object ({e}); example: "
                                  '\'{"prompt": "question", "chosen": "good", "rejected": "bad"}\'') from None
         if self.column_map is not None:
-            bad = set(self.column_map) - {"prompt", "chosen", "rejected", "system"}
-            if not isinstance(self.column_map, dict) or bad:
-                raise SystemExit(f"column_map keys must be among prompt, chosen, rejected, system; got {sorted(bad)}")
+            from .layouts import check_column_map
+
+            problem = check_column_map(self.column_map)
+            if problem:
+                raise SystemExit(problem)
 
 
 def _script_arguments_for(trainer_config) -> type:

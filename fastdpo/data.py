@@ -1,204 +1,109 @@
-"""Preference data: any supported source -> TRL's preference format -> token ids.
+"""Preference data: any supported source -> TRL's preference form -> token ids; the split (eval, dedup) shared by DPO
+and SFT.
 
-Training (through fastdpo.tokcache), the dataset analyzer and scripts/evaluate.py all read with `open_source`,
-normalise with `normalize_row` and tokenise with `tokenize_pairs`, so they see identical tokens by construction.
+Layers, imports running one way: fastdpo.errors (row errors, notes) -> fastdpo.files -> fastdpo.sources (raw rows
+with their places) -> fastdpo.layouts (detect the layout once per source, convert each row) -> this module
+(tokenise exactly as TRL 1.16 does, truncate, split) -> fastdpo.tokcache (the on-disk cache training reads).
+Training, the dataset analyzer and scripts/evaluate.py all go through `layouts` and `tokenize_pairs`, so they see
+identical tokens by construction.
 
-Accepted layouts, detected from the columns of each row:
-  standard        prompt, chosen, rejected as strings
-  conversational  prompt, chosen, rejected as message lists (the Dolci sets)
-  implicit prompt chosen, rejected as whole transcripts; the prompt is their shared prefix (Anthropic/hh-rlhf).
-                  With a chat template, Human/Assistant transcripts become messages; without one (a base model,
-                  the DPO paper's Pythia-on-HH setup) they stay raw text split by TRL's own `extract_prompt`.
-  column map      any other layout renamed with `column_map` (Intel/orca_dpo_pairs: system, question)
-
-Rows are read by fastdpo.sources (streamed, with file:line). A row that cannot be read (invalid UTF-8, malformed
-JSON, a CSV record with the wrong field count), fails a check, or has roles no chat template can render is a row
-error: it fails with its place and the fix, or is skipped and listed with --skip_bad_rows.
+A row that cannot be read (invalid UTF-8, malformed JSON, a CSV record with the wrong field count), has a
+structural problem, or has roles no chat template can render is a row error: it fails with its place and the fix,
+or is skipped and listed with --skip_bad_rows. Oddities with a rule (merged turns, empty answers, chosen =
+rejected) are counted with their first places (fastdpo.errors.Notes).
 """
 
 from __future__ import annotations
 
-import difflib
 import json
 import logging
 import math
 import random
-import re
 from dataclasses import dataclass, field
 
 from datasets import Dataset
 
-from .sources import DataError, Source, decode, open_source
+from . import layouts
+from .errors import FIX_SKIP, NOTE_TEXT, DataError, Notes, Skipped, TemplateMissing  # noqa: F401 (re-exported)
+from .sources import Source, decode, open_source
 
 logger = logging.getLogger(__name__)
 
 DEFAULT_EVAL_FRACTION = 0.1
-FIX_SKIP = "fix the row, or pass --skip_bad_rows true to skip bad rows (they are counted and listed in output_dir)"
 NO_EVAL = ("", "none", "null", "no")  # dataset_test_split values that mean "no eval split"
-KNOWN_ROLES = ("system", "developer", "user", "assistant", "tool")
 DEDUP = ("eval", "all", "none")
-
-
-class TemplateMissing(DataError):
-    """Conversational rows and a tokenizer without a chat template: a setup error, never skipped row by row."""
-
-
-@dataclass
-class Skipped:
-    rows: list[dict] = field(default_factory=list)
-
-    def add(self, where: str, problem: str) -> None:
-        self.rows.append({"where": where, "problem": problem})
 
 
 # ------------------------------------------------------------------------------------------- normalising
 
-_HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 
-
-def _hh_messages(text: str) -> list[dict] | None:
-    """Anthropic hh-rlhf transcripts ('\\n\\nHuman: ...\\n\\nAssistant: ...') as messages, else None."""
-    parts = _HH_TURN.split(text)
-    if len(parts) < 3 or parts[0].strip():
-        return None
-    roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
-
-
-def _split_implicit(chosen, rejected, templated: bool) -> tuple:
-    """The shared prefix of two transcripts is the prompt, split by TRL's own `extract_prompt` (whole turns for
-    messages; for text, the first differing character, the space before it going to the answers). With a chat
-    template, Human/Assistant transcripts are rendered through it as messages."""
-    from trl.data_utils import extract_prompt
-
-    if templated and isinstance(chosen, str) and isinstance(rejected, str):
-        hc, hr = _hh_messages(chosen), _hh_messages(rejected)
-        if hc is not None and hr is not None:
-            chosen, rejected = hc, hr
-    out = extract_prompt({"chosen": chosen, "rejected": rejected})
-    return out["prompt"], out["chosen"], out["rejected"]
-
-
-def _check_messages(value, name: str) -> str | None:
-    if not value:
-        return f"field {name!r} is an empty message list"
-    for j, m in enumerate(value):
-        if not isinstance(m, dict) or "role" not in m or "content" not in m:
-            return f"field {name!r} message {j + 1} must be an object with 'role' and 'content'"
-        if not isinstance(m["content"], str):
-            return f"field {name!r} message {j + 1} has non-string content ({type(m['content']).__name__})"
-    return None
-
-
-def _check_roles(prompt: list, answer: list, name: str) -> str | None:
-    """Role order a chat template can render: system first, then user/assistant turns that alternate (tool
-    results may follow an assistant turn), the answer starting with the assistant. Checked before any template
-    renders, so a strict template's Jinja error never replaces the row's place."""
-    conv = [("prompt", j + 1, m["role"]) for j, m in enumerate(prompt)]
-    conv += [(name, j + 1, m["role"]) for j, m in enumerate(answer)]
-    for where, j, role in conv:
-        if role not in KNOWN_ROLES:
-            close = difflib.get_close_matches(str(role), KNOWN_ROLES, n=1)
-            hint = f" (did you mean {close[0]!r}?)" if close else f"; known roles: {', '.join(KNOWN_ROLES)}"
-            return f"field {where!r} message {j} has unknown role {role!r}{hint}"
-    head = 0
-    while head < len(conv) and conv[head][2] in ("system", "developer"):
-        head += 1
-    for where, j, role in conv[head:]:
-        if role in ("system", "developer"):
-            return f"field {where!r} message {j} is a {role} message after the conversation started"
-    body = conv[head:]
-    if prompt and body and body[0][0] == "prompt" and body[0][2] == "assistant":
-        return "field 'prompt' starts with an assistant message; a conversation starts with the user"
-    for (w1, j1, r1), (w2, j2, r2) in zip(body, body[1:]):
-        if r1 == r2 and r1 in ("user", "assistant"):
-            return f"two {r1} messages in a row (field {w1!r} message {j1}, field {w2!r} message {j2})"
-    if answer[0]["role"] != "assistant":
-        return f"field {name!r} must start with an assistant message, not {answer[0]['role']!r}"
-    return None
-
-
-def _check(row: dict) -> str | None:
-    """The problem with a normalised row, or None."""
-    kinds = set()
-    for name in ("prompt", "chosen", "rejected"):
-        value = row.get(name)
-        if isinstance(value, str):
-            kinds.add("text")
-            if not value.strip() and name != "prompt":
-                return f"field {name!r} is empty"
-        elif isinstance(value, list):
-            kinds.add("messages")
-            if name == "prompt" and not value:
-                continue  # a bare completion pair has no prompt turns
-            problem = _check_messages(value, name)
-            if problem:
-                return problem
-        elif value is None:
-            return f"field {name!r} is missing or null"
-        else:
-            return f"field {name!r} must be a string or a list of messages, got {type(value).__name__}"
-    if len(kinds) > 1:
-        return "mixes plain strings and message lists; use one layout per row"
-    if row["chosen"] == row["rejected"]:
-        return "chosen is identical to rejected (no preference to learn)"
-    if isinstance(row["chosen"], list):
-        for name in ("chosen", "rejected"):
-            if row[name][-1]["role"] != "assistant":
-                return f"field {name!r} must end with an assistant message"
-            problem = _check_roles(row["prompt"], row[name], name)
-            if problem:
-                return problem
-    return None
-
-
-def normalize_row(raw, column_map: dict[str, str] | None = None, templated: bool = True) -> dict:
-    """One raw row -> {"prompt", "chosen", "rejected"} (strings, or message lists). Raises DataError(problem).
+def normalize_row(raw, column_map: dict[str, str] | None = None, templated: bool = True,
+                  layout: layouts.Layout | None = None) -> dict:
+    """One raw row -> {"prompt", "chosen", "rejected"} (strings, or message lists), its layout detected from the row
+    itself unless given. Raises DataError(problem), also for a row that gives no pair (chosen = rejected).
 
     `templated`: the tokenizer has a chat template. Without one, implicit-prompt transcripts stay raw text, and a
     conversational row raises TemplateMissing (a setup error, not a bad row).
     """
-    if not isinstance(raw, dict):
-        raise DataError(f"expected an object with prompt/chosen/rejected, got {type(raw).__name__}")
-    if column_map:
-        missing = [src for src in column_map.values() if src not in raw]
-        if missing:
-            raise DataError(f"missing column(s) {missing} named in column_map; columns present: {sorted(raw)}")
-        mapped = {dst: raw[src] for dst, src in column_map.items()}
-    else:
-        mapped = raw
-    for name in ("chosen", "rejected"):
-        if name not in mapped:
-            raise DataError(f"missing column {name!r}; columns present: {sorted(raw)}. Rename the columns or set "
-                            "column_map (e.g. '{\"prompt\": \"question\", \"chosen\": \"good\", \"rejected\": \"bad\"}')")
-    chosen, rejected = mapped["chosen"], mapped["rejected"]
-    system = mapped.get("system")
-    if "prompt" in mapped:
-        prompt = mapped["prompt"]
-        # A text prompt with message-list answers, or a system column: build the conversation.
-        if isinstance(prompt, str) and (system is not None or isinstance(chosen, list)):
-            prompt = [{"role": "user", "content": prompt}]
-        if isinstance(prompt, list) and isinstance(chosen, str) and isinstance(rejected, str):
-            chosen = [{"role": "assistant", "content": chosen}]
-            rejected = [{"role": "assistant", "content": rejected}]
-    else:
-        if not isinstance(chosen, (str, list)) or type(chosen) is not type(rejected):
-            raise DataError("without a prompt column, chosen and rejected must both be transcripts (strings or "
-                            "message lists)")
-        prompt, chosen, rejected = _split_implicit(chosen, rejected, templated)
-    if system is not None:
-        if not isinstance(system, str):
-            raise DataError(f"field 'system' must be a string, got {type(system).__name__}")
-        if system.strip() and isinstance(prompt, list):
-            prompt = [{"role": "system", "content": system}] + prompt
-    row = {"prompt": prompt, "chosen": chosen, "rejected": rejected}
-    problem = _check(row)
-    if problem:
-        raise DataError(problem)
-    if not templated and isinstance(chosen, list):
-        raise TemplateMissing("the row is conversational (message lists) but the tokenizer has no chat template; "
-                              "set chat_template_path to a Jinja file or a tokenizer folder that has one")
-    return row
+    layout = layout or layouts.detect(raw, layouts.Options(column_map))
+    pairs, notes = layout.convert(raw, templated)
+    if not pairs:
+        raise DataError(NOTE_TEXT.get(notes[0], notes[0]) if notes else "no pair in this row")
+    return pairs[0]
+
+
+@dataclass
+class Converted:
+    """Pairs of a run of raw rows, with their places, and what happened to the rows on the way."""
+
+    pairs: list = field(default_factory=list)
+    where: list = field(default_factory=list)
+    notes: Notes = field(default_factory=Notes)
+    unused_text: set = field(default_factory=set)  # unread columns that held text in some row
+    empty_prompts: int = 0
+    rows_with_pairs: int = 0
+    no_pair: list = field(default_factory=list)  # {"where", "problem"} of every row that gave no pair
+
+
+def convert_rows(items, places, layout: layouts.Layout | None, templated: bool, errors: list) -> Converted:
+    """Raw items of a batch -> pairs through `layout`; row errors (unreadable, not a pair) go to `errors` as
+    (where, problem). A row that gives several pairs (ranked data) has places `where (pair k of n)`."""
+    out = Converted()
+    used = layout.used() if layout is not None else set()
+    for item, where in zip(items, places):
+        try:
+            row = decode(item)
+            if layout is None:
+                raise DataError(f"expected an object with the columns of a preference pair, got {type(row).__name__}")
+            pairs, notes = layout.convert(row, templated)
+        except TemplateMissing as e:
+            raise TemplateMissing(f"{where}: {e}") from None
+        except DataError as e:
+            errors.append((where, str(e)))
+            continue
+        for kind in notes:
+            out.notes.add(kind, where)
+        if not pairs:
+            out.no_pair.append({"where": where, "problem": NOTE_TEXT.get(notes[0], notes[0]) if notes else "no pair"})
+        if isinstance(row, dict):
+            out.unused_text.update(k for k, v in row.items() if k not in used and layouts.any_text(v))
+        out.rows_with_pairs += bool(pairs)
+        for k, pair in enumerate(pairs, start=1):
+            out.pairs.append(pair)
+            out.where.append(where if len(pairs) == 1 else f"{where} (pair {k} of {len(pairs)})")
+            out.empty_prompts += not pair["prompt"]
+    return out
+
+
+def check_prompts(layout: layouts.Layout | None, pairs: int, empty_prompts: int, unused_text, label: str) -> str | None:
+    """A source whose prompts come out empty for most pairs while it has unread text columns (any non-empty string
+    or messages) trains answers without their questions: the refusal, or None."""
+    if layout is None or not pairs or empty_prompts * 2 <= pairs or not unused_text:
+        return None
+    cols = sorted(unused_text)
+    return (f"{label}: {empty_prompts:,} of {pairs:,} pairs have an empty prompt (layout {layout.describe()}) while "
+            f"column(s) {cols} hold text that is not read; if {cols[0]!r} is the prompt, set column_map "
+            f"'{{\"prompt\": \"{cols[0]}\"}}', otherwise drop the column(s) from the data")
 
 
 def layout_note(templated: bool) -> str:
@@ -238,29 +143,33 @@ def read_source(source: str, config: str | None = None, split: str = "train", li
     return rows, where
 
 
-def normalize(raw_rows: list, where: list[str], column_map: dict | None, skip_bad_rows: bool,
-              skipped: Skipped, templated: bool = True) -> list[dict]:
-    rows, _ = _normalize_rows(raw_rows, where, column_map, skip_bad_rows, skipped, templated)
-    if skipped.rows:
-        logger.warning("skipped %d bad rows (listed in skipped_rows.jsonl in output_dir)", len(skipped.rows))
-    return rows
-
-
-def _normalize_rows(raw_rows, where, column_map, skip_bad_rows, skipped, templated):
-    """(rows, where) of the rows that normalise; the others fail with their place, or go to `skipped`."""
-    rows, places = [], []
-    for raw, place in zip(raw_rows, where):
-        try:
-            rows.append(normalize_row(decode(raw), column_map, templated))
-        except TemplateMissing as e:
-            raise TemplateMissing(f"{place}: {e}") from None
-        except DataError as e:
+def read_pairs(source: str, options: layouts.Options, templated: bool, config: str | None = None,
+               split: str = "train", limit: int | None = None, skip_bad_rows: bool = False,
+               skipped: Skipped | None = None) -> tuple[Converted, layouts.Layout | None]:
+    """Pairs of a split in memory (evaluation sets, the analyzer's sample, tests): detect, convert, account. Row
+    errors fail with their place, or go to `skipped` with skip_bad_rows."""
+    src = open_source(source, config, split)
+    layout, batches = layouts.detect_source(src.batches(limit), options)
+    out = Converted()
+    for batch in batches:
+        errors: list = []
+        got = convert_rows(batch.items, batch.where, layout, templated, errors)
+        for where, problem in errors:
             if not skip_bad_rows:
-                raise DataError(f"{place}: {e}; {FIX_SKIP}") from None
-            skipped.add(place, str(e))
-            continue
-        places.append(place)
-    return rows, places
+                raise DataError(f"{where}: {problem}; {FIX_SKIP}")
+            if skipped is not None:
+                skipped.add(where, problem)
+        out.pairs += got.pairs
+        out.where += got.where
+        out.notes.merge(got.notes)
+        out.unused_text |= got.unused_text
+        out.empty_prompts += got.empty_prompts
+        out.rows_with_pairs += got.rows_with_pairs
+        out.no_pair += got.no_pair
+    refusal = check_prompts(layout, len(out.pairs), out.empty_prompts, out.unused_text, src.label)
+    if refusal:
+        raise DataError(refusal)
+    return out, layout
 
 
 @dataclass
@@ -268,6 +177,7 @@ class Pairs:
     train: Dataset
     eval: Dataset | None
     skipped: Skipped
+    notes: Notes = field(default_factory=Notes)
 
 
 def _as_fraction(value: str | None) -> float | None:
@@ -387,36 +297,37 @@ def plan_splits(args, spec: EvalSpec, train_hashes: list[bytes], eval_hashes: li
 
 
 def load_pairs(args, tokenizer=None) -> Pairs:
-    """Train (and eval) pairs in TRL's preference format, in memory (evaluation sets, tests). Training at scale
-    goes through fastdpo.tokcache.prepare, which streams the same reading, checks and split to a disk cache.
+    """Train (and eval) pairs in TRL's preference form, in memory (evaluation sets, tests). Training at scale goes
+    through fastdpo.tokcache.prepare, which streams the same reading, checks and split to a disk cache.
 
     `tokenizer` decides how implicit-prompt transcripts are read (see `normalize_row`); None = with a template.
     """
     templated = tokenizer is None or bool(getattr(tokenizer, "chat_template", None))
     skipped = Skipped()
+    options = layouts.Options.of(args)
     source = open_source(args.dataset_name, args.dataset_config, args.dataset_train_split)
     spec = eval_spec(args, source)
     logger.info("%s: %s", args.dataset_name, spec.note)
-    raw, where = read_source(args.dataset_name, args.dataset_config, args.dataset_train_split,
-                             args.max_train_samples, skipped if args.skip_bad_rows else None)
-    rows, where = _normalize_rows(raw, where, args.column_map, args.skip_bad_rows, skipped, templated)
-    eval_rows = eval_where = None
+    train, layout = read_pairs(args.dataset_name, options, templated, args.dataset_config, args.dataset_train_split,
+                               args.max_train_samples, args.skip_bad_rows, skipped)
+    if layout is not None:
+        logger.info("%s: layout %s", args.dataset_name, layout.describe())
+    evals = None
     if spec.source is not None:
-        raw_e, where_e = read_source(spec.source, args.dataset_config, spec.split, None,
-                                     skipped if args.skip_bad_rows else None)
-        eval_rows, eval_where = _normalize_rows(raw_e, where_e, args.column_map, args.skip_bad_rows, skipped,
-                                                  templated)
-    plan = plan_splits(args, spec, [pair_hash(r) for r in rows],
-                       [pair_hash(r) for r in eval_rows] if eval_rows is not None else None, where, eval_where)
-    pool = rows if plan.eval_from_train else eval_rows
-    train = _to_dataset([rows[i] for i in plan.train], f"{args.dataset_name} [{args.dataset_train_split}]")
+        evals, _ = read_pairs(spec.source, options, templated, args.dataset_config, spec.split, None,
+                              args.skip_bad_rows, skipped)
+    plan = plan_splits(args, spec, [pair_hash(r) for r in train.pairs],
+                       [pair_hash(r) for r in evals.pairs] if evals is not None else None, train.where,
+                       evals.where if evals is not None else None)
+    pool = train.pairs if plan.eval_from_train or evals is None else evals.pairs
+    trainset = _to_dataset([train.pairs[i] for i in plan.train], f"{args.dataset_name} [{args.dataset_train_split}]")
     if args.dataset_shuffle_seed is not None:
-        train = train.shuffle(seed=args.dataset_shuffle_seed)
+        trainset = trainset.shuffle(seed=args.dataset_shuffle_seed)
     evalset = None
     if plan.eval is not None:
         check_eval_left(plan, spec)
         evalset = _to_dataset([pool[i] for i in plan.eval], f"{args.dataset_name} [eval]")
-    return Pairs(train, evalset, skipped)
+    return Pairs(trainset, evalset, skipped, train.notes.merge(evals.notes) if evals else train.notes)
 
 
 def check_eval_left(plan: SplitPlan, spec: EvalSpec) -> None:

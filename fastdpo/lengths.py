@@ -28,7 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import data
+from . import data, layouts
 from .sources import open_source
 
 LADDER = [1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768]  # x1.5 then x4/3: 1k..32k
@@ -55,20 +55,32 @@ class Lengths:
 # ----------------------------------------------------------------------------------------------- sampling
 
 
-def load_sample(args, samples: int | None, seed: int = 0, templated: bool = True
-                ) -> tuple[list[dict], int, data.Skipped]:
-    """Normalised rows of a seeded random sample of the train split (all rows when samples is None).
+@dataclass
+class Sample:
+    """A sample's pairs as training would build them, and what training would refuse or leave out."""
 
-    Streams the source once (a seeded reservoir: only `samples` raw rows are held) and normalises only the sampled
-    rows, with `data.normalize` (same checks, same errors as training), so a bad row outside the sample goes
-    unnoticed: `--samples all` checks every row (and fills training's cache). Returns (rows in file order, rows in
-    the split, skipped rows).
+    pairs: list[dict]
+    num_rows: int  # rows in the split (max_train_samples applied)
+    skipped: list[dict]  # rows training refuses ({"where", "problem"}): counted, not fatal, in the analyzer
+    notes: data.Notes
+    layout: object
+    refusal: str | None = None  # a dataset-level refusal of training (prompts empty while text columns go unread)
+
+
+def load_sample(args, samples: int | None, seed: int = 0, templated: bool = True) -> Sample:
+    """Pairs of a seeded random sample of the train split (all rows when samples is None).
+
+    The layout is detected from the split's first rows, as training does; the source is streamed once (a seeded
+    reservoir: only `samples` raw rows are held) and only the sampled rows are converted, with training's code
+    (`data.convert_rows`), so a bad row outside the sample goes unnoticed: `--samples all` checks every row (and
+    fills training's cache).
     """
     rng = random.Random(seed)
     picked: list[tuple[int, object, str]] = []
     n_rows = 0
     source = open_source(args.dataset_name, args.dataset_config, args.dataset_train_split)
-    for batch in source.batches(args.max_train_samples):  # training only ever sees these rows
+    layout, batches = layouts.detect_source(source.batches(args.max_train_samples), layouts.Options.of(args))
+    for batch in batches:  # training only ever sees these rows
         for item, where in zip(batch.items, batch.where):
             if samples is None or len(picked) < samples:
                 picked.append((n_rows, item, where))
@@ -78,12 +90,13 @@ def load_sample(args, samples: int | None, seed: int = 0, templated: bool = True
                     picked[j] = (n_rows, item, where)
             n_rows += 1
     picked.sort(key=lambda x: x[0])
-    skipped = data.Skipped()
-    rows = data.normalize([x[1] for x in picked], [x[2] for x in picked], args.column_map, args.skip_bad_rows,
-                          skipped, templated)
-    if not rows:
-        raise data.DataError(f"{args.dataset_name} [{args.dataset_train_split}]: no usable rows")
-    return rows, n_rows, skipped
+    errors: list = []
+    got = data.convert_rows([x[1] for x in picked], [x[2] for x in picked], layout, templated, errors)
+    if not got.pairs:
+        first = f" (first: {errors[0][0]}: {errors[0][1]})" if errors else ""
+        raise data.DataError(f"{args.dataset_name} [{args.dataset_train_split}]: no usable rows{first}")
+    refusal = data.check_prompts(layout, len(got.pairs), got.empty_prompts, got.unused_text, source.label)
+    return Sample(got.pairs, n_rows, [{"where": w, "problem": p} for w, p in errors], got.notes, layout, refusal)
 
 
 # ---------------------------------------------------------------------------------------------- measuring
@@ -308,6 +321,22 @@ def markdown(result: dict) -> str:
         f"## {result['dataset']} [{result['split']}]: {n} of {result['num_rows']} pairs, tokenizer "
         f"{result['tokenizer']}",
         "",
+    ]
+    if result.get("layout"):
+        lines += [f"Layout {result['layout']}.", ""]
+    if result.get("bad_rows_by_problem"):
+        verb = "refuses (the first stops it)" if result.get("training_refuses") else "skips (--skip_bad_rows)"
+        lines += [f"Rows training {verb}, by problem:", "", "| rows | problem | first places |", "|---:|---|---|"]
+        lines += [f"| {g['count']} | {g['problem']} | {', '.join(g['first'])} |" for g in result["bad_rows_by_problem"]]
+        lines.append("")
+    if result.get("notes"):
+        lines += ["Rows changed or left out by rule, as training does:", "", "| rows | rule | first places |",
+                  "|---:|---|---|"]
+        lines += [f"| {n['count']} | {n['what']} | {', '.join(n['first'])} |" for n in result["notes"].values()]
+        lines.append("")
+    if result.get("refusal"):
+        lines += [f"**Training would refuse this data**: {result['refusal']}", ""]
+    lines += [
         "Untruncated token lengths (total = prompt + the longer answer; nearest-rank percentiles):",
         "",
         "| | p50 | p90 | p95 | p99 | max | mean |",

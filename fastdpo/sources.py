@@ -19,17 +19,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from . import tiny
+from . import files, tiny
+from .errors import DataError
 
 logger = logging.getLogger(__name__)
 
 BOM = b"\xef\xbb\xbf"  # Excel and Notepad start UTF-8 files with it
 BATCH_ROWS = 64  # rows per batch handed to a tokenising worker: ~2 MB of Think-shaped text
 BATCH_BYTES = 8 << 20
-
-
-class DataError(ValueError):
-    """Bad input, with the place it was found and what to do about it."""
 
 
 @dataclass(frozen=True)
@@ -230,9 +227,7 @@ class FilesSource(Source):
         return _limited(gen(), limit)
 
     def fingerprint(self, memo_dir=None):
-        from .tokcache import file_digest
-
-        return {"files": [[str(p.resolve()), file_digest(p, memo_dir)] for p in self.files]}
+        return {"files": [[str(p.resolve()), files.file_digest(p, memo_dir)] for p in self.files]}
 
 
 class RowsSource(Source):

@@ -45,18 +45,18 @@ import numpy as np
 import pyarrow as pa
 from datasets import Dataset
 
-from . import data, sources
-from .data import FIX_SKIP, DataError, TemplateMissing
+from . import data, files, layouts, sources
+from .errors import FIX_SKIP, DataError, Notes
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 1
+FORMAT = 2  # 2: layouts (detected per source), notes, pairs per row
 DEFAULT_DIR = Path(os.environ.get("FASTDPO_CACHE", Path.home() / ".cache" / "fastdpo")) / "tokens"
 PROGRESS_SECONDS = 30.0  # one plain progress line this often during long builds (tail -f)
 SMALL_SOURCE_BYTES = 1 << 20  # below this a pool's start-up costs more than it saves
 POOL_MIN_CPUS = 4  # fewer CPUs: one process with the tokenizer's threads beats a pool (see default_workers)
 STATUS = {"ok": 0, "truncated": 1, "dropped": 2}
-LISTINGS = ("skipped_rows.jsonl", "dropped_rows.jsonl", "duplicate_rows.jsonl")  # written to output_dir
+LISTINGS = ("skipped_rows.jsonl", "dropped_rows.jsonl", "duplicate_rows.jsonl", "no_pair_rows.jsonl")  # output_dir
 
 IDS = pa.list_(pa.int32())
 TOKENS_SCHEMA = pa.schema([("prompt_ids", IDS), ("chosen_ids", IDS), ("rejected_ids", IDS)])
@@ -65,40 +65,6 @@ ROWS_SCHEMA = pa.schema([("where", pa.string()), ("prompt_len", pa.int32()), ("c
 
 
 # -------------------------------------------------------------------------------------------- fingerprints
-
-
-def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    tmp.write_text(text)
-    os.replace(tmp, path)
-
-
-def file_digest(path: Path, memo_dir: Path | None = None) -> str:
-    """xxh3-128 of a file's bytes; remembered in memo_dir while its size, mtime, ctime and inode are unchanged."""
-    import xxhash
-
-    st = path.stat()
-    stamp = [st.st_size, st.st_mtime_ns, st.st_ctime_ns, st.st_ino]
-    memo = memo_dir / (hashlib.sha256(str(path.resolve()).encode()).hexdigest()[:32] + ".json") if memo_dir else None
-    if memo is not None:
-        try:
-            saved = json.loads(memo.read_text())
-            if saved["stamp"] == stamp:
-                return saved["digest"]
-        except (OSError, ValueError, KeyError, TypeError):
-            pass
-    h = xxhash.xxh3_128()
-    with open(path, "rb") as f:
-        while chunk := f.read(8 << 20):
-            h.update(chunk)
-    digest = h.hexdigest()
-    if memo is not None:
-        try:
-            memo_dir.mkdir(parents=True, exist_ok=True)
-            _atomic_write(memo, json.dumps({"path": str(path.resolve()), "stamp": stamp, "digest": digest}))
-        except OSError:
-            pass  # only an optimisation
-    return digest
 
 
 def tokenizer_digest(tokenizer) -> str:
@@ -131,33 +97,28 @@ class _Job:
     """What tokenising a batch needs; workers inherit it through fork (the tokenizer is never pickled)."""
 
     tokenizer: object
-    column_map: dict | None
+    options: layouts.Options
     templated: bool
     max_length: int | None
     max_prompt_length: int | None
     encode: object = None
+    layout: layouts.Layout | None = None  # detected from the source's first row before the workers start
 
 
 _JOB: _Job | None = None
 
 
 def _work(batch: sources.RawBatch):
-    """One batch: read, check, normalise, tokenise, truncate. Returns (tokens, rows, errors, layout counts)."""
+    """One batch: read, convert through the layout, tokenise, truncate. Returns (tokens, rows, errors, stats)."""
     job = _JOB
-    rows, places, errors = [], [], []
-    for item, where in zip(batch.items, batch.where):
-        try:
-            rows.append(data.normalize_row(sources.decode(item), job.column_map, job.templated))
-        except TemplateMissing as e:
-            raise TemplateMissing(f"{where}: {e}") from None
-        except DataError as e:
-            errors.append((where, str(e)))
-            continue
-        places.append(where)
+    errors: list = []
+    got = data.convert_rows(batch.items, batch.where, job.layout, job.templated, errors)
+    rows = got.pairs
     conv = sum(isinstance(r["chosen"], list) for r in rows)
-    layout = {"messages": conv, "text": len(rows) - conv}
+    stats = {"kinds": {"messages": conv, "text": len(rows) - conv}, "notes": got.notes, "unused_text": got.unused_text,
+             "empty_prompts": got.empty_prompts, "rows_with_pairs": got.rows_with_pairs, "no_pair": got.no_pair}
     if not rows:
-        return None, None, errors, layout
+        return None, None, errors, stats
     ids = data.tokenize_pairs({k: [r[k] for r in rows] for k in ("prompt", "chosen", "rejected")}, job.tokenizer,
                               job.encode)
     bos = job.tokenizer.bos_token_id
@@ -171,14 +132,14 @@ def _work(batch: sources.RawBatch):
             keep["rejected_ids"].append(r2)
     tokens = pa.record_batch([pa.array(keep[k], IDS) for k in TOKENS_SCHEMA.names], schema=TOKENS_SCHEMA)
     meta = pa.record_batch([
-        pa.array(places, pa.string()),
+        pa.array(got.where, pa.string()),
         pa.array([len(x) for x in ids["prompt_ids"]], pa.int32()),
         pa.array([len(x) for x in ids["chosen_ids"]], pa.int32()),
         pa.array([len(x) for x in ids["rejected_ids"]], pa.int32()),
         pa.array(status, pa.int8()),
         pa.array([data.pair_hash(r) for r in rows], pa.binary(16)),
     ], schema=ROWS_SCHEMA)
-    return tokens, meta, errors, layout
+    return tokens, meta, errors, stats
 
 
 def _worker_init():
@@ -200,7 +161,7 @@ def default_workers(num_proc: int | None) -> int:
 
 
 def _results(batches, workers: int):
-    """(tokens, rows, errors, layout, done) per batch, in source order; at most 2 batches per worker in flight."""
+    """(tokens, rows, errors, stats, done) per batch, in source order; at most 2 batches per worker in flight."""
     if workers <= 1:
         for b in batches:
             yield (*_work(b), b.done)
@@ -255,36 +216,49 @@ def _hms(seconds) -> str:
 def _build(source: sources.Source, limit: int | None, job: _Job, workers: int, dest: Path, parts: dict) -> dict:
     """Stream the source through the workers into dest/{tokens,rows}.arrow; returns meta (written last)."""
     global _JOB
-    _JOB = job
     start, cpu0 = time.perf_counter(), _cpu()
+    job.layout, batches = layouts.detect_source(source.batches(limit), job.options)
+    _JOB = job
     progress = Progress(source.label)
-    n_rows = n_tokens = 0
-    skipped, layout = [], {"messages": 0, "text": 0}
+    n_rows = n_tokens = with_pairs = empty_prompts = 0
+    skipped, no_pair, kinds, notes, unused_text = [], [], {"messages": 0, "text": 0}, Notes(), set()
     with pa.OSFile(str(dest / "tokens.arrow"), "wb") as tf, pa.OSFile(str(dest / "rows.arrow"), "wb") as rf, \
             pa.ipc.new_stream(tf, TOKENS_SCHEMA) as tokens_out, pa.ipc.new_stream(rf, ROWS_SCHEMA) as rows_out:
-        for tokens, rows, errors, counts, done in _results(source.batches(limit), workers):
+        for tokens, rows, errors, stats, done in _results(batches, workers):
             for where, problem in errors:
                 skipped.append({"where": where, "problem": problem})
-            for k in layout:
-                layout[k] += counts[k]
+            for k in kinds:
+                kinds[k] += stats["kinds"][k]
+            notes.merge(stats["notes"])
+            unused_text |= stats["unused_text"]
+            empty_prompts += stats["empty_prompts"]
+            with_pairs += stats["rows_with_pairs"]
+            no_pair += stats["no_pair"]
             if rows is not None:
                 tokens_out.write_batch(tokens)
                 rows_out.write_batch(rows)
                 n_rows += rows.num_rows
                 n_tokens += tokens.num_rows
             progress.update(n_rows + len(skipped), done)
-    if skipped:
-        with open(dest / "skipped.jsonl", "w") as f:
-            f.writelines(json.dumps(r) + "\n" for r in skipped)
+    for name, listed in (("skipped.jsonl", skipped), ("no_pair.jsonl", no_pair)):
+        if listed:
+            with open(dest / name, "w") as f:
+                f.writelines(json.dumps(r) + "\n" for r in listed)
     seconds = time.perf_counter() - start
+    layout = job.layout.report() if job.layout is not None else {"name": None}
+    used = job.layout.used() if job.layout is not None else set()
+    layout.update({"kinds": kinds, "unused_text_columns": sorted(unused_text - used)})
     meta = {"format": FORMAT, "parts": parts, "source": source.label, "rows": n_rows, "tokens": n_tokens,
-            "skipped": len(skipped), "items": n_rows + len(skipped), "layout": layout, "workers": workers,
-            "seconds": round(seconds, 2), "cpu_seconds": round(_cpu() - cpu0, 2),
+            "skipped": len(skipped), "rows_with_pairs": with_pairs,
+            "items": with_pairs + len(skipped) + len(no_pair), "layout": layout, "notes": notes.as_dict(),
+            "empty_prompts": empty_prompts,
+            "refusal": data.check_prompts(job.layout, n_rows, empty_prompts, unused_text, source.label),
+            "workers": workers, "seconds": round(seconds, 2), "cpu_seconds": round(_cpu() - cpu0, 2),
             "files": {name: (dest / name).stat().st_size for name in ("tokens.arrow", "rows.arrow")}}
     logger.info("tokenised %s: %s pairs in %.1f s (%.0f pairs/s, %d process%s, %s rows skipped)", source.label,
                 f"{n_rows:,}", seconds, n_rows / max(seconds, 1e-9), workers, "es" if workers > 1 else "",
                 len(skipped))
-    _atomic_write(dest / "meta.json", json.dumps(meta, indent=1))
+    files.atomic_write(dest / "meta.json", json.dumps(meta, indent=1))
     return meta
 
 
@@ -349,7 +323,17 @@ class Entry:
         return _read_stream(self.path / "rows.arrow")
 
     def skipped(self) -> list[dict]:
-        p = self.path / "skipped.jsonl"
+        return self._listed("skipped.jsonl")
+
+    def no_pair(self) -> list[dict]:
+        """Rows that gave no pair (chosen = rejected, ties, unlabelled), each with why."""
+        return self._listed("no_pair.jsonl")
+
+    def notes(self) -> Notes:
+        return Notes.from_dict(self.meta.get("notes"))
+
+    def _listed(self, name: str) -> list[dict]:
+        p = self.path / name
         return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
 
 
@@ -493,23 +477,36 @@ class Prepared:
     listings: dict = field(default_factory=dict)  # file name in output_dir -> rows {"where", "problem"}
 
 
-def settings_for(tokenizer, column_map, max_length, max_prompt_length) -> dict:
+def settings_for(tokenizer, options: layouts.Options, max_length, max_prompt_length) -> dict:
     import trl
 
-    return {"column_map": column_map, "tokenizer": tokenizer_digest(tokenizer), "max_length": max_length,
+    return {**options.key(), "tokenizer": tokenizer_digest(tokenizer), "max_length": max_length,
             "max_prompt_length": max_prompt_length, "trl": trl.__version__}
+
+
+def _job(args, tokenizer, max_length, max_prompt_length) -> _Job:
+    return _Job(tokenizer, layouts.Options.of(args), bool(tokenizer.chat_template), max_length, max_prompt_length,
+                data._encoder(tokenizer))
 
 
 def train_entry(args, tokenizer, max_length, max_prompt_length, num_proc=None, cache_dir=None,
                 build: bool = True) -> Entry | None:
     """The cache entry of the train split as training would build it (the analyzer reads and fills it)."""
     cache = Cache(cache_dir)
-    job = _Job(tokenizer, args.column_map, bool(tokenizer.chat_template), max_length, max_prompt_length,
-               data._encoder(tokenizer))
+    job = _job(args, tokenizer, max_length, max_prompt_length)
     source = sources.open_source(args.dataset_name, args.dataset_config, args.dataset_train_split)
-    return cache.entry(source, args.max_train_samples, job,
-                       settings_for(tokenizer, args.column_map, max_length, max_prompt_length),
+    return cache.entry(source, args.max_train_samples, job, settings_for(tokenizer, job.options, max_length,
+                                                                          max_prompt_length),
                        default_workers(num_proc), build)
+
+
+def describe_layout(meta: dict) -> str:
+    """A cache entry's layout as the log line shows it (meta.json's "layout")."""
+    if not meta.get("name"):
+        return "none (no readable row)"
+    cols = ", ".join(f"{k} <- {v}" for k, v in meta["columns"].items())
+    unused = f"; not read: {', '.join(meta['unused_columns'])}" if meta.get("unused_columns") else ""
+    return f"{meta['name']}{' (column_map)' if meta.get('from_column_map') else ''}: {cols}{unused}"
 
 
 class _Where:
@@ -529,8 +526,8 @@ def prepare(args, tokenizer, max_length: int | None, max_prompt_length: int | No
     templated = bool(tokenizer.chat_template)
     logger.info("data: %s", data.layout_note(templated))
     cache = Cache(cache_dir)
-    job = _Job(tokenizer, args.column_map, templated, max_length, max_prompt_length, data._encoder(tokenizer))
-    settings = settings_for(tokenizer, args.column_map, max_length, max_prompt_length)
+    job = _job(args, tokenizer, max_length, max_prompt_length)
+    settings = settings_for(tokenizer, job.options, max_length, max_prompt_length)
     workers = default_workers(num_proc)
     train_source = sources.open_source(args.dataset_name, args.dataset_config, args.dataset_train_split)
     spec = data.eval_spec(args, train_source)
@@ -540,11 +537,19 @@ def prepare(args, tokenizer, max_length: int | None, max_prompt_length: int | No
     if spec.source is not None:
         evalent = cache.entry(sources.open_source(spec.source, args.dataset_config, spec.split), None, job, settings,
                               workers)
-    skipped = train.skipped() + (evalent.skipped() if evalent else [])
+    entries = [train] + ([evalent] if evalent else [])
+    skipped = [r for e in entries for r in e.skipped()]
     if skipped and not args.skip_bad_rows:  # an entry built with --skip_bad_rows holds them: fail as a fresh read
         raise DataError(f"{skipped[0]['where']}: {skipped[0]['problem']}; {FIX_SKIP}")
+    for e in entries:
+        if e.meta.get("refusal"):
+            raise DataError(e.meta["refusal"])
     if not train.meta["rows"]:
         raise DataError(f"{train_source.label}: no usable rows")
+    for e in entries:
+        logger.info("data: %s: layout %s%s", e.meta["source"], describe_layout(e.meta["layout"]),
+                    "" if not e.meta["layout"].get("unused_text_columns") else
+                    f" (unread columns holding text: {', '.join(e.meta['layout']['unused_text_columns'])})")
 
     t_rows = train.rows()
     e_rows = evalent.rows() if evalent else None
@@ -556,6 +561,10 @@ def prepare(args, tokenizer, max_length: int | None, max_prompt_length: int | No
     data.check_eval_left(plan, spec)
     listings: dict[str, list] = {name: [] for name in LISTINGS}
     listings["skipped_rows.jsonl"] = skipped
+    listings["no_pair_rows.jsonl"] = [r for e in entries for r in e.no_pair()]
+    notes = Notes()
+    for e in entries:
+        notes.merge(e.notes())
     for kind, i, problem in plan.removed:
         listings["duplicate_rows.jsonl"].append({"where": where_of[kind][i], "problem": problem})
 
@@ -593,30 +602,41 @@ def prepare(args, tokenizer, max_length: int | None, max_prompt_length: int | No
             raise DataError(f"eval: every pair was dropped: no prompt fits max_length={max_length}")
         eval_ds = cache.take(e_entry, eval_rows)
 
-    read = train.meta["items"] + (evalent.meta["items"] if evalent else 0)
+    read = sum(e.meta["items"] for e in entries)
+    with_pairs = sum(e.meta["rows_with_pairs"] for e in entries)
+    pairs = sum(e.meta["rows"] for e in entries)
+    no_pair = len(listings["no_pair_rows.jsonl"])
     dropped = report["train"]["dropped"] + report.get("eval", {}).get("dropped", 0)
-    accounting = {"rows_read": read, "trained": len(train_ds), "eval": len(eval_ds) if eval_ds is not None else 0,
-                  "skipped": len(skipped), "dropped": dropped, "duplicates_removed": len(plan.removed),
-                  "eval_unused": len(plan.unused)}
-    total = sum(v for k, v in accounting.items() if k != "rows_read")
-    if total != read:  # a bug, never the data's fault: say so rather than report numbers that do not add up
-        raise RuntimeError(f"data accounting does not add up: {accounting}")
+    accounting = {"rows_read": read, "pairs": pairs, "trained": len(train_ds),
+                  "eval": len(eval_ds) if eval_ds is not None else 0, "skipped": len(skipped), "no_pair": no_pair,
+                  "dropped": dropped, "duplicates_removed": len(plan.removed), "eval_unused": len(plan.unused)}
+    made = sum(accounting[k] for k in ("trained", "eval", "dropped", "duplicates_removed", "eval_unused"))
+    if read != with_pairs + len(skipped) + no_pair or made != pairs:
+        # a bug, never the data's fault: say so rather than report numbers that do not add up
+        raise RuntimeError(f"data accounting does not add up: {accounting}, {with_pairs} rows with pairs")
     report.update({
         "skipped_rows": len(skipped),
         "duplicates": {**plan.repeats, "removed": len(plan.removed), "dedup": getattr(args, "dedup", "eval")},
         "eval_unused_max_eval_samples": len(plan.unused),
         "accounting": accounting,
-        "layout": {k: train.meta["layout"][k] + (evalent.meta["layout"][k] if evalent else 0) for k in
-                   train.meta["layout"]},
+        "layout": train.meta["layout"],
+        "eval_layout": evalent.meta["layout"] if evalent else None,
+        "notes": notes.as_dict(),
         "cache": {"train": str(train.path), "eval": str(evalent.path) if evalent else None,
                   "built": train.built or bool(evalent and evalent.built),
                   "seconds": round(time.perf_counter() - start, 2)},
     })
-    line = (f"{read:,} rows read = {accounting['trained']:,} trained + {accounting['eval']:,} eval + "
-            f"{len(skipped):,} skipped + {dropped:,} dropped (too long) + {len(plan.removed):,} duplicates removed")
-    if plan.unused:
-        line += f" + {len(plan.unused):,} eval rows over max_eval_samples"
+    tail = (f"{dropped:,} dropped (too long) + {len(plan.removed):,} duplicates removed"
+            + (f" + {len(plan.unused):,} eval pairs over max_eval_samples" if plan.unused else ""))
+    trained = f"{accounting['trained']:,} trained + {accounting['eval']:,} eval"
+    if pairs == with_pairs:  # one pair a row
+        line = f"{read:,} rows read = {trained} + {len(skipped):,} skipped + {no_pair:,} without a pair + {tail}"
+    else:  # ranked rows: several pairs a row
+        line = (f"{read:,} rows read = {with_pairs:,} with pairs + {len(skipped):,} skipped + {no_pair:,} without a "
+                f"pair; their {pairs:,} pairs = {trained} + {tail}")
     logger.info("data: %s (%s in %.1f s, %s)", line, "tokenised" if report["cache"]["built"] else "from cache",
                 report["cache"]["seconds"], train.path)
+    if notes.counts:
+        logger.info("data: rows changed or left out by rule: %s", notes.line())
     report["accounting_line"] = line
     return Prepared(train_ds, eval_ds, report, {k: v for k, v in listings.items() if v})

@@ -59,7 +59,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_length", type=int, help="max_length to compare (default: the recipe's)")
     p.add_argument("--max_prompt_length", type=int, help="max_prompt_length in effect (default: the recipe's)")
     p.add_argument("--per_device_train_batch_size", type=int, help="pairs per micro-batch (default: the recipe's)")
-    p.add_argument("--skip_bad_rows", action="store_true", help="skip malformed rows instead of failing")
+    p.add_argument("--skip_bad_rows", action="store_true", help="as training's flag: bad rows are skipped, not refused "
+                   "(the analyzer reports them either way)")
+    p.add_argument("--strict", action="store_true", help="exit 2 when training would refuse the data (a bad row "
+                   "without --skip_bad_rows, or prompts that come out empty); default: report it and exit 0")
+    p.add_argument("--ranked_pairs", choices=["best_vs_worst", "best_vs_rest"], help="ranked replies -> pairs "
+                   "(overrides the recipe; see train_dpo.py --help)")
+    p.add_argument("--judged_pairs", action="store_true", help="judged answers -> pairs: winner chosen")
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--plot", help="write a PNG histogram + CDF here")
     args = p.parse_args(argv)
@@ -85,8 +91,11 @@ def settings(args: argparse.Namespace):
     for key, value in overrides.items():
         if value is not None:
             argv += [f"--{key}", str(value)]
-    if args.skip_bad_rows:
-        argv += ["--skip_bad_rows", "true"]
+    for flag in ("skip_bad_rows", "judged_pairs"):
+        if getattr(args, flag):
+            argv += [f"--{flag}", "true"]
+    if args.ranked_pairs:
+        argv += ["--ranked_pairs", args.ranked_pairs]
     # A GPU recipe (bf16) must still parse on a CPU-only machine; only data settings are used here.
     argv += ["--bf16", "false", "--fp16", "false", "--use_cpu", "true"]
     return recipe, *cfg.parse_args(argv, check_paths=False)  # a tokenizer folder is not a model folder
@@ -98,7 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
 
     import numpy as np
 
-    from fastdpo import data, lengths, models, tokcache
+    from fastdpo import data, errors, lengths, models, tokcache
 
     recipe, script_args, training_args, model_args = settings(args)
     tokenizer_name = model_args.model_name_or_path
@@ -122,10 +131,9 @@ def main(argv: list[str] | None = None) -> dict:
         raise data.DataError(f"cannot read {script_args.dataset_name!r}: {e}; use a local file, or set "
                              "HF_HUB_OFFLINE=1 with a cached copy") from None
     if entry is not None:
-        skipped = data.Skipped(entry.skipped())
-        if skipped.rows and not script_args.skip_bad_rows:
-            first = skipped.rows[0]
-            raise data.DataError(f"{first['where']}: {first['problem']}; {data.FIX_SKIP}")
+        skipped = entry.skipped()
+        notes, refusal = entry.notes(), entry.meta.get("refusal")
+        layout = tokcache.describe_layout(entry.meta["layout"])
         table = entry.rows()
         keep = np.arange(table.num_rows)
         if samples is not None and samples < table.num_rows:
@@ -138,14 +146,29 @@ def main(argv: list[str] | None = None) -> dict:
                     len(lens), entry.path)
     else:
         try:
-            rows, n_rows, skipped = lengths.load_sample(script_args, samples, args.seed, templated)
+            sample = lengths.load_sample(script_args, samples, args.seed, templated)
         except OSError as e:
             raise data.DataError(f"cannot read {script_args.dataset_name!r}: {e}; use a local file, or set "
                                  "HF_HUB_OFFLINE=1 with a cached copy") from None
+        skipped, notes, refusal, n_rows = sample.skipped, sample.notes, sample.refusal, sample.num_rows
+        layout = sample.layout.describe() if sample.layout is not None else "none"
         loaded = time.perf_counter()
         # A sample is small: one process, whose fast tokenizer already encodes a batch on every core.
-        lens = lengths.measure(rows, tokenizer, args.num_proc)
+        lens = lengths.measure(sample.pairs, tokenizer, args.num_proc)
         seconds = time.perf_counter() - loaded
+    logger.info("layout %s", layout)
+    problems = errors.by_problem(skipped)
+    for g in problems:
+        logger.warning("%d row(s) that training %s: %s (first: %s)", g["count"],
+                       "skips (--skip_bad_rows)" if script_args.skip_bad_rows else "refuses", g["problem"],
+                       ", ".join(g["first"]))
+    if notes.counts:
+        logger.info("rows changed or left out by rule (training does the same): %s", notes.line())
+    if refusal:
+        logger.warning("training would refuse this data: %s", refusal)
+    refused = refusal or (skipped and not script_args.skip_bad_rows)
+    if refused and args.strict:
+        raise data.DataError(refusal or f"{skipped[0]['where']}: {skipped[0]['problem']}; {data.FIX_SKIP}")
     pairs_per_s = len(lens) / max(seconds, 1e-9) if seconds else None
     logger.info("%d pairs measured in %.1f s (tokenising %.1f s)", len(lens), time.perf_counter() - start, seconds)
 
@@ -155,7 +178,12 @@ def main(argv: list[str] | None = None) -> dict:
         "split": script_args.dataset_train_split,
         "num_rows": n_rows,
         "num_samples": len(lens),
-        "skipped_rows": len(skipped.rows),
+        "layout": layout,
+        "bad_rows": len(skipped),
+        "bad_rows_by_problem": problems,
+        "training_refuses": bool(refused),
+        "refusal": refusal,
+        "notes": notes.as_dict(),
         "seed": args.seed,
         "tokenizer": tokenizer_name,
         "recipe": recipe,

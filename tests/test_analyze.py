@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import json
 import math
+import re
 
 import numpy as np
 import pytest
@@ -82,10 +83,10 @@ def cli(argv: list[str]) -> dict:
 
 def test_lengths_are_exact_with_word_tokenizer(word_tokenizer, tmp_path):
     assert sorted(TOTALS) == list(range(10, 101, 10))
-    rows, n_rows, _ = lengths.load_sample(ScriptArguments(dataset_name=write_jsonl(tmp_path / "d.jsonl",
-                                                          [text_pair(*s) for s in SHAPES])), None)
-    lens = lengths.measure(rows, data_tokenizer(word_tokenizer))
-    assert n_rows == 10
+    sample = lengths.load_sample(ScriptArguments(dataset_name=write_jsonl(tmp_path / "d.jsonl",
+                                                 [text_pair(*s) for s in SHAPES])), None)
+    lens = lengths.measure(sample.pairs, data_tokenizer(word_tokenizer))
+    assert sample.num_rows == 10
     assert lens.prompt.tolist() == [k for k, _, _ in SHAPES]
     assert lens.chosen.tolist() == [m + 1 for _, m, _ in SHAPES]
     assert lens.rejected.tolist() == [n + 1 for _, _, n in SHAPES]
@@ -211,8 +212,7 @@ def test_lengths_equal_training_collator(layout, max_length, max_prompt_length, 
     path = write_jsonl(tmp_path / "d.jsonl", LAYOUTS[layout](rows))
     column_map = {"system": "sys", "prompt": "q", "chosen": "good", "rejected": "bad"} if layout == "column_map" else None
     script_args = ScriptArguments(dataset_name=path, column_map=column_map, max_prompt_length=max_prompt_length)
-    sample, _, _ = lengths.load_sample(script_args, None)
-    lens = lengths.measure(sample, tiny_tokenizer)
+    lens = lengths.measure(lengths.load_sample(script_args, None).pairs, tiny_tokenizer)
     p, c, r, status = lengths.truncate(lens, max_length, max_prompt_length)
     kept = status != 2
     if not kept.any():
@@ -302,14 +302,19 @@ def test_json_schema_and_png(word_tokenizer, tmp_path):
 
 @pytest.mark.parametrize("text,expected", [
     ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": \n', r"d.jsonl:2: malformed JSON"),
-    ('{"prompt": "a", "chosen": "b"}\n', r"d.jsonl:1: missing column 'rejected'"),
-    ('{"prompt": "a", "chosen": "b", "rejected": "b"}\n', r"d.jsonl:1: chosen is identical to rejected"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n',
+     r"d.jsonl:2: missing column 'rejected'"),
 ])
-def test_bad_input_same_errors_as_training(text, expected, word_tokenizer, tmp_path):
+def test_bad_input_reported_as_training_refuses_it(text, expected, word_tokenizer, tmp_path):
+    """The analyzer measures the pairs training would train and counts the rows it would refuse (exit 0);
+    --strict fails with training's own message."""
     path = tmp_path / "d.jsonl"
     path.write_text(text)
+    out = cli([str(path), "--recipe", "recipes/tiny.yaml", "--tokenizer", word_tokenizer])
+    assert out["num_samples"] == 1 and out["bad_rows"] == 1 and out["training_refuses"]
+    assert re.search(expected, f"{out['bad_rows_by_problem'][0]['first'][0]}: {out['bad_rows_by_problem'][0]['problem']}")
     with pytest.raises(data.DataError, match=expected):
-        cli([str(path), "--recipe", "recipes/tiny.yaml", "--tokenizer", word_tokenizer])
+        cli([str(path), "--recipe", "recipes/tiny.yaml", "--tokenizer", word_tokenizer, "--strict"])
     with pytest.raises(data.DataError, match=expected):  # training's own loader says the same
         data.load_pairs(ScriptArguments(dataset_name=str(path)))
 
@@ -318,8 +323,12 @@ def test_bad_input_same_errors_as_training(text, expected, word_tokenizer, tmp_p
 def test_bad_input_exits_with_the_message_and_no_traceback(word_tokenizer, tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"oops": 1}\n')
-    proc = run([PYTHON, "scripts/analyze_dataset.py", str(path), "--recipe", "recipes/tiny.yaml", "--tokenizer",
-                word_tokenizer], check=False)
+    cmd = [PYTHON, "scripts/analyze_dataset.py", str(path), "--recipe", "recipes/tiny.yaml", "--tokenizer",
+           word_tokenizer]
+    proc = run(cmd)  # reported, exit 0
+    assert f"1 row(s) that training refuses: missing column 'chosen'" in proc.stderr and f"{path}:2" in proc.stderr
+    assert "| 1 | missing column 'chosen'" in proc.stdout
+    proc = run(cmd + ["--strict"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert f"error: {path}:2: missing column 'chosen'" in proc.stderr
 

@@ -106,14 +106,13 @@ def test_named_split_on_single_file_holds_out_a_fraction(tmp_path, caplog):
 BAD = [
     ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b" "rejected": "c"}\n',
      ":2: malformed JSON"),
-    ('{"prompt": "a", "chosen": "b"}\n', ":1: missing column 'rejected'"),
-    ('{"prompt": "a", "chosen": "", "rejected": "c"}\n', ":1: field 'chosen' is empty"),
     ('{"prompt": "a", "chosen": 3, "rejected": "c"}\n', ":1: field 'chosen' must be a string or a list"),
-    ('{"prompt": "a", "chosen": "same", "rejected": "same"}\n', ":1: chosen is identical to rejected"),
     ('{"prompt": "a", "chosen": null, "rejected": "c"}\n', ":1: field 'chosen' is missing or null"),
     ('{"prompt": [{"role": "user"}], "chosen": [{"role": "assistant", "content": "x"}], '
      '"rejected": [{"role": "assistant", "content": "y"}]}\n', ":1: field 'prompt' message 1 must be an object"),
     ('[1, 2]\n', ":1: expected an object"),
+    ('{"prompt": "a", "chosen": "b", "rejected": "c"}\n{"prompt": "a", "chosen": "b"}\n',
+     ":2: missing column 'rejected'"),
 ]
 
 
@@ -122,7 +121,7 @@ def test_bad_rows_name_file_line_and_fix(tmp_path, text, expected):
     path = tmp_path / "bad.jsonl"
     path.write_text('\n' + text if "malformed" not in expected else text)  # a blank line must not shift numbers
     if "malformed" not in expected:
-        expected = expected.replace(":1:", ":2:")
+        expected = expected.replace(":1:", ":2:").replace(":2: missing", ":3: missing")
     with pytest.raises(data.DataError) as e:
         data.load_pairs(args(dataset_name=str(path)))
     msg = str(e.value)
@@ -131,15 +130,37 @@ def test_bad_rows_name_file_line_and_fix(tmp_path, text, expected):
         assert "--skip_bad_rows true" in msg
 
 
+def test_a_file_with_no_pair_layout_names_what_is_missing(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"prompt": "a", "chosen": "b"}\n')
+    with pytest.raises(data.DataError, match=rf"{path}:1: missing column 'rejected'; columns present: "):
+        data.load_pairs(args(dataset_name=str(path)))
+    path.write_text('{"question": "a", "good": "b", "bad": "c"}\n')
+    with pytest.raises(data.DataError, match=rf"{path}:1: no preference layout found in columns \['bad', 'good', "
+                                             r"'question'\].*set column_map"):
+        data.load_pairs(args(dataset_name=str(path)))
+
+
+def test_oddities_have_a_rule_and_are_counted(tmp_path):
+    """An empty answer is a pair; chosen = rejected gives no pair; both counted with their places, not fatal."""
+    rows = STANDARD[:3] + [{"prompt": "p", "chosen": "", "rejected": "c"}, {"prompt": "p", "chosen": "x",
+                                                                            "rejected": "x"}]
+    path = write_jsonl(tmp_path / "d.jsonl", rows)
+    pairs = data.load_pairs(args(dataset_name=str(path)))
+    assert len(pairs.train) == 4 and {"prompt": "p", "chosen": "", "rejected": "c"} in pairs.train.to_list()
+    assert pairs.notes.counts == {"empty_answer": 1, "no_preference": 1}
+    assert pairs.notes.first == {"empty_answer": [f"{path}:4"], "no_preference": [f"{path}:5"]}
+    assert not pairs.skipped.rows
+
+
 def test_skip_bad_rows_counts_and_lists_them(tmp_path):
     lines = [json.dumps(r) for r in STANDARD[:3]]
-    lines.insert(1, json.dumps({"prompt": "p", "chosen": "x", "rejected": "x"}))
+    lines.insert(1, json.dumps({"prompt": "p", "chosen": None, "rejected": "x"}))
     path = tmp_path / "d.jsonl"
     path.write_text("\n".join(lines) + "\n")
     pairs = data.load_pairs(args(dataset_name=str(path), skip_bad_rows=True))
     assert len(pairs.train) == 3
-    assert pairs.skipped.rows == [{"where": f"{path}:2", "problem": "chosen is identical to rejected "
-                                   "(no preference to learn)"}]
+    assert pairs.skipped.rows == [{"where": f"{path}:2", "problem": "field 'chosen' is missing or null"}]
 
 
 def test_missing_file_and_unsupported_type(tmp_path):
@@ -151,9 +172,9 @@ def test_missing_file_and_unsupported_type(tmp_path):
 
 
 def test_parquet_row_numbers(tmp_path):
-    rows = STANDARD[:3] + [{"prompt": "p", "chosen": "x", "rejected": "x"}]
+    rows = STANDARD[:3] + [{"prompt": "p", "chosen": None, "rejected": "x"}]
     Dataset.from_list(rows).to_parquet(tmp_path / "d.parquet")
-    with pytest.raises(data.DataError, match=r"d\.parquet row 4: chosen is identical"):
+    with pytest.raises(data.DataError, match=r"d\.parquet row 4: field 'chosen' is missing or null"):
         data.load_pairs(args(dataset_name=str(tmp_path / "d.parquet")))
 
 
@@ -235,7 +256,7 @@ def msg(role, content="hi"):
 
 
 ROLES = [
-    ([msg("user"), msg("user")], "two user messages in a row (field 'prompt' message 1, field 'prompt' message 2)"),
+    ([msg("user"), msg("assistant")], "field 'prompt' ends with an assistant message and 'chosen' starts with one"),
     ([msg("assistant"), msg("user")], "field 'prompt' starts with an assistant message"),
     ([msg("usr")], "field 'prompt' message 1 has unknown role 'usr' (did you mean 'user'?)"),
     ([msg("user"), msg("system")], "field 'prompt' message 2 is a system message after the conversation started"),
@@ -254,8 +275,8 @@ def test_chat_role_problems_are_row_errors(tmp_path, prompt, problem):
 
 
 def test_roles_are_checked_before_a_strict_template_renders(tmp_path, tiny_tokenizer):
-    """A template that raises on non-alternating roles (as many do) never sees the bad row: it is skipped with
-    its line, and the good rows train."""
+    """A template that raises on non-alternating roles (as many do) never sees a row it would fail on: two user turns
+    in a row are merged (counted), a prompt ending with the assistant is skipped with its line, the rest train."""
     import copy
 
     from fastdpo import tokcache
@@ -268,21 +289,23 @@ def test_roles_are_checked_before_a_strict_template_renders(tmp_path, tiny_token
     with pytest.raises(Exception, match="roles must alternate"):  # what a user would see without the check
         strict.apply_chat_template([msg("user"), msg("user")], tokenize=False)
     rows = tiny.preference_rows("train", 8)
-    rows.insert(3, {"prompt": [msg("user"), msg("user")], "chosen": [msg("assistant", "a")],
+    rows.insert(3, {"prompt": [msg("user", "x"), msg("assistant", "y")], "chosen": [msg("assistant", "a")],
+                    "rejected": [msg("assistant", "b")]})
+    rows.insert(5, {"prompt": [msg("user", "one"), msg("user", "two")], "chosen": [msg("assistant", "a")],
                     "rejected": [msg("assistant", "b")]})
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    prep = tokcache.prepare(args(dataset_name=str(path), skip_bad_rows=True), strict, 128, None,
-                            cache_dir=tmp_path / "cache")
-    assert len(prep.train) == 8
-    assert prep.listings["skipped_rows.jsonl"][0]["where"] == f"{path}:4"
+    prep = tokcache.prepare(args(dataset_name=str(path), skip_bad_rows=True, dataset_test_split="none"), strict, 128,
+                            None, cache_dir=tmp_path / "cache")
+    assert len(prep.train) == 9
+    assert [r["where"] for r in prep.listings["skipped_rows.jsonl"]] == [f"{path}:4"]
+    assert prep.report["notes"]["merged_turns"]["first"] == [f"{path}:6"]
 
 
 def test_csv_rows_keep_their_real_line_numbers(tmp_path):
     path = tmp_path / "d.csv"
     path.write_text('prompt,chosen,rejected\nQ1,"a long\nanswer",no\nQ2,same,same\n\nQ3,yes,"no,\nnever"\n')
-    with pytest.raises(data.DataError, match=rf"{path}:4: chosen is identical"):
-        data.load_pairs(args(dataset_name=str(path)))
-    pairs = data.load_pairs(args(dataset_name=str(path), skip_bad_rows=True))
+    pairs = data.load_pairs(args(dataset_name=str(path)))
+    assert pairs.notes.first == {"no_preference": [f"{path}:4"]}
     assert pairs.train.to_list() == [{"prompt": "Q1", "chosen": "a long\nanswer", "rejected": "no"},
                                      {"prompt": "Q3", "chosen": "yes", "rejected": "no,\nnever"}]
     path.write_text('prompt,chosen,rejected\nQ1,a,b\nQ2,a,b,c\n')

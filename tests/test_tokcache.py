@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from fastdpo import data, tiny, tokcache
+from fastdpo import errors, data, tiny, tokcache
 from fastdpo.config import ScriptArguments
 
 from .conftest import PYTHON, REPO, run
@@ -120,6 +120,8 @@ def test_every_row_is_accounted_for(tmp_path, tiny_tokenizer):
     long = tiny.preference_rows("train", 1, seed=7)[0]
     long["prompt"][1]["content"] = "word " * 300
     rows.insert(10, json.dumps(long))  # line 11: the prompt alone fills max_length: dropped
+    same = tiny.preference_rows("train", 1, seed=9)[0]
+    rows.insert(12, json.dumps({**same, "rejected": same["chosen"]}))  # line 13: chosen = rejected: no pair
     train = tmp_path / "train.jsonl"
     train.write_text("\n".join(rows) + "\n")
     test = tmp_path / "test.jsonl"
@@ -127,14 +129,18 @@ def test_every_row_is_accounted_for(tmp_path, tiny_tokenizer):
     prep = prepare(args(tmp_path, dataset_test_split="test", skip_bad_rows=True, max_eval_samples=4), tiny_tokenizer,
                    tmp_path / "cache")
     acc = prep.report["accounting"]
-    assert acc == {"rows_read": 39, "trained": 31, "eval": 4, "skipped": 1, "dropped": 1, "duplicates_removed": 1,
-                   "eval_unused": 1}
+    assert acc == {"rows_read": 40, "pairs": 38, "trained": 31, "eval": 4, "skipped": 1, "no_pair": 1, "dropped": 1,
+                   "duplicates_removed": 1, "eval_unused": 1}
     assert prep.report["duplicates"] == {"train": 1, "eval": 0, "eval_in_train": 1, "removed": 1, "dedup": "eval"}
     listed = {name: [(r["where"], r["problem"][:30]) for r in v] for name, v in prep.listings.items()}
     assert listed["skipped_rows.jsonl"] == [(f"{train}:4", "malformed JSON (Expecting prop")]
     assert listed["dropped_rows.jsonl"] == [(f"{train}:11", "train: the prompt is 918 token")]
     assert listed["duplicate_rows.jsonl"] == [(f"{test}:1", f"eval pair also in train at {train}"[:30])]
-    assert prep.report["accounting_line"].startswith("39 rows read = 31 trained + 4 eval + 1 skipped + 1 dropped")
+    assert listed["no_pair_rows.jsonl"] == [(f"{train}:13", "chosen identical to rejected: ")]
+    assert prep.report["notes"]["no_preference"] == {"count": 1, "what": errors.NOTE_TEXT["no_preference"],
+                                                     "first": [f"{train}:13"]}
+    assert prep.report["accounting_line"].startswith("40 rows read = 31 trained + 4 eval + 1 skipped + 1 without a "
+                                                     "pair + 1 dropped")
     # the cached entry holds the skipped row: without --skip_bad_rows it fails exactly as a fresh read does
     with pytest.raises(data.DataError, match=rf"{train}:4: malformed JSON .*--skip_bad_rows true"):
         prepare(args(tmp_path, dataset_test_split="test"), tiny_tokenizer, tmp_path / "cache")
