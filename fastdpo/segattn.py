@@ -176,7 +176,7 @@ def segments_from_position_ids(position_ids: torch.Tensor, mode: str = "dense") 
         if not starts or starts[0] != 0:
             starts = [0] + starts
         ends = starts[1:] + [width]
-        specs += [([(r * width + s, e - s)], 0) for s, e in zip(starts, ends)]
+        specs += [([(r * width + s, e - s)], 0) for s, e in zip(starts, ends, strict=True)]
     return build_segments(specs, rows, width, mode)
 
 
