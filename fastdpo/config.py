@@ -420,8 +420,18 @@ def _check_dpo_options(where, t) -> list[str]:
     if where.given("length_column_name"):
         bad.append(f"{where('length_column_name')}: length_column_name: read only by train_sampling_strategy "
                    "group_by_length or batch_rebalance, which DPO here does not offer; drop it")
+    if t.sync_ref_model and t.precompute_ref_log_probs:  # TRL raises this only after loading model and data
+        bad.append(f"{where('sync_ref_model')}: sync_ref_model: true updates the reference during training, so "
+                   f"precomputed reference log-probs ({where('precompute_ref_log_probs')}: precompute_ref_log_probs: "
+                   "true, this repo's default) would be stale; set precompute_ref_log_probs: false")
     if not hasattr(t, "token_budget"):  # TRL's own DPOConfig (scripts/benchmark.py's stock runs): no packed path
         return bad
+    if t.padding_free and t.include_num_input_tokens_seen != "no":
+        # transformers counts tokens from the batch's input_ids; a packed slot holds micro-batches instead, so it
+        # would warn "not configured properly" every step and count 0
+        bad.append(f"{where('include_num_input_tokens_seen')}: include_num_input_tokens_seen: "
+                   f"{t.include_num_input_tokens_seen} is not counted on the packed path (padding_free: true, the "
+                   "default); the progress line logs tok/s; drop it, or set padding_free: false")
     if t.padding_free and where.given("pad_to_multiple_of") and t.pad_to_multiple_of is not None:
         bad.append(f"{where('pad_to_multiple_of')}: pad_to_multiple_of: {t.pad_to_multiple_of} pads the stock "
                    "collation's rows; packed rows (padding_free: true, the default) have no padding to round; drop it, "

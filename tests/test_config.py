@@ -217,6 +217,9 @@ IGNORED_OR_OTHER = {
                              "prefix_sharing: True is read only by the padding-free path"),
     "ref_cache_stock": (["--padding_free", "false", "--ref_logps_cache_dir", "/tmp/refs"],
                         "ref_logps_cache_dir: /tmp/refs is read only by the padding-free path"),
+    "tokens_seen_packed": (["--include_num_input_tokens_seen", "true"],
+                           "include_num_input_tokens_seen: all is not counted on the packed path"),
+    "sync_ref_precomputed": (["--sync_ref_model", "true"], "sync_ref_model: true updates the reference"),
 }
 
 
@@ -237,6 +240,8 @@ def test_option_that_would_do_something_else_fails_at_parse_time(case):
     ["--token_budget", "512", "--packed_layout", "dense", "--prefix_sharing", "false"],
     ["--padding_free", "false", "--pad_to_multiple_of", "8"],
     ["--padding_free", "false", "--prefix_sharing", "false", "--packed_layout", "auto"],  # asks for nothing
+    ["--padding_free", "false", "--include_num_input_tokens_seen", "true"],
+    ["--sync_ref_model", "true", "--precompute_ref_log_probs", "false"],
 ], ids=" ".join)
 def test_option_honoured_where_it_applies_parses(flags):
     parse_args(flags)
