@@ -422,8 +422,8 @@ def _check_dpo_options(where, t) -> list[str]:
                    "group_by_length or batch_rebalance, which DPO here does not offer; drop it")
     if t.sync_ref_model and t.precompute_ref_log_probs:  # TRL raises this only after loading model and data
         bad.append(f"{where('sync_ref_model')}: sync_ref_model: true updates the reference during training, so "
-                   f"precomputed reference log-probs ({where('precompute_ref_log_probs')}: precompute_ref_log_probs: "
-                   "true, this repo's default) would be stale; set precompute_ref_log_probs: false")
+                   "reference log-probs computed once (precompute_ref_log_probs: true, this repo's default) would be "
+                   "stale; set precompute_ref_log_probs: false")
     if not hasattr(t, "token_budget"):  # TRL's own DPOConfig (scripts/benchmark.py's stock runs): no packed path
         return bad
     if t.padding_free and t.include_num_input_tokens_seen != "no":
