@@ -1,4 +1,4 @@
-# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv first.
+# Two commands for a fresh machine: `make demo` and `make test`. Both create .venv first (so does `make lint`).
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -7,7 +7,7 @@ TORCH ?= torch==2.13.0
 # The venv's tools first: DeepSpeed rebuilds its CPU op whenever the ninja on PATH changes between runs.
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
-.PHONY: setup demo test test-fast clean
+.PHONY: setup demo test test-fast lint clean
 
 setup: $(VENV)/.installed
 
@@ -30,6 +30,10 @@ test: setup
 # unit tests only (seconds): data, configs, tokenisation
 test-fast: setup
 	$(PY) -m pytest tests -m "not slow"
+
+# ruff (pinned in requirements.txt) with the rules in pyproject.toml; no format check (CLAUDE.md says why)
+lint: setup
+	$(VENV)/bin/ruff check .
 
 clean:
 	rm -rf outputs/* logs/*.out

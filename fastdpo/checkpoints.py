@@ -168,7 +168,9 @@ _MISSING = object()
 
 def _length(s: dict):
     steps = s.get("max_steps", -1)
-    return ("max_steps", steps) if isinstance(steps, int) and steps > 0 else ("num_train_epochs", s.get("num_train_epochs"))
+    if isinstance(steps, int) and steps > 0:
+        return "max_steps", steps
+    return "num_train_epochs", s.get("num_train_epochs")
 
 
 def compare(old: dict, new: dict, keys=None) -> tuple[list[str], list[str]]:

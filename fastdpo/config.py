@@ -33,7 +33,8 @@ SECRET_PATTERN = re.compile(r"TOKEN|KEY|SECRET|PASSWORD|PASSWD|CREDENTIAL", re.I
 # Keys that users carry over from older TRL/transformers, with what to write instead.
 RENAMED = {
     "warmup_ratio": "transformers 5 removed warmup_ratio: write warmup_steps: 0.1 (a float below 1 is a ratio)",
-    "group_by_length": "transformers 5 renamed it: write train_sampling_strategy: group_by_length",
+    "group_by_length": "transformers 5 replaced it by train_sampling_strategy (random or sequential for DPO: the "
+                       "packed path has no padding for length grouping to save)",
     "hub_token": "put HF_TOKEN in .env instead: a token in a recipe ends up in training_args.bin",
     "dataset_text_field": "DPO reads prompt/chosen/rejected; map other columns with column_map",
     "logging_dir": "transformers 5 removed logging_dir: TensorBoard writes to output_dir/runs; to choose the "
@@ -156,7 +157,8 @@ class ScriptArguments:
         metadata={"help": "Cut longer prompts to their last N tokens (TRL 1.16 removed this option)."},
     )
     skip_bad_rows: bool = field(
-        default=False, metadata={"help": "Skip malformed rows (listed in output_dir/skipped_rows.jsonl) instead of failing."}
+        default=False,
+        metadata={"help": "Skip malformed rows (listed in output_dir/skipped_rows.jsonl) instead of failing."}
     )
     dedup: str = field(
         default="eval",
@@ -299,6 +301,10 @@ class _Where:
         self.recipe = recipe
         self.cli = {a[2:].split("=")[0] for a in argv if a.startswith("--") and a != "--config"}
 
+    def given(self, key: str) -> bool:
+        """Set on the command line or in the recipe (a default asks for nothing)."""
+        return key in self.cli or _line_of(self.recipe, key) != self.recipe
+
     def __call__(self, key: str) -> str:
         if key in self.cli:
             return f"command line (--{key})"
@@ -346,10 +352,12 @@ def check_settings(where, script_args, training_args, model_args, check_paths: b
 
     dpo = isinstance(t, _TRLDPOConfig)  # SFTConfig has a loss_type of its own (nll, dft) and no beta
     if dpo and not t.beta > 0:
-        fail("beta", f"{t.beta} {'trains nothing (the loss stays at ln 2)' if t.beta == 0 else 'learns to prefer the rejected answers'}; "
+        effect = "trains nothing (the loss stays at ln 2)" if t.beta == 0 else "learns to prefer the rejected answers"
+        fail("beta", f"{t.beta} {effect}; "
              "use beta > 0 (TRL's default 0.1; the OLMo 3 recipes use 5 with loss_type sigmoid_norm)")
     if not t.learning_rate > 0:
-        fail("learning_rate", f"{t.learning_rate} {'trains nothing' if t.learning_rate == 0 else 'climbs the loss instead of descending it'}; "
+        effect = "trains nothing" if t.learning_rate == 0 else "climbs the loss instead of descending it"
+        fail("learning_rate", f"{t.learning_rate} {effect}; "
              "use a positive value (about 1e-6 for a 7B SFT model, 5e-6 for a small one); to only evaluate a model "
              "use scripts/evaluate.py")
     for key in ("per_device_train_batch_size", "per_device_eval_batch_size", "gradient_accumulation_steps"):
@@ -376,6 +384,7 @@ def check_settings(where, script_args, training_args, model_args, check_paths: b
         if t.use_weighting and {"aot", "aot_unpaired"} & set(t.loss_type):
             fail("use_weighting", "true with loss_type aot/aot_unpaired, which sort pairs and so cannot weight them; "
                  "set use_weighting: false")
+        bad += _check_dpo_options(where, t)
     max_length = getattr(t, "max_length", None)
     if max_length is not None and max_length < 1:
         fail("max_length", f"{max_length}; use the token length that covers your pairs (scripts/analyze_dataset.py)")
@@ -399,6 +408,56 @@ def check_settings(where, script_args, training_args, model_args, check_paths: b
                  "this repo uses tensorboard, wandb or trackio")
     if check_paths:
         bad += _check_paths(where, s, t, m)
+    return bad
+
+
+# transformers' samplers that DPO pairs cannot use. Both infer lengths from an `input_ids` column, which pairs do
+# not have, so the stock path (padding_free: false, or a logged fallback) and evaluation fail with "Can only
+# automatically infer lengths" after the model and the reference pass are loaded.
+UNSUPPORTED_ORDERS = {
+    "group_by_length": "it groups pairs by length to cut padding, which packed rows do not have (padding "
+                       "efficiency 1.000 without it)",
+    "batch_rebalance": "it gives micro-batches different pair counts, so a pair weighs 1/(accumulation x its "
+                       "micro-batch's size), another objective than the other orders; token_budget already packs "
+                       "each step's micro-batches by tokens",
+}
+# Our DPOConfig's options that only the padding-free path reads, and the values that ask for something.
+PACKED_ONLY = {"token_budget": lambda v: v is not None, "packed_layout": lambda v: v != "auto",
+               "prefix_sharing": lambda v: v, "ref_logps_cache_dir": lambda v: v is not None}
+
+
+def _check_dpo_options(where, t) -> list[str]:
+    """Options that would be accepted and then ignored, or do something other than they say."""
+    bad = []
+    order = t.train_sampling_strategy
+    if order in UNSUPPORTED_ORDERS:
+        bad.append(f"{where('train_sampling_strategy')}: train_sampling_strategy: {order} is not offered for DPO: "
+                   "transformers' sampler for it infers lengths from input_ids, which pairs do not have, and "
+                   f"{UNSUPPORTED_ORDERS[order]}; use random (the default) or sequential")
+    if where.given("length_column_name"):
+        bad.append(f"{where('length_column_name')}: length_column_name: read only by train_sampling_strategy "
+                   "group_by_length or batch_rebalance, which DPO here does not offer; drop it")
+    if t.sync_ref_model and t.precompute_ref_log_probs:  # TRL raises this only after loading model and data
+        bad.append(f"{where('sync_ref_model')}: sync_ref_model: true updates the reference during training, so "
+                   "reference log-probs computed once (precompute_ref_log_probs: true, this repo's default) would be "
+                   "stale; set precompute_ref_log_probs: false")
+    if not hasattr(t, "token_budget"):  # TRL's own DPOConfig (scripts/benchmark.py's stock runs): no packed path
+        return bad
+    if t.padding_free and t.include_num_input_tokens_seen != "no":
+        # transformers counts tokens from the batch's input_ids; a packed slot holds micro-batches instead, so it
+        # would warn "not configured properly" every step and count 0
+        bad.append(f"{where('include_num_input_tokens_seen')}: include_num_input_tokens_seen: "
+                   f"{t.include_num_input_tokens_seen} is not counted on the packed path (padding_free: true, the "
+                   "default); the progress line logs tok/s; drop it, or set padding_free: false")
+    if t.padding_free and where.given("pad_to_multiple_of") and t.pad_to_multiple_of is not None:
+        bad.append(f"{where('pad_to_multiple_of')}: pad_to_multiple_of: {t.pad_to_multiple_of} pads the stock "
+                   "collation's rows; packed rows (padding_free: true, the default) have no padding to round; drop it, "
+                   "or set padding_free: false")
+    if not t.padding_free:
+        for key, asks in PACKED_ONLY.items():
+            if where.given(key) and asks(getattr(t, key)):
+                bad.append(f"{where(key)}: {key}: {getattr(t, key)} is read only by the padding-free path, and "
+                           "padding_free is false (stock TRL collation); drop it, or set padding_free: true")
     return bad
 
 

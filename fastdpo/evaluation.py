@@ -68,12 +68,12 @@ def as_reference(policy: Loaded, ref: Loaded | None):
 
 def _pad(prompts: list[list[int]], answers: list[list[int]], pad_id: int, device):
     """Right-padded prompt+answer ids, attention mask, and a mask of the answer positions."""
-    seqs = [p + a for p, a in zip(prompts, answers)]
+    seqs = [p + a for p, a in zip(prompts, answers, strict=True)]
     width = max(map(len, seqs))
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     attn = torch.zeros_like(ids)
     answer = torch.zeros_like(ids, dtype=torch.bool)
-    for i, (p, s) in enumerate(zip(prompts, seqs)):
+    for i, (p, s) in enumerate(zip(prompts, seqs, strict=True)):
         ids[i, : len(s)] = torch.tensor(s)
         attn[i, : len(s)] = 1
         answer[i, len(p): len(s)] = True
@@ -122,13 +122,13 @@ def score(policy: Loaded, ref: Loaded | None, tokenized, beta: float = 0.1, batc
     return {
         "num_pairs": n,
         # strict >, as TRL counts it: a policy equal to its reference scores 0, not 0.5
-        "preference_accuracy": sum(c > r for c, r in zip(rewards_c, rewards_r)) / n,
-        "reward_margin": sum(c - r for c, r in zip(rewards_c, rewards_r)) / n,
+        "preference_accuracy": sum(c > r for c, r in zip(rewards_c, rewards_r, strict=True)) / n,
+        "reward_margin": sum(c - r for c, r in zip(rewards_c, rewards_r, strict=True)) / n,
         "reward_chosen": sum(rewards_c) / n,
         "reward_rejected": sum(rewards_r) / n,
         "kl": kl_sum / max(kl_tokens, 1),
         # reference-free: does the model itself find the chosen answer likelier per token than the rejected one
-        "likelihood_accuracy": sum(c > r for c, r in zip(mean_c, mean_r)) / n,
+        "likelihood_accuracy": sum(c > r for c, r in zip(mean_c, mean_r, strict=True)) / n,
         "beta": beta,
     }
 
@@ -192,7 +192,8 @@ def side_by_side(policy: Loaded, ref: Loaded | None, pairs, tokenized, n: int, m
     return {
         "gen_length": sum(pol_len) / max(len(pol_len), 1),
         "ref_gen_length": sum(ref_len) / max(len(ref_len), 1),
-        "samples": [{"prompt": p, "policy": a, "reference": b} for p, a, b in zip(prompts, pol_texts, ref_texts)],
+        "samples": [{"prompt": p, "policy": a, "reference": b}
+                    for p, a, b in zip(prompts, pol_texts, ref_texts, strict=True)],
     }
 
 
@@ -241,13 +242,13 @@ def plot_training(trainer_state: str | Path, png: str | Path) -> Path:
 
     history = json.loads(Path(trainer_state).read_text())["log_history"]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
-    for ax, (key, title) in zip(axes.flat, CURVES):
+    for ax, (key, title) in zip(axes.flat, CURVES, strict=True):
         train = [(h["step"], h[key]) for h in history if key in h]
         evals = [(h["step"], h[f"eval_{key}"]) for h in history if f"eval_{key}" in h]
         if train:
-            ax.plot(*zip(*train), label="train")
+            ax.plot(*zip(*train, strict=True), label="train")
         if evals:
-            ax.plot(*zip(*evals), "o", label="eval")
+            ax.plot(*zip(*evals, strict=True), "o", label="eval")
         ax.set_title(title if train or evals else f"{title} (not logged)")
         ax.set_xlabel("step")
         if train and evals:

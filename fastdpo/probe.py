@@ -22,10 +22,10 @@ import logging
 from dataclasses import dataclass
 
 import torch
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from . import segattn
 from .packing import PackedForward, PackedPreferenceCollator, pair_lengths
-from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 logger = logging.getLogger("fastdpo")
 
@@ -91,7 +91,8 @@ def probe_pairs(vocab: int, window: int | None, max_length: int | None, capacity
 
 
 def _padded_logps(model, pairs, pad_id, max_length, truncation_mode, **kwargs):
-    batch = DataCollatorForPreference(pad_token_id=pad_id, max_length=max_length, truncation_mode=truncation_mode)(pairs)
+    collate = DataCollatorForPreference(pad_token_id=pad_id, max_length=max_length, truncation_mode=truncation_mode)
+    batch = collate(pairs)
     device = next(model.parameters()).device
     labels = batch["input_ids"].masked_fill(batch["completion_mask"] == 0, -100)
     out = model(input_ids=batch["input_ids"].to(device), attention_mask=batch["attention_mask"].to(device),

@@ -120,7 +120,7 @@ def _compute_share(trainer, dataset, indices: list[int], budget: int) -> tuple[l
             stats["computed"] += inputs["packed_input_ids"].numel()
             # TRL's own function: no_grad, autocast, PEFT adapter switching, ld_alpha weighting
             chosen, rejected = trainer.compute_ref_log_probs(forward, inputs)
-            out.extend(zip(batch, chosen.float().cpu().tolist(), rejected.float().cpu().tolist()))
+            out.extend(zip(batch, chosen.float().cpu().tolist(), rejected.float().cpu().tolist(), strict=True))
     finally:
         model.train(was_training)
     return out, stats

@@ -130,7 +130,7 @@ def build_segments(specs: list[tuple[list[tuple[int, int]], int]], rows: int, wi
     # prompt is longer than the segment's own tokens. Both are the same math.
     continuation = lambda x: 2 * x[1] > len(x[0])  # noqa: E731
     for plain in (True, False):
-        size = (lambda x: len(x[0])) if plain else (lambda x: len(x[0]) - x[1])  # noqa: E731  (query slots)
+        size = (lambda x: len(x[0])) if plain else (lambda x: len(x[0]) - x[1])  # query slots
         members = sorted((x for x in segs if continuation(x) != plain), key=lambda x: -size(x))
         i = 0
         while i < len(members):
@@ -176,7 +176,7 @@ def segments_from_position_ids(position_ids: torch.Tensor, mode: str = "dense") 
         if not starts or starts[0] != 0:
             starts = [0] + starts
         ends = starts[1:] + [width]
-        specs += [([(r * width + s, e - s)], 0) for s, e in zip(starts, ends)]
+        specs += [([(r * width + s, e - s)], 0) for s, e in zip(starts, ends, strict=True)]
     return build_segments(specs, rows, width, mode)
 
 

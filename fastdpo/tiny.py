@@ -2,9 +2,9 @@
 
 Everything is built offline and deterministically, so `python train_dpo.py` works on a fresh laptop with no
 network. The preference is learnable and checkable: the preferred answer is polite ("Sure! ...") and talks
-about what the prompt asked; the dispreferred one is curt, or the same answer shouted in capitals. Held-out prompts use subjects that
-(adjective and subject together) never appear in training, so eval accuracy measures generalisation, not
-memorisation.
+about what the prompt asked; the dispreferred one is curt, or the same answer shouted in capitals. Held-out prompts
+use subjects that (adjective and subject together) never appear in training, so eval accuracy measures
+generalisation, not memorisation.
 """
 
 from __future__ import annotations

@@ -63,7 +63,8 @@ SHAPED_LAYERS = 4
 BREAKDOWN = {
     "stock": [],
     "padding-free": ["--packed_layout", "dense", "--prefix_sharing", "false", "--precompute_ref_log_probs", "false"],
-    "+per-sequence": ["--packed_layout", "segments", "--prefix_sharing", "false", "--precompute_ref_log_probs", "false"],
+    "+per-sequence": ["--packed_layout", "segments", "--prefix_sharing", "false",
+                      "--precompute_ref_log_probs", "false"],
     "+prefix sharing": ["--packed_layout", "segments", "--prefix_sharing", "true", "--precompute_ref_log_probs",
                         "false"],
     "+precompute": [],
@@ -78,7 +79,8 @@ def shaped_config(scale: int, vocab_floor: int):
     hidden = max(64, TARGET["hidden"] // scale // 64 * 64)
     inter = TARGET["intermediate"] * hidden // TARGET["hidden"]
     per_layer = lambda d, ff: 4 * d * d + 3 * d * ff  # noqa: E731  (q, k, v, o + gate, up, down)
-    share = TARGET["hidden"] * TARGET["vocab"] / (TARGET["layers"] * per_layer(TARGET["hidden"], TARGET["intermediate"]))
+    body = TARGET["layers"] * per_layer(TARGET["hidden"], TARGET["intermediate"])
+    share = TARGET["hidden"] * TARGET["vocab"] / body
     vocab = max(vocab_floor, round(share * SHAPED_LAYERS * per_layer(hidden, inter) / hidden))
     return LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=inter, num_hidden_layers=SHAPED_LAYERS,
                        num_attention_heads=hidden // 64, num_key_value_heads=hidden // 64, head_dim=64,
@@ -146,12 +148,12 @@ def worker(opts) -> dict:
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
+    from trl import DPOConfig as StockConfig
 
     from fastdpo import config as cfg
     from fastdpo import data, models
     from fastdpo.packing import pair_lengths
     from fastdpo.trainer import DPOTrainer, StockDPOTrainer
-    from trl import DPOConfig as StockConfig
 
     scale = opts.scale
     max_length = opts.max_length or PROFILES[opts.profile]["max_length"] // scale
@@ -285,7 +287,8 @@ def main():
     device = "cuda" if torch.cuda.is_available() else "cpu"
     peak = matmul_peak(device)
     machine = torch.cuda.get_device_name() if device == "cuda" else f"CPU, {os.cpu_count()} cores"
-    print(f"machine: {machine}; measured matmul peak {peak / 1e9:.1f} GFLOP/s ({'bf16' if device == 'cuda' else 'fp32'})")
+    dtype = "bf16" if device == "cuda" else "fp32"
+    print(f"machine: {machine}; measured matmul peak {peak / 1e9:.1f} GFLOP/s ({dtype})")
     print(f"load average at start: {os.getloadavg()[0]:.2f}", flush=True)
     argv = [a for a in sys.argv[1:] if a not in ("--breakdown", "--json", opts.json or "--json")]
     argv = [a for i, a in enumerate(argv) if not (a == "--model" or (i and argv[i - 1] == "--model"))]
@@ -311,7 +314,8 @@ def main():
                           f"tok/s {res['pairs_per_s']:6.2f} pairs/s  padding eff {res['padding_efficiency']:.3f}  "
                           f"computed/useful {res['computed_per_useful']:.2f}  "
                           f"peak {res['peak_mem_mb']:6.0f} MB  MFU {res['mfu']:.1%}  ({res['seconds']:.1f}s, "
-                          f"ref precompute {res['ref_precompute_seconds']:.1f}s{', ' + res['layout'] if res['layout'] else ''})",
+                          f"ref precompute {res['ref_precompute_seconds']:.1f}s"
+                          f"{', ' + res['layout'] if res['layout'] else ''})",
                           flush=True)
 
     keys = ("tokens_per_s", "pairs_per_s", "padding_efficiency", "computed_per_useful", "peak_mem_mb", "mfu")
@@ -322,7 +326,8 @@ def main():
         first = runs[(model, variants[0])][0]
         med = {v: {k: statistics.median(r[k] for r in runs[(model, v)]) for k in keys} for v in variants}
         # each round's runs are adjacent in time: their ratio is robust to a shared machine's load
-        ratios = {v: [f["tokens_per_s"] / s["tokens_per_s"] for s, f in zip(runs[(model, "stock")], runs[(model, v)])]
+        ratios = {v: [f["tokens_per_s"] / s["tokens_per_s"]
+                      for s, f in zip(runs[(model, "stock")], runs[(model, v)], strict=True)]
                   for v in variants if v != "stock"}
         summary["models"][model] = {"shape": first["model"], "pairs": first["pairs"],
                                     "useful_tokens": first["useful_tokens"], "median": med,

@@ -150,7 +150,7 @@ def child(opts) -> None:
     if opts.child == "ours":
         from fastdpo import models, tokcache
         from fastdpo.config import ScriptArguments
-        from fastdpo.trainer import DPOTrainer  # noqa: F401  (train_dpo.py imports it before the data stage)
+        from fastdpo.trainer import DPOTrainer  # train_dpo.py imports it before the data stage
     else:
         import types
 

@@ -24,9 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anywhere without installing
 
-import torch  # noqa: E402
+import torch
 
-from fastdpo import data, evaluation, tiny  # noqa: E402
+from fastdpo import data, evaluation, tiny
 
 
 def parse(argv=None):

@@ -19,7 +19,7 @@ from fastdpo.trainer import DPOTrainer
 
 
 def main(out: Path, steps: int = 4):
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(name)s: %(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     script_args, args, model_args = cfg.parse_args([
         "--output_dir", str(out), "--max_steps", str(steps), "--logging_steps", "1", "--eval_before_train", "false",
         "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2", "--token_budget", "256",
@@ -33,7 +33,8 @@ def main(out: Path, steps: int = 4):
     assert trainer._fast, "fast path expected"
     trainer.train()
     rank = trainer.args.process_index
-    state = {k: v.detach().cpu().clone() for k, v in trainer.accelerator.unwrap_model(trainer.model).state_dict().items()}
+    weights = trainer.accelerator.unwrap_model(trainer.model).state_dict()
+    state = {k: v.detach().cpu().clone() for k, v in weights.items()}
     torch.save(state, out / f"rank{rank}.pt")
     losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
     (out / f"rank{rank}.json").write_text(json.dumps({"losses": losses, "world": trainer.args.world_size}))

@@ -207,7 +207,7 @@ class SlurmCluster:
 
     def stop(self):
         # Reverse order: slurmd and slurmctld still talk to munged while they shut down.
-        for name, p in reversed(self.procs):
+        for _name, p in reversed(self.procs):
             if p.poll() is None:
                 p.send_signal(signal.SIGTERM)
                 try:

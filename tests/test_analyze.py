@@ -18,7 +18,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from fastdpo import data, lengths, tiny, tokcache
 from fastdpo.config import ScriptArguments
 
-from .conftest import REPO, PYTHON, run
+from .conftest import PYTHON, REPO, run
 
 spec = importlib.util.spec_from_file_location("analyze_dataset", REPO / "scripts" / "analyze_dataset.py")
 analyze_dataset = importlib.util.module_from_spec(spec)
@@ -140,7 +140,8 @@ def test_padding_overheads_by_hand():
     # one batch of both pairs: [4, 15]
     assert lengths.candidate(lens, 20, None, batch_size=2)["padding_overhead_batch"] == round(1 - real / 60, 4)
     # pad_to_multiple_of 8 rounds L = 15 up to 16
-    assert lengths.candidate(lens, 20, None, 2, pad_to_multiple_of=8)["padding_overhead_batch"] == round(1 - real / 64, 4)
+    rounded = lengths.candidate(lens, 20, None, 2, pad_to_multiple_of=8)
+    assert rounded["padding_overhead_batch"] == round(1 - real / 64, 4)
     # packed into 20-token sequences: 15 | 13 | 10+10 -> the emptiest (13) counts as its own tokens
     assert row["padding_overhead_packed"] == round(1 - real / (20 + 13 + 20), 4)
 
@@ -210,7 +211,9 @@ def test_lengths_equal_training_collator(layout, max_length, max_prompt_length, 
     for i, r in enumerate(rows[::4]):
         r["chosen"][0]["content"] += " and more" * (i % 5)
     path = write_jsonl(tmp_path / "d.jsonl", LAYOUTS[layout](rows))
-    column_map = {"system": "sys", "prompt": "q", "chosen": "good", "rejected": "bad"} if layout == "column_map" else None
+    column_map = None
+    if layout == "column_map":
+        column_map = {"system": "sys", "prompt": "q", "chosen": "good", "rejected": "bad"}
     script_args = ScriptArguments(dataset_name=path, column_map=column_map, max_prompt_length=max_prompt_length)
     lens = lengths.measure(lengths.load_sample(script_args, None).pairs, tiny_tokenizer)
     p, c, r, status = lengths.truncate(lens, max_length, max_prompt_length)
@@ -349,7 +352,10 @@ def test_missing_file_and_unknown_recipe_key(tmp_path):
         cli(["--recipe", str(bad)])
 
 
-@pytest.mark.parametrize("recipe", sorted(p.name for p in (REPO / "recipes").glob("*.yaml") if not p.stem.endswith("_sft")))
+DPO_RECIPES = sorted(p.name for p in (REPO / "recipes").glob("*.yaml") if not p.stem.endswith("_sft"))
+
+
+@pytest.mark.parametrize("recipe", DPO_RECIPES)
 def test_every_dpo_recipe_parses_for_the_analyzer_on_cpu(recipe):
     """GPU recipes (bf16) parse here too: the analyzer reads only their data settings."""
     _, script_args, training_args, model_args = analyze_dataset.settings(

@@ -112,7 +112,8 @@ BAD_VALUES = {
     "beta_negative": (["--beta=-0.5"], "beta: -0.5 learns to prefer the rejected answers"),
     "learning_rate_negative": (["--learning_rate=-1e-4"], "learning_rate: -0.0001 climbs the loss"),
     "learning_rate_zero": (["--learning_rate", "0"], "learning_rate: 0.0 trains nothing"),
-    "train_batch_zero": (["--per_device_train_batch_size", "0"], "per_device_train_batch_size: 0; it must be at least 1"),
+    "train_batch_zero": (["--per_device_train_batch_size", "0"],
+                         "per_device_train_batch_size: 0; it must be at least 1"),
     "eval_batch_zero": (["--per_device_eval_batch_size", "0"], "per_device_eval_batch_size: 0; it must be at least 1"),
     "accumulation_zero": (["--gradient_accumulation_steps", "0"], "gradient_accumulation_steps: 0; it must be"),
     "loss_type_unknown": (["--loss_type", "nonsense"], "loss_type: unknown 'nonsense'; TRL 1.16.0 knows sigmoid,"),
@@ -123,7 +124,8 @@ BAD_VALUES = {
     "epochs_zero": (["--num_train_epochs", "0"], "num_train_epochs: 0.0 trains nothing"),
     "prompt_fills_max_length": (["--max_length", "64", "--max_prompt_length", "64"],
                                 "max_prompt_length: 64 leaves no room for answers within max_length 64"),
-    "model_path_missing": (["--model_name_or_path", "/nonexistent"], "model_name_or_path: /nonexistent: no such folder"),
+    "model_path_missing": (["--model_name_or_path", "/nonexistent"],
+                           "model_name_or_path: /nonexistent: no such folder"),
     "model_relative_path_missing": (["--model_name_or_path", "outputs/nope/sft"], "outputs/nope/sft: no such folder"),
     "dataset_file_missing": (["--dataset_name", "my_pairs.jsonl"], "dataset_name: my_pairs.jsonl: no such file"),
     "eval_dataset_missing": (["--eval_dataset_name", "./held_out"], "eval_dataset_name: ./held_out: no such file"),
@@ -194,3 +196,100 @@ def test_env_file_found_in_the_repo_root_and_the_current_directory(tmp_path, mon
         config.load_env([])
         for name in ("FASTDPO_TEST_TOKEN", "FASTDPO_TEST_PROJECT"):
             os.environ.pop(name, None)
+
+
+# ------------------------------------------------- options that would be accepted, then ignored or do something else
+# Each is refused at parse time with the reason and what to write instead; the combinations where the option does
+# what it says still parse (test_option_honoured_where_it_applies_parses).
+
+IGNORED_OR_OTHER = {
+    "batch_rebalance": (["--train_sampling_strategy", "batch_rebalance"],
+                        "train_sampling_strategy: batch_rebalance is not offered for DPO"),
+    "group_by_length": (["--train_sampling_strategy", "group_by_length"],
+                        "train_sampling_strategy: group_by_length is not offered for DPO"),
+    "length_column_name": (["--length_column_name", "n_tokens"], "length_column_name: read only by"),
+    "pad_to_multiple_of_packed": (["--pad_to_multiple_of", "8"], "pad_to_multiple_of: 8 pads the stock collation"),
+    "token_budget_stock": (["--padding_free", "false", "--token_budget", "512"],
+                           "token_budget: 512 is read only by the padding-free path"),
+    "packed_layout_stock": (["--padding_free", "false", "--packed_layout", "dense"],
+                            "packed_layout: dense is read only by the padding-free path"),
+    "prefix_sharing_stock": (["--padding_free", "false", "--prefix_sharing", "true"],
+                             "prefix_sharing: True is read only by the padding-free path"),
+    "ref_cache_stock": (["--padding_free", "false", "--ref_logps_cache_dir", "/tmp/refs"],
+                        "ref_logps_cache_dir: /tmp/refs is read only by the padding-free path"),
+    "tokens_seen_packed": (["--include_num_input_tokens_seen", "true"],
+                           "include_num_input_tokens_seen: all is not counted on the packed path"),
+    "sync_ref_precomputed": (["--sync_ref_model", "true"], "sync_ref_model: true updates the reference"),
+}
+
+
+@pytest.mark.parametrize("case", IGNORED_OR_OTHER, ids=str)
+def test_option_that_would_do_something_else_fails_at_parse_time(case):
+    flags, message = IGNORED_OR_OTHER[case]
+    with pytest.raises(SystemExit) as e:
+        parse_args(flags)
+    assert message in str(e.value)
+    key = message.split(":")[0]
+    assert f"command line (--{key})" in str(e.value)
+    if key == "train_sampling_strategy":
+        assert "use random (the default) or sequential" in str(e.value)
+
+
+@pytest.mark.parametrize("flags", [
+    ["--train_sampling_strategy", "sequential"],
+    ["--token_budget", "512", "--packed_layout", "dense", "--prefix_sharing", "false"],
+    ["--padding_free", "false", "--pad_to_multiple_of", "8"],
+    ["--padding_free", "false", "--prefix_sharing", "false", "--packed_layout", "auto"],  # asks for nothing
+    ["--padding_free", "false", "--include_num_input_tokens_seen", "true"],
+    ["--sync_ref_model", "true", "--precompute_ref_log_probs", "false"],
+], ids=" ".join)
+def test_option_honoured_where_it_applies_parses(flags):
+    parse_args(flags)
+
+
+def test_sft_keeps_transformers_length_grouping():
+    """SFT rows have input_ids, so transformers' samplers work there; only DPO refuses them."""
+    from trl import SFTConfig
+
+    _, training_args, _ = parse_args(["--config", str(REPO / "recipes" / "tiny_sft.yaml"),
+                                      "--train_sampling_strategy", "group_by_length"], trainer_config=SFTConfig)
+    assert training_args.train_sampling_strategy == "group_by_length"
+
+
+def test_refused_order_names_its_recipe_line(tmp_path):
+    recipe = tmp_path / "r.yaml"
+    text = (REPO / "recipes" / "tiny.yaml").read_text() + "train_sampling_strategy: batch_rebalance\n"
+    recipe.write_text(text)
+    line = len(text.splitlines())
+    with pytest.raises(SystemExit, match=rf"{recipe}:{line}: train_sampling_strategy: batch_rebalance"):
+        parse_args(["--config", str(recipe)])
+
+
+@pytest.mark.parametrize("order", ["group_by_length", "batch_rebalance"])
+def test_transformers_length_samplers_cannot_read_pairs(order, tmp_path):
+    """Why the refusal: on the stock path transformers' own samplers fail on tokenised pairs (they infer lengths
+    from input_ids), for training and, with group_by_length, for evaluation; the packed path refuses both orders.
+    If a transformers bump makes these work, revisit fastdpo.config.UNSUPPORTED_ORDERS."""
+    import dataclasses
+
+    from trl import DPOConfig as StockConfig
+
+    from fastdpo import data, models
+    from fastdpo.batching import TokenBudgetSampler, sequence_lengths
+    from fastdpo.trainer import StockDPOTrainer
+
+    script_args, args, model_args = parse_args(["--output_dir", str(tmp_path), "--max_train_samples", "32"])
+    tok = models.load_tokenizer(model_args.model_name_or_path)
+    pairs = data.load_pairs(script_args)
+    ds, _ = data.tokenize_dataset(pairs.train, tok, args.max_length, script_args.max_prompt_length)
+    values = {f.name: getattr(args, f.name) for f in dataclasses.fields(StockConfig) if f.init}
+    values.update(padding_free=False, precompute_ref_log_probs=False, train_sampling_strategy=order)
+    trainer = StockDPOTrainer(model=models.load_model(model_args, args), args=StockConfig(**values), train_dataset=ds,
+                              eval_dataset=ds, processing_class=tok)
+    with pytest.raises(ValueError, match="Can only automatically infer lengths"):
+        trainer.get_train_dataloader()
+    if order == "group_by_length":
+        with pytest.raises(ValueError, match="Can only automatically infer lengths"):
+            trainer.get_eval_dataloader()
+    with pytest.raises(ValueError, match="the packed path orders pairs random or sequential"):
+        TokenBudgetSampler(sequence_lengths(ds, args.max_length), 4, 1, order=order)

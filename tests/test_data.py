@@ -214,7 +214,7 @@ def test_tokenize_dataset_counts_truncated_and_dropped(tiny_tokenizer):
             {"prompt": "Hi", "chosen": " ok", "rejected": " no"}]
     ds, counts = data.tokenize_dataset(Dataset.from_list(rows), tiny_tokenizer, 64, None)
     assert counts == {"pairs": 3, "truncated": 1, "dropped": 1} and len(ds) == 2
-    assert all(len(p) + len(c) <= 64 for p, c in zip(ds["prompt_ids"], ds["chosen_ids"]))
+    assert all(len(p) + len(c) <= 64 for p, c in zip(ds["prompt_ids"], ds["chosen_ids"], strict=True))
     ds, counts = data.tokenize_dataset(Dataset.from_list(rows), tiny_tokenizer, 64, 32)
     assert counts == {"pairs": 3, "truncated": 2, "dropped": 0} and len(ds) == 3
     assert len(ds["prompt_ids"][0]) == 32

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 import torch
 from trl import DPOConfig as StockConfig
+from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
 from fastdpo import config as cfg
@@ -24,7 +25,6 @@ from fastdpo.batching import TokenBudgetSampler, sequence_lengths
 from fastdpo.packing import PackedForward, PackedPreferenceCollator, computed_tokens, unit_lengths
 from fastdpo.probe import probe
 from fastdpo.trainer import DPOTrainer, StockDPOTrainer
-from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = pytest.mark.parity
@@ -166,7 +166,8 @@ def test_reference_cache_parity(tiny, tmp_path):
     add_fused_lm_head(ref)
     with torch.no_grad():
         stock = padded_logps(ref, [small[i] for i in range(len(small))], tok.pad_token_id, args.max_length)
-    cached = torch.tensor(list(trainer.train_dataset["ref_chosen_logps"]) + list(trainer.train_dataset["ref_rejected_logps"]))
+    train = trainer.train_dataset
+    cached = torch.tensor(list(train["ref_chosen_logps"]) + list(train["ref_rejected_logps"]))
     # sums of ~50 per-token log-probs (each within 1e-6, test_packed_logps_parity): float32 rounding adds up
     assert torch.allclose(cached, stock, atol=1e-5, rtol=1e-6)
     again = DPOTrainer(model=models.load_model(model_args, args), args=args, train_dataset=small,
@@ -194,7 +195,7 @@ def test_loss_trajectory_parity(tiny, tmp_path):
     got, want = losses(fast), losses(stock)
     assert len(got) == len(want) == 20
     assert abs(got[0] - math.log(2)) < 1e-6
-    assert np.allclose(got, want, atol=1e-5, rtol=0), list(zip(got, want))
+    assert np.allclose(got, want, atol=1e-5, rtol=0), list(zip(got, want, strict=True))
 
 
 @pytest.mark.slow
@@ -235,8 +236,8 @@ def test_distributed_parity(tiny, tmp_path, launcher):
 def test_loss_types_parity(tiny, tmp_path):
     """Every loss TRL computes per pair, and its per-token options (ld_alpha, WPO weighting), follows stock TRL step
     for step on the default fast path (per-sequence attention, prompt shared, precomputed reference)."""
-    from tests.test_sft_lora_eval import LOSS_EXTRAS, LOSS_TYPES
     from fastdpo.packing import BATCH_COUPLED_LOSSES
+    from tests.test_sft_lora_eval import LOSS_EXTRAS, LOSS_TYPES
 
     tok, ds, model_args = tiny
     small = ds.select(range(48))

@@ -175,9 +175,9 @@ def test_non_causal_layer_keeps_the_models_mask(caplog):
 def test_sliding_window_training_parity(name, tmp_path):
     """Sliding-window models on the default attention (sdpa) train with stock TRL's losses, step for step: 8
     optimizer steps of 2 x 2 pairs, the embedded pairs (30-45 tokens) far longer than the 8-token window."""
-    from tests.test_parity import losses, parse, stock_args
     from fastdpo import data, models
     from fastdpo.trainer import StockDPOTrainer
+    from tests.test_parity import losses, parse, stock_args
 
     script_args, args, model_args = parse(tmp_path, "--max_steps", "8", "--per_device_train_batch_size", "2",
                                           "--gradient_accumulation_steps", "2", "--max_train_samples", "64",

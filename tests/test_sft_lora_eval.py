@@ -89,7 +89,7 @@ def test_tiny_data_makes_the_demo_measurable():
     rows = tiny.sft_rows()
     good = [tiny.preferred(r["messages"][-1]["content"], r["messages"][1]["content"]) for r in rows]
     assert 0.4 < sum(good) / len(rows) < 0.6  # both kinds of answer, about half each
-    for r, g in zip(rows, good):  # and which kind depends on how the prompt asks
+    for r, g in zip(rows, good, strict=True):  # and which kind depends on how the prompt asks
         assert g != r["messages"][1]["content"].startswith(tiny.RUDE_ASKS)
 
 

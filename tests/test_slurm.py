@@ -182,7 +182,8 @@ def test_main_host_that_does_not_resolve_fails_at_once(cluster):
     env = {**cluster.env, "SLURM_JOB_ID": "1", "SLURM_JOB_NODELIST": "fastdpo-nowhere", "GPUS_PER_NODE": "1"}
     t0 = time.monotonic()
     r = subprocess.run(["bash", "scripts/dpo_train.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert r.returncode == 1 and "the main host fastdpo-nowhere (first node of fastdpo-nowhere) does not resolve" in r.stderr
+    assert r.returncode == 1
+    assert "the main host fastdpo-nowhere (first node of fastdpo-nowhere) does not resolve" in r.stderr
     assert time.monotonic() - t0 < 60  # not torchrun's 15-minute rendezvous
 
 
@@ -206,7 +207,8 @@ def test_missing_prerequisites_say_what_to_do(tmp_path):
     r = subprocess.run(["bash", "scripts/dpo_train.sh"], cwd=REPO, env={**env, "RECIPE": "recipes/nope.yaml"},
                        capture_output=True, text=True)
     assert r.returncode == 1 and "recipe recipes/nope.yaml not found" in r.stderr
-    r = subprocess.run(["bash", str(REPO / "scripts/dpo_train.sh")], cwd=tmp_path, env=env, capture_output=True, text=True)
+    r = subprocess.run(["bash", str(REPO / "scripts/dpo_train.sh")], cwd=tmp_path, env=env, capture_output=True,
+                       text=True)
     assert r.returncode == 1 and "submit from the repo root" in r.stderr
     r = subprocess.run(["bash", "scripts/dpo_instruct_train.sh"], cwd=REPO, env=env, capture_output=True, text=True)
     assert r.returncode == 1 and "not inside a Slurm job; prerequisites look fine" in r.stderr
