@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from datasets import Dataset
 
 from . import layouts
-from .errors import FIX_SKIP, NOTE_TEXT, DataError, Notes, Skipped, TemplateMissing  # noqa: F401 (re-exported)
+from .errors import FIX_SKIP, NOTE_TEXT, DataError, Notes, Skipped, TemplateMissing
 from .sources import Source, decode, open_source
 
 logger = logging.getLogger(__name__)
@@ -70,7 +70,7 @@ def convert_rows(items, places, layout: layouts.Layout | None, templated: bool, 
     (where, problem). A row that gives several pairs (ranked data) has places `where (pair k of n)`."""
     out = Converted()
     used = layout.used() if layout is not None else set()
-    for item, where in zip(items, places):
+    for item, where in zip(items, places, strict=True):
         try:
             row = decode(item)
             if layout is None:
@@ -131,7 +131,7 @@ def read_source(source: str, config: str | None = None, split: str = "train", li
     cannot be read fail with their place, or go to `skipped` when one is given."""
     rows, where = [], []
     for batch in open_source(source, config, split).batches(limit):
-        for item, place in zip(batch.items, batch.where):
+        for item, place in zip(batch.items, batch.where, strict=True):
             try:
                 rows.append(decode(item))
             except DataError as e:

@@ -58,7 +58,7 @@ class Notes:
         if len(places) < FIRST_PLACES:
             places.append(where)
 
-    def merge(self, other: "Notes") -> "Notes":
+    def merge(self, other: Notes) -> Notes:
         for kind, n in other.counts.items():
             self.counts[kind] = self.counts.get(kind, 0) + n
             places = self.first.setdefault(kind, [])
@@ -73,7 +73,7 @@ class Notes:
                 for k in sorted(self.counts)}
 
     @classmethod
-    def from_dict(cls, d: dict | None) -> "Notes":
+    def from_dict(cls, d: dict | None) -> Notes:
         notes = cls()
         for k, v in (d or {}).items():
             notes.counts[k], notes.first[k] = v["count"], list(v["first"])

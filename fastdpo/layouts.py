@@ -84,7 +84,7 @@ class Options:
     judged_pairs: bool = False
 
     @classmethod
-    def of(cls, args) -> "Options":
+    def of(cls, args) -> Options:
         return cls(getattr(args, "column_map", None), getattr(args, "ranked_pairs", None),
                    bool(getattr(args, "judged_pairs", False)))
 
@@ -121,7 +121,7 @@ class Tags:
     names: tuple = tuple(ROLE_NAMES.items())
 
     @classmethod
-    def of(cls, cmap: dict | None) -> "Tags":
+    def of(cls, cmap: dict | None) -> Tags:
         if not cmap:
             return cls()
         tags = {**{k: v for k, v in cmap.items() if k in TAG_KEYS}, **cmap.get("tags", {})}
@@ -221,7 +221,7 @@ def hh_messages(text: str) -> list[dict] | None:
     if len(parts) < 3 or parts[0].strip():
         return None
     roles = {"Human": "user", "Assistant": "assistant"}
-    return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2])]
+    return [{"role": roles[r], "content": c.strip()} for r, c in zip(parts[1::2], parts[2::2], strict=True)]
 
 
 def _shared_turns(a: list, b: list) -> int:
@@ -418,7 +418,8 @@ class Layout:
         winners = dict(self.label_values)
         if tag not in winners:
             raise DataError(f"field {self.columns['label']!r} is {label!r}: expected one of "
-                            f"{', '.join(repr(v) for v in winners)} (the answer that won) or a tie ({', '.join(sorted(TIE_LABELS)[:3])}, ...)")
+                            f"{', '.join(repr(v) for v in winners)} (the answer that won) or a tie "
+                            f"({', '.join(sorted(TIE_LABELS)[:3])}, ...)")
         win = winners[tag]
         lose = next(c for c in winners.values() if c != win)
         prompt = self._prompt(row)
@@ -726,7 +727,7 @@ def detect_rows(items, places, options: Options = Options()) -> Layout | None:
     from .sources import decode
 
     first_error, tried = None, 0
-    for item, where in zip(items, places):
+    for item, where in zip(items, places, strict=True):
         try:
             row = decode(item)
         except DataError:

@@ -81,7 +81,7 @@ def load_sample(args, samples: int | None, seed: int = 0, templated: bool = True
     source = open_source(args.dataset_name, args.dataset_config, args.dataset_train_split)
     layout, batches = layouts.detect_source(source.batches(args.max_train_samples), layouts.Options.of(args))
     for batch in batches:  # training only ever sees these rows
-        for item, where in zip(batch.items, batch.where):
+        for item, where in zip(batch.items, batch.where, strict=True):
             if samples is None or len(picked) < samples:
                 picked.append((n_rows, item, where))
             else:
@@ -365,7 +365,8 @@ def markdown(result: dict) -> str:
     lines += [
         "",
         f"**Recommended: max_length {rec['max_length']}, max_prompt_length {rec['max_prompt_length']}** "
-        f"(truncates {_pct(rec['truncated'])}, drops {_pct(rec['dropped'])}; padding {_pct(rec['padding_overhead_batch'])} "
+        f"(truncates {_pct(rec['truncated'])}, drops {_pct(rec['dropped'])}; "
+        f"padding {_pct(rec['padding_overhead_batch'])} "
         f"per batch, {_pct(rec['padding_overhead_packed'])} packed). A micro-batch is a [{shape['rows']}, L] tensor, "
         f"L p50 {shape['length']['p50']}, p95 {shape['length']['p95']}, max {shape['length']['max']} "
         f"(at most {shape['max_tokens']} tokens).",

@@ -68,7 +68,7 @@ def _read(source: str, config, split: str, limit, args, skipped: Skipped, notes:
         skipped.add(place, str(problem))
 
     for batch in src.batches(limit):
-        for item, place in zip(batch.items, batch.where):
+        for item, place in zip(batch.items, batch.where, strict=True):
             try:
                 row = decode(item)
             except DataError as e:

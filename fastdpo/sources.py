@@ -15,9 +15,9 @@ import csv
 import gzip
 import json
 import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 from . import files, tiny
 from .errors import DataError
@@ -155,7 +155,7 @@ def _csv(path: Path):
                 item = BadRow(f"{len(fields)} fields where the header has {len(header)} (an unquoted comma or "
                               "quote?)")
             else:
-                item = dict(zip(header, fields))
+                item = dict(zip(header, fields, strict=True))
             bad_lines[:] = [n for n in bad_lines if n > end]
             items.append(item)
             where.append(f"{path}:{start}")
@@ -219,7 +219,7 @@ class FilesSource(Source):
 
         def gen():
             nonlocal before
-            for path, size in zip(self.files, sizes):
+            for path, size in zip(self.files, sizes, strict=True):
                 for items, where, pos in READERS[_suffix(path)](path):
                     yield RawBatch(items, where, min(1.0, (before + pos) / total))
                 before += size

@@ -123,7 +123,7 @@ def _work(batch: sources.RawBatch):
                               job.encode)
     bos = job.tokenizer.bos_token_id
     keep, status = {"prompt_ids": [], "chosen_ids": [], "rejected_ids": []}, []
-    for p, c, r in zip(ids["prompt_ids"], ids["chosen_ids"], ids["rejected_ids"]):
+    for p, c, r in zip(ids["prompt_ids"], ids["chosen_ids"], ids["rejected_ids"], strict=True):
         p2, c2, r2, s = data.truncate_pair(p, c, r, job.max_length, job.max_prompt_length, bos)
         status.append(STATUS[s])
         if s != "dropped":

@@ -21,8 +21,7 @@ from trl import DPOTrainer as _TRLDPOTrainer
 
 from . import refcache
 from .batching import TokenBudgetSampler, sequence_lengths, slot_dataloader
-from .packing import (BATCH_COUPLED_LOSSES, PACKING_ATTENTION, VARLEN_ATTENTION, PackedForward,
-                      PackedPreferenceCollator)
+from .packing import BATCH_COUPLED_LOSSES, PACKING_ATTENTION, VARLEN_ATTENTION, PackedForward, PackedPreferenceCollator
 from .probe import choose
 
 logger = logging.getLogger("fastdpo")

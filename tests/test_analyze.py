@@ -315,7 +315,8 @@ def test_bad_input_reported_as_training_refuses_it(text, expected, word_tokenize
     path.write_text(text)
     out = cli([str(path), "--recipe", "recipes/tiny.yaml", "--tokenizer", word_tokenizer])
     assert out["num_samples"] == 1 and out["bad_rows"] == 1 and out["training_refuses"]
-    assert re.search(expected, f"{out['bad_rows_by_problem'][0]['first'][0]}: {out['bad_rows_by_problem'][0]['problem']}")
+    first = out["bad_rows_by_problem"][0]
+    assert re.search(expected, f"{first['first'][0]}: {first['problem']}")
     with pytest.raises(data.DataError, match=expected):
         cli([str(path), "--recipe", "recipes/tiny.yaml", "--tokenizer", word_tokenizer, "--strict"])
     with pytest.raises(data.DataError, match=expected):  # training's own loader says the same
@@ -329,7 +330,7 @@ def test_bad_input_exits_with_the_message_and_no_traceback(word_tokenizer, tmp_p
     cmd = [PYTHON, "scripts/analyze_dataset.py", str(path), "--recipe", "recipes/tiny.yaml", "--tokenizer",
            word_tokenizer]
     proc = run(cmd)  # reported, exit 0
-    assert f"1 row(s) that training refuses: missing column 'chosen'" in proc.stderr and f"{path}:2" in proc.stderr
+    assert "1 row(s) that training refuses: missing column 'chosen'" in proc.stderr and f"{path}:2" in proc.stderr
     assert "| 1 | missing column 'chosen'" in proc.stdout
     proc = run(cmd + ["--strict"], check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr

@@ -92,8 +92,9 @@ def test_h4_prompt_that_matches_no_shared_user_turn_is_a_row_error_naming_both(t
     rows = [WRITERS["h4 text prompt (last user turn)"](c) for c in CONVERSATIONS]
     rows[1]["prompt"] = "Something else entirely"
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    with pytest.raises(data.DataError, match=rf"{path}:2: field 'prompt' \('Something else entirely'\) matches none "
-                                             r"of the user turns the 'chosen' conversations share \('Name a colour.'\)"):
+    with pytest.raises(data.DataError, match=rf"{path}:2: field 'prompt' \('Something else entirely'\) matches "
+                                             r"none of the user turns the 'chosen' conversations share "
+                                             r"\('Name a colour.'\)"):
         prepared(path, tiny_tokenizer, tmp_path / "cache")
 
 
@@ -332,7 +333,8 @@ def test_detection_reads_the_first_row_that_fits(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"oops": 1}] + [WRITERS["openai"](c) for c in CONVERSATIONS])
     layout, _ = layouts.detect_source(sources.open_source(str(path)).batches())
     assert layout.name == "openai" and layout.first_place == f"{path}:2"
-    with pytest.raises(data.DataError, match=rf"{path}:1: missing column 'preferred_output' \(chosen\).*layout is openai \(detected from {path}:2\)"):
+    with pytest.raises(data.DataError, match=rf"{path}:1: missing column 'preferred_output' \(chosen\).*layout is "
+                                             rf"openai \(detected from {path}:2\)"):
         data.load_pairs(ScriptArguments(dataset_name=str(path)))
     sample = lengths.load_sample(ScriptArguments(dataset_name=str(path)), None)
     assert sample.layout.name == "openai" and [s["where"] for s in sample.skipped] == [f"{path}:1"]

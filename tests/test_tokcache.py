@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from fastdpo import errors, data, tiny, tokcache
+from fastdpo import data, errors, tiny, tokcache
 from fastdpo.config import ScriptArguments
 
 from .conftest import PYTHON, REPO, run
