@@ -198,14 +198,16 @@ def side_by_side(policy: Loaded, ref: Loaded | None, pairs, tokenized, n: int, m
 
 
 def load_eval_pairs(dataset_name: str, split: str = "test", column_map: str | None = None,
-                    max_pairs: int | None = None, dataset_config: str | None = None, tokenizer=None):
+                    max_pairs: int | None = None, dataset_config: str | None = None, tokenizer=None,
+                    ranked_pairs: str | None = None, judged_pairs: bool = False):
     """Any preference source training accepts, one split, normalised by fastdpo.data (bad rows are errors).
     The tokenizer decides, as in training, whether implicit-prompt transcripts are read as messages (it has a
     chat template) or as raw text (it has none)."""
     from .config import ScriptArguments
 
     args = ScriptArguments(dataset_name=dataset_name, dataset_config=dataset_config, dataset_train_split=split,
-                           column_map=column_map, max_train_samples=max_pairs)
+                           column_map=column_map, max_train_samples=max_pairs, ranked_pairs=ranked_pairs,
+                           judged_pairs=judged_pairs)
     return data.load_pairs(args, tokenizer).train
 
 

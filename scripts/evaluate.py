@@ -36,7 +36,9 @@ def parse(argv=None):
     p.add_argument("--dataset_name", default=tiny.DATASET_ID, help="preference source, as in training")
     p.add_argument("--split", default="test", help="split to score (a single file has one split: any name works)")
     p.add_argument("--dataset_config", default=None)
-    p.add_argument("--column_map", default=None, help="JSON, as in training (e.g. for Intel/orca_dpo_pairs)")
+    p.add_argument("--column_map", default=None, help="JSON, as in training (layouts are detected without it)")
+    p.add_argument("--ranked_pairs", choices=["best_vs_worst", "best_vs_rest"], help="ranked replies -> pairs")
+    p.add_argument("--judged_pairs", action="store_true", help="judged answers -> pairs (winner chosen)")
     p.add_argument("--max_pairs", type=int, default=None, help="score only the first N pairs")
     p.add_argument("--beta", type=float, default=0.1, help="the beta the model trained with (scales rewards only)")
     p.add_argument("--max_length", type=int, default=1024)
@@ -72,7 +74,7 @@ def main(args) -> dict:
 
     print(f"data: {data.layout_note(bool(policy.tokenizer.chat_template))}", file=sys.stderr)
     pairs = evaluation.load_eval_pairs(args.dataset_name, args.split, args.column_map, args.max_pairs,
-                                       args.dataset_config, policy.tokenizer)
+                                       args.dataset_config, policy.tokenizer, args.ranked_pairs, args.judged_pairs)
     tokenized, counts = data.tokenize_dataset(pairs, policy.tokenizer, args.max_length, args.max_prompt_length,
                                               name=args.split)
     report = {"model": args.model, "reference": args.ref or f"{policy.base} (adapter disabled)",
