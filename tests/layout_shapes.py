@@ -114,10 +114,11 @@ WRITERS = {
 OPTIONS = {"ranked": {"ranked_pairs": "best_vs_worst"}, "judged": {"judged_pairs": True}}
 
 
-def hh_rlhf_rows() -> list[dict]:
+def hh_rlhf_rows(copies: int = 1) -> list[dict]:
     """hh-rlhf's shape: raw "\\n\\nHuman: ...\\n\\nAssistant: ..." transcripts; row 3 prefers saying nothing (its
     chosen transcript ends with an empty Assistant turn, as harmless-base test row 87); row 5 has two Assistant
-    turns in a row in both transcripts (as 9 rows of that split, the first at row 668)."""
+    turns in a row in both transcripts (as 9 rows of that split, the first at row 668). `copies` > 1 repeats the
+    eight rows with a numbered first question, so no two rows are the same pair."""
     def t(*turns):
         return "".join(f"\n\n{r}: {x}" if x else f"\n\n{r}:" for r, x in turns)
 
@@ -130,4 +131,5 @@ def hh_rlhf_rows() -> list[dict]:
                            ("Human", "A recipe."), ("Assistant", "Here is a recipe for bread.")),
                "rejected": t(("Human", "Can you help me?"), ("Assistant", "Yes."),
                              ("Assistant", "What do you need?"), ("Human", "A recipe."), ("Assistant", "No."))}
-    return rows
+    numbered = lambda row, k: {key: v.replace("?", f" ({k})?", 1) for key, v in row.items()}  # noqa: E731
+    return [numbered(r, k) if k else r for k in range(copies) for r in rows]

@@ -306,16 +306,22 @@ def test_real_layouts_without_their_option_say_which_option(tiny_tokenizer, tmp_
 def test_train_dpo_on_real_and_hh_shaped_data_with_no_flag(tmp_path):
     """train_dpo.py as a user runs it: the MedicalGPT file (sharegpt conversations + string answers, once trained
     without its prompts) and hh-rlhf-shaped transcripts with their oddities."""
-    hh = write_jsonl(tmp_path / "hh.jsonl", hh_rlhf_rows() * 4)
+    hh = write_jsonl(tmp_path / "hh.jsonl", hh_rlhf_rows(copies=4))
     files = [hh] + ([REAL / "medicalgpt-dpo_zh_500.jsonl.gz"] if REAL.is_dir() else [])
     for k, path in enumerate(files):
         out = tmp_path / f"out{k}"
         proc = run([PYTHON, "train_dpo.py", "--dataset_name", str(path), "--output_dir", str(out), "--max_steps", "2",
                     "--use_cpu", "true", "--max_train_samples", "40"], env={"FASTDPO_CACHE": str(tmp_path / "c")})
         report = read_json(out / "data_report.json")
-        assert report["layout"]["name"] == ("implicit" if path == hh else "sharegpt")
-        assert "data: rows changed or left out by rule" in proc.stderr or path != hh
-        assert report["accounting"]["rows_read"] == 32 if path == hh else 40
+        log = proc.stdout + proc.stderr
+        if path == hh:
+            assert report["layout"]["name"] == "implicit" and report["accounting"]["rows_read"] == 32
+            assert report["notes"]["empty_answer"]["count"] == 4 and report["notes"]["merged_turns"]["count"] == 4
+            assert "data: rows changed or left out by rule: 4 x an empty answer" in log
+        else:
+            assert report["layout"]["name"] == "sharegpt" and report["accounting"]["rows_read"] == 40
+            assert "layout sharegpt: prompt <- conversations" in log
+        assert (out / "model.safetensors").is_file()
 
 
 def analyze(argv):
