@@ -271,6 +271,7 @@ class Layout:
     mapped: bool = False  # built from column_map
     first_place: str = ""
     row_columns: tuple = ()  # the columns of the row it was detected from
+    message_keys: tuple = ()  # keys of its messages besides role and content (loss_weight, name, ...): not read
 
     def unused(self) -> list[str]:
         return sorted(set(self.row_columns) - self.used())
@@ -282,11 +283,13 @@ class Layout:
         parts = ", ".join(f"{k} <- {v}" for k, v in self.columns.items() if v)
         how = " (column_map)" if self.mapped else ""
         unused = f"; not read: {', '.join(self.unused())}" if self.unused() else ""
-        return f"{self.name}{how}: {parts}{unused}"
+        keys = f"; message keys not read: {', '.join(self.message_keys)}" if self.message_keys else ""
+        return f"{self.name}{how}: {parts}{unused}{keys}"
 
     def report(self) -> dict:
         out = {"name": self.name, "columns": {k: v for k, v in self.columns.items() if v},
-               "unused_columns": self.unused(), "from_column_map": self.mapped, "detected_at": self.first_place}
+               "unused_columns": self.unused(), "unused_message_keys": list(self.message_keys),
+               "from_column_map": self.mapped, "detected_at": self.first_place}
         if self.ranked_pairs:
             out["ranked_pairs"] = self.ranked_pairs
         return out
@@ -592,7 +595,11 @@ def detect(row, options: Options = Options(), where: str = "") -> Layout:
         raise DataError(f"{where}: expected an object with the columns of a preference pair, got "
                         f"{type(row).__name__}")
     layout = _detect(row, options, where)
-    return dataclasses.replace(layout, row_columns=tuple(sorted(row)))
+    extras = set()
+    for col in layout.columns.values():
+        if col and _has(row, col):
+            extras |= message_extras(get_path(row, col), layout.tags)
+    return dataclasses.replace(layout, row_columns=tuple(sorted(row)), message_keys=tuple(sorted(extras)))
 
 
 def _detect(row: dict, options: Options, where: str) -> Layout:

@@ -9,7 +9,7 @@ Layout under $FASTDPO_CACHE/tokens (default ~/.cache/fastdpo/tokens):
   <key>/               one source split, read, checked and tokenised. The key hashes everything the ids depend on:
                        the source's content (local files: a digest of their bytes; Hub: datasets' fingerprint of the
                        revision), split, max_train_samples, column_map, the tokenizer (its tokenizer.json, special
-                       tokens, chat template), max_length, max_prompt_length, library versions and FORMAT. Any change
+                       tokens, chat template), max_length, max_prompt_length, library versions, the data code and FORMAT. Any change
                        makes a new key, never a stale hit.
     tokens.arrow       prompt_ids / chosen_ids / rejected_ids (int32, truncated) of every pair that fits, in order
     rows.arrow         every row read: where, untruncated lengths, status (ok/truncated/dropped), pair hash
@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 from datasets import Dataset
 
-from . import data, files, layouts, sources
+from . import data, errors, files, layouts, sources
 from .errors import FIX_SKIP, DataError, Notes
 
 logger = logging.getLogger(__name__)
@@ -481,7 +481,16 @@ def settings_for(tokenizer, options: layouts.Options, max_length, max_prompt_len
     import trl
 
     return {**options.key(), "tokenizer": tokenizer_digest(tokenizer), "max_length": max_length,
-            "max_prompt_length": max_prompt_length, "trl": trl.__version__}
+            "max_prompt_length": max_prompt_length, "trl": trl.__version__, "code": code_digest()}
+
+
+def code_digest() -> str:
+    """The data path's own code (reading, layouts, tokenising): an upgrade of it rebuilds entries rather than
+    reusing ones an older rule made, without relying on someone remembering to bump FORMAT."""
+    h = hashlib.sha256()
+    for module in (errors, files, sources, layouts, data):
+        h.update(Path(module.__file__).read_bytes())
+    return h.hexdigest()[:16]
 
 
 def _job(args, tokenizer, max_length, max_prompt_length) -> _Job:
@@ -506,7 +515,9 @@ def describe_layout(meta: dict) -> str:
         return "none (no readable row)"
     cols = ", ".join(f"{k} <- {v}" for k, v in meta["columns"].items())
     unused = f"; not read: {', '.join(meta['unused_columns'])}" if meta.get("unused_columns") else ""
-    return f"{meta['name']}{' (column_map)' if meta.get('from_column_map') else ''}: {cols}{unused}"
+    keys = (f"; message keys not read: {', '.join(meta['unused_message_keys'])}"
+            if meta.get("unused_message_keys") else "")
+    return f"{meta['name']}{' (column_map)' if meta.get('from_column_map') else ''}: {cols}{unused}{keys}"
 
 
 class _Where:
