@@ -8,9 +8,9 @@
 Layout under $FASTDPO_CACHE/tokens (default ~/.cache/fastdpo/tokens):
   <key>/               one source split, read, checked and tokenised. The key hashes everything the ids depend on:
                        the source's content (local files: a digest of their bytes; Hub: datasets' fingerprint of the
-                       revision), split, max_train_samples, column_map, the tokenizer (its tokenizer.json, special
-                       tokens, chat template), max_length, max_prompt_length, library versions, the data code and FORMAT. Any change
-                       makes a new key, never a stale hit.
+                       revision), split, max_train_samples, column_map, ranked/judged options, the tokenizer (its
+                       tokenizer.json, special tokens, chat template), max_length, max_prompt_length, library
+                       versions, the data path's code and FORMAT. Any change makes a new key, never a stale hit.
     tokens.arrow       prompt_ids / chosen_ids / rejected_ids (int32, truncated) of every pair that fits, in order
     rows.arrow         every row read: where, untruncated lengths, status (ok/truncated/dropped), pair hash
     skipped.jsonl      rows that could not be used (read with --skip_bad_rows)
