@@ -51,7 +51,7 @@ from .errors import FIX_SKIP, DataError, Notes
 logger = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: layouts (detected per source), notes, pairs per row
-DEFAULT_DIR = Path(os.environ.get("FASTDPO_CACHE", Path.home() / ".cache" / "fastdpo")) / "tokens"
+DEFAULT_DIR = Path(os.environ.get("FASTDPO_CACHE") or Path.home() / ".cache" / "fastdpo") / "tokens"  # "" = unset
 PROGRESS_SECONDS = 30.0  # one plain progress line this often during long builds (tail -f)
 SMALL_SOURCE_BYTES = 1 << 20  # below this a pool's start-up costs more than it saves
 POOL_MIN_CPUS = 4  # fewer CPUs: one process with the tokenizer's threads beats a pool (see default_workers)
