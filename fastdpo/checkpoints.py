@@ -359,6 +359,26 @@ class CompleteCheckpoints(TrainerCallback):
 # ------------------------------------------------------------------------------------------------ run
 
 
+def _save_fsdp_full(trainer, folder: Path) -> None:
+    """The final model of an FSDP run as one from_pretrained folder, in the dtype it was loaded in.
+
+    Checkpoints are sharded (SHARDED_STATE_DICT, accelerate_config_fsdp2.yaml), and transformers' save_model then
+    writes no weights at all; a full state dict is gathered instead (every rank takes part, rank 0 receives it).
+    accelerate upcasts trainable parameters to fp32 for FSDP2's mixed precision (they are the master copy), so the
+    gathered weights are fp32: cast back to the loaded dtype (bf16 for the OLMo recipes), as ZeRO saves them.
+    """
+    import torch
+
+    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    dtype = getattr(trainer.accelerator.unwrap_model(trainer.model).config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    trainer._save(str(folder), state_dict=state)
+
+
 class Run:
     """output_dir's run: which checkpoint to resume, whether this command is the same run, the final save."""
 
@@ -483,14 +503,13 @@ class Run:
         is lost and what is kept) instead of raising, so the metrics still get written."""
         path = Path(path)
         tmp = path / ".saving"
-        if trainer.is_fsdp_enabled:
-            # Checkpoints are sharded (SHARDED_STATE_DICT, accelerate_config_fsdp2.yaml); the final model is one
-            # from_pretrained folder: gathered to rank 0 (transformers' save_model writes nothing otherwise).
-            trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
         try:
             if self.args.should_save:
                 shutil.rmtree(tmp, ignore_errors=True)
-            trainer.save_model(str(tmp))  # every rank: ZeRO-3 and FSDP gather the shards collectively
+            if trainer.is_fsdp_enabled:
+                _save_fsdp_full(trainer, tmp)
+            else:
+                trainer.save_model(str(tmp))  # every rank: ZeRO-3 gathers the 16-bit weights collectively
             if self.args.should_save:
                 for p in sorted(tmp.rglob("*")):
                     if p.is_file():
