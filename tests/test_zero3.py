@@ -4,8 +4,8 @@ the backend in the changed-run check, the final model as a plain from_pretrained
     accelerate launch --config_file accelerate_config_zero3.yaml --num_processes 2 train_dpo.py --use_cpu true ...
 
 (`accelerate launch --cpu --num_processes 2` would start one process; the DeepSpeed config plus train_dpo.py's
-`--use_cpu true` gives two gloo ranks, as in tests/test_train.py's ZeRO-2 test.) FSDP2 does not run on CPU
-(CLAUDE.md, "Sharded training"), so only ZeRO-3 is here.
+`--use_cpu true` gives two gloo ranks, as in tests/test_train.py's ZeRO-2 test.) FSDP2 does not train on CPU
+(CLAUDE.md, "Sharded training"): only the plugin its accelerate config gives is checked here.
 """
 
 import re
@@ -111,3 +111,25 @@ def test_zero3_lora_trains_and_saves_its_adapter_and_the_merged_model(tmp_path):
         torch.testing.assert_close(merged[name], expected[name], rtol=0, atol=0, msg=name)
     assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
                            _weights(tiny.materialize_model())["model.layers.0.self_attn.q_proj.weight"])
+
+
+PLUGIN = """
+from accelerate.utils import FullyShardedDataParallelPlugin
+from transformers import AutoModelForCausalLM
+from fastdpo import tiny
+plugin = FullyShardedDataParallelPlugin()  # from the environment accelerate launch sets, as the Trainer builds it
+plugin.set_auto_wrap_policy(AutoModelForCausalLM.from_pretrained(tiny.materialize_model()))
+print("plugin:", plugin.fsdp_version, plugin.state_dict_type.name, plugin.reshard_after_forward,
+      plugin.cpu_ram_efficient_loading, sorted(c.__name__ for c in plugin.auto_wrap_policy.keywords["transformer_layer_cls"]))
+"""
+
+
+def test_fsdp2_config_gives_the_intended_plugin(tmp_path):
+    """FSDP2 cannot train on CPU (accelerate selects FSDP on GPUs only, CLAUDE.md), so this checks what the launcher
+    makes of accelerate_config_fsdp2.yaml: FSDP2, sharded checkpoints, full shard, rank-0 loading, one unit per
+    decoder layer."""
+    script = tmp_path / "plugin.py"
+    script.write_text(PLUGIN)
+    proc = run([ACCELERATE, "launch", "--config_file", "accelerate_config_fsdp2.yaml", "--num_processes", "1",
+                str(script)], env={"PYTHONPATH": str(Path(__file__).resolve().parent.parent)})
+    assert "plugin: 2 SHARDED_STATE_DICT True True ['LlamaDecoderLayer']" in proc.stdout, proc.stdout[-2000:]
