@@ -124,6 +124,7 @@ def test_dpo_train_sh(cluster, one_node):
     job_id, out = one_node
     text = assert_trained(cluster, job_id, out, "dpo-think")
     assert "recipe:  recipes/tiny.yaml" in text and "restart 0" in text
+    assert "backend: zero2 (accelerate_config.yaml)" in text  # the default, unchanged
     assert f"launcher: node {NODES[0]}, machine rank 0 of 1" in text
 
 
