@@ -490,7 +490,9 @@ class Run:
             raise SystemExit(f"output_dir {self.out}: {free / 2**30:.2f} GiB free, the final model alone needs "
                              f"{need / 2**30:.2f} GiB; free space or choose another --output_dir")
         trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
-        per_checkpoint = need + 8 * trainable  # Adam's two fp32 moments
+        # Adam's two fp32 moments, and with 16-bit weights an fp32 master copy too (DeepSpeed's optimizer state;
+        # FSDP2 keeps its sharded parameters in fp32)
+        per_checkpoint = need + (12 if any(p.element_size() < 4 for p in model.parameters()) else 8) * trainable
         logger.info("disk: the final model takes %.3g GiB, a checkpoint about %.3g GiB; %.3g GiB free in %s",
                     need / 2**30, per_checkpoint / 2**30, free / 2**30, self.out)
         if self.args.save_strategy != "no" and free < need + per_checkpoint:
