@@ -95,7 +95,7 @@ def main(script_args, training_args, model_args):
     if not saved:
         sys.exit(f"error: the final model is not in {out}; see 'could not write the final model' above")
     if script_args.merge_adapter and is_main:
-        models.save_merged(trainer.accelerator.unwrap_model(trainer.model), tokenizer, out)
+        models.save_merged(trainer.accelerator.unwrap_model(trainer.model), tokenizer, out, out / "adapter")
     if training_args.push_to_hub:
         trainer.push_to_hub(dataset_name=script_args.dataset_name)
     run.finished()

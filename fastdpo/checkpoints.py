@@ -94,11 +94,38 @@ def _local(name):
 
 
 def backend(training_args) -> str:
-    """How the ranks train: DeepSpeed (with its ZeRO stage), DDP, FSDP or one process. A DeepSpeed checkpoint's
-    optimizer state is not what a DDP run reads (it would start with a fresh optimizer)."""
+    """How the ranks train: DeepSpeed (with its ZeRO stage), DDP, FSDP (with its version) or one process. Each
+    writes its own optimizer-state format: a ZeRO-2 checkpoint holds one partition per rank of flat fp32 groups,
+    ZeRO-3 partitions the parameters as well, FSDP2 writes torch.distributed.checkpoint shards, DDP one file."""
     kind = getattr(training_args.distributed_state.distributed_type, "value", "NO")
     plugin = getattr(training_args, "deepspeed_plugin", None)
-    return f"{kind} (ZeRO-{plugin.zero_stage})" if plugin is not None else kind
+    if plugin is not None:
+        return f"{kind} (ZeRO-{plugin.zero_stage})"
+    if kind == "FSDP":  # accelerate launch tells the ranks the version through the environment
+        return f"FSDP (FSDP{os.environ.get('FSDP_VERSION', '1')})"
+    return kind
+
+
+# The sbatch scripts' BACKEND knob (scripts/_launch.sh) that trains with each backend() value, for the fix.
+_LAUNCH = {"ZeRO-2": "BACKEND=zero2 (accelerate_config.yaml)", "ZeRO-3": "BACKEND=zero3 (accelerate_config_zero3.yaml)",
+           "FSDP2": "BACKEND=fsdp2 (accelerate_config_fsdp2.yaml)"}
+
+
+def _how_to_launch(value: str) -> str:
+    return next((how for key, how in _LAUNCH.items() if key in value), f"the launch that gave {value}")
+
+
+def backend_change(checkpoint: str, old: str | None, new: str) -> str | None:
+    """Why `checkpoint` (saved with backend `old`) cannot be resumed with backend `new`, with the fix; None when it
+    can. Not overridable by --allow_changed_run: the new backend cannot read the old optimizer state at all."""
+    if old is None or old == new:
+        return None
+    weights = (f"{checkpoint}/pytorch_model_fsdp_0 (consolidate it first: accelerate merge-weights "
+               f"{checkpoint}/pytorch_model_fsdp_0 <folder>)" if "FSDP" in old else checkpoint)
+    return (f"{checkpoint} was saved by {old}, this run trains with {new}: its optimizer and parameter states are in "
+            f"{old}'s format, which {new} cannot load (--allow_changed_run does not help).\nFix: resume with "
+            f"{_how_to_launch(old)}, or start a new run from its weights with the new backend: "
+            f"--model_name_or_path {weights} --output_dir <a new folder> (a fresh optimizer and schedule).")
 
 
 def settings(*configs, world_size: int = 1) -> dict:
@@ -334,6 +361,26 @@ class CompleteCheckpoints(TrainerCallback):
 # ------------------------------------------------------------------------------------------------ run
 
 
+def _save_fsdp_full(trainer, folder: Path) -> None:
+    """The final model of an FSDP run as one from_pretrained folder, in the dtype it was loaded in.
+
+    Checkpoints are sharded (SHARDED_STATE_DICT, accelerate_config_fsdp2.yaml), and transformers' save_model then
+    writes no weights at all; a full state dict is gathered instead (every rank takes part, rank 0 receives it).
+    accelerate upcasts trainable parameters to fp32 for FSDP2's mixed precision (they are the master copy), so the
+    gathered weights are fp32: cast back to the loaded dtype (bf16 for the OLMo recipes), as ZeRO saves them.
+    """
+    import torch
+
+    trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
+    state = trainer.accelerator.get_state_dict(trainer.model)
+    dtype = getattr(trainer.accelerator.unwrap_model(trainer.model).config, "dtype", None)
+    if isinstance(dtype, str):
+        dtype = getattr(torch, dtype, None)
+    if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
+        state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
+    trainer._save(str(folder), state_dict=state)
+
+
 class Run:
     """output_dir's run: which checkpoint to resume, whether this command is the same run, the final save."""
 
@@ -353,6 +400,9 @@ class Run:
         else:
             self.previous, self.previous_name = self.finished_settings, f"the finished run in {self.out}"
         self.done = False  # set by check_data
+        if self.checkpoint and (why := backend_change(self.checkpoint, (self.previous or {}).get("backend"),
+                                                     self.settings["backend"])):
+            raise SystemExit(why)
         self._check(keys=set(self.settings) - DATA_KEYS | set(LENGTH))
 
     def _find(self) -> tuple[str | None, list[tuple[str, str]]]:
@@ -435,13 +485,18 @@ class Run:
         checkpoints would otherwise lose everything at the very end)."""
         if use_peft and not merge_adapter:
             return  # an adapter is megabytes
-        need = sum(p.numel() * p.element_size() for p in model.parameters())
+        # ds_numel: under ZeRO-3 (zero3_init_flag) each rank holds a partition and the parameter itself is empty
+        need = sum(getattr(p, "ds_numel", p.numel()) * p.element_size() for p in model.parameters())
         free = shutil.disk_usage(self.out).free
         if free < need:
             raise SystemExit(f"output_dir {self.out}: {free / 2**30:.2f} GiB free, the final model alone needs "
                              f"{need / 2**30:.2f} GiB; free space or choose another --output_dir")
-        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
-        per_checkpoint = need + 8 * trainable  # Adam's two fp32 moments
+        trainable = sum(getattr(p, "ds_numel", p.numel()) for p in model.parameters() if p.requires_grad)
+        # Adam's two fp32 moments, and with 16-bit weights an fp32 master copy too (DeepSpeed's optimizer state;
+        # FSDP2 keeps its sharded parameters in fp32)
+        per_checkpoint = need + (12 if any(p.element_size() < 4 for p in model.parameters()) else 8) * trainable
+        logger.info("disk: the final model takes %.3g GiB, a checkpoint about %.3g GiB; %.3g GiB free in %s",
+                    need / 2**30, per_checkpoint / 2**30, free / 2**30, self.out)
         if self.args.save_strategy != "no" and free < need + per_checkpoint:
             logger.warning("output_dir %s: %.2f GiB free; a checkpoint takes about %.2f GiB and the final model "
                            "%.2f GiB", self.out, free / 2**30, per_checkpoint / 2**30, need / 2**30)
@@ -455,7 +510,10 @@ class Run:
         try:
             if self.args.should_save:
                 shutil.rmtree(tmp, ignore_errors=True)
-            trainer.save_model(str(tmp))
+            if trainer.is_fsdp_enabled:
+                _save_fsdp_full(trainer, tmp)
+            else:
+                trainer.save_model(str(tmp))  # every rank: ZeRO-3 gathers the 16-bit weights collectively
             if self.args.should_save:
                 for p in sorted(tmp.rglob("*")):
                     if p.is_file():

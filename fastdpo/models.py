@@ -60,12 +60,39 @@ def load_model(model_args, training_args):
     return model
 
 
-def save_merged(model, tokenizer, out) -> None:
+def save_merged(model, tokenizer, out, adapter_dir=None) -> None:
     """Fold a trained LoRA adapter into its base and save a plain model folder (what the next stage loads).
 
-    Merges in place, so call it last: the PEFT wrapper is unusable afterwards. Under ZeRO-3 the weights are
-    sharded and this would save shards; merge a saved adapter offline instead.
+    Merges in place, so call it last: the PEFT wrapper is unusable afterwards. Under ZeRO-3 or FSDP the trained
+    model's weights are shards (a merge would fold the adapter into this rank's slice only), so the saved adapter
+    (`adapter_dir`, written by the collective save) is merged into a fresh full copy of the base instead, on this
+    process alone.
     """
+    if _sharded(model):
+        if adapter_dir is None:
+            raise ValueError("the model's weights are sharded (ZeRO-3/FSDP): pass adapter_dir, the saved adapter")
+        model = _base_with_adapter(adapter_dir)
     merged = model.merge_and_unload()
     merged.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def _sharded(model) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    # ds_id: a ZeRO-3 partitioned parameter; DTensor: an FSDP2 shard
+    return any(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in model.parameters())
+
+
+def _base_with_adapter(adapter_dir):
+    from peft import PeftConfig, PeftModel
+    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+
+    if is_deepspeed_zero3_enabled():
+        # from_pretrained would partition the copy over all ranks (zero.Init, a collective) while only this rank
+        # loads it; nothing after the merge needs the ZeRO-3 setting (the trainer's engine keeps its own config)
+        unset_hf_deepspeed_config()
+    config = PeftConfig.from_pretrained(adapter_dir)
+    base = AutoModelForCausalLM.from_pretrained(config.base_model_name_or_path, dtype="auto",
+                                                revision=config.revision)
+    return PeftModel.from_pretrained(base, adapter_dir)

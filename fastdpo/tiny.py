@@ -151,6 +151,22 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+def _save_weights(model, folder: Path) -> None:
+    """What `save_pretrained` writes, on every rank: once torch.distributed is up (train_dpo.py under a launcher)
+    `save_pretrained` writes only on global rank 0, so another rank that won the rename below would leave a folder
+    without config or weights (seen under ZeRO-3 with a fresh FASTDPO_CACHE)."""
+    from safetensors.torch import save_file
+
+    folder.mkdir(parents=True)
+    model.config.architectures = [type(model).__name__]
+    model.config.dtype = "float32"
+    model.config.save_pretrained(folder)
+    model.generation_config.save_pretrained(folder)
+    tied = set(model._tied_weights_keys or {}) if model.config.tie_word_embeddings else set()
+    weights = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+
+
 def materialize_model() -> str:
     """Write the tiny model and tokenizer to the cache once; return the folder (a normal HF model folder)."""
     path = cache_dir() / f"tiny-llama-v{VERSION}"
@@ -159,7 +175,7 @@ def materialize_model() -> str:
     tok = build_tokenizer()
     model = build_model(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
     tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
-    model.save_pretrained(tmp)
+    _save_weights(model, tmp)
     tok.save_pretrained(tmp)
     try:
         os.replace(tmp, path)  # atomic: concurrent ranks or jobs never see a half-written folder

@@ -1,5 +1,6 @@
 # Shared body of scripts/dpo_train.sh and scripts/dpo_instruct_train.sh (they set RECIPE, then source this).
-# One launcher per node via srun; each runs `accelerate launch` with DeepSpeed ZeRO-2 (accelerate_config.yaml).
+# One launcher per node via srun; each runs `accelerate launch` with the config BACKEND names (default DeepSpeed
+# ZeRO-2, accelerate_config.yaml).
 # On SIGUSR1 (time-limit warning, `scancel --signal=USR1 --full`) or SIGTERM (time limit reached, preemption,
 # node shutdown; SIGKILL follows after Slurm's KillWait) training saves a checkpoint and stops, then this script
 # requeues the job, which resumes from that checkpoint. A plain `scancel` also saves, but is not requeued.
@@ -57,6 +58,16 @@ ENTRY=${ENTRY:-train_dpo.py}
 [[ $ENTRY == train_dpo.py || $ENTRY == train_sft.py ]] \
   || die "ENTRY=$ENTRY: set ENTRY=train_dpo.py (default) or ENTRY=train_sft.py"
 
+# How the ranks shard the model: README "What fits where" says which one a model and GPU need.
+BACKEND=${BACKEND:-zero2}
+case $BACKEND in
+  zero2) ACCELERATE_CONFIG=accelerate_config.yaml ;;        # DeepSpeed ZeRO-2 (ds_config.json)
+  zero3) ACCELERATE_CONFIG=accelerate_config_zero3.yaml ;;  # DeepSpeed ZeRO-3 (ds_config_zero3.json)
+  fsdp2) ACCELERATE_CONFIG=accelerate_config_fsdp2.yaml ;;  # PyTorch FSDP2
+  *) die "BACKEND=$BACKEND: set BACKEND=zero2 (default: DeepSpeed ZeRO-2), zero3 (DeepSpeed ZeRO-3, parameters sharded too) or fsdp2 (PyTorch FSDP2)" ;;
+esac
+[[ -f $ACCELERATE_CONFIG ]] || die "BACKEND=$BACKEND needs $ACCELERATE_CONFIG in the repo root: restore it (git checkout $ACCELERATE_CONFIG)"
+
 # The active environment, else the repo's .venv.
 if [[ -z ${VIRTUAL_ENV:-} && -f .venv/bin/activate ]]; then
   source .venv/bin/activate
@@ -93,6 +104,7 @@ MAIN_PORT=$((20000 + SLURM_JOB_ID % 20000))
 echo "=== $(date -Is) job ${SLURM_JOB_NAME:-?} ${SLURM_JOB_ID} (restart ${SLURM_RESTART_COUNT:-0})"
 echo "nodes:   $NNODES ($SLURM_JOB_NODELIST), main $MAIN_HOST:$MAIN_PORT"
 echo "gpus:    $GPUS_PER_NODE per node, $((NNODES * GPUS_PER_NODE)) processes"
+echo "backend: $BACKEND ($ACCELERATE_CONFIG)"
 echo "recipe:  $RECIPE  entry: $ENTRY  args: $*"
 echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo none)$(git diff --quiet HEAD 2>/dev/null || echo ' (uncommitted changes)')"
 python - <<'PY'
@@ -117,7 +129,7 @@ srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit
            echo "launcher: node ${SLURMD_NODENAME:-$(hostname)}, machine rank $SLURM_NODEID of $SLURM_NNODES"
            trap "" USR1 TERM; export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
            exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' launch \
-    --config_file accelerate_config.yaml \
+    --config_file "$ACCELERATE_CONFIG" \
     --num_machines "$NNODES" --num_processes $((NNODES * GPUS_PER_NODE)) \
     --main_process_ip "$MAIN_HOST" --main_process_port "$MAIN_PORT" \
     ${ACCELERATE_ARGS:-} \

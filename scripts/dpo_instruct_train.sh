@@ -1,11 +1,13 @@
 #!/bin/bash
-# DPO, OLMo 3 Instruct recipe, DeepSpeed ZeRO-2 on 1 node or many. Submit from the repo root:
+# DPO, OLMo 3 Instruct recipe, DeepSpeed ZeRO-2 (or BACKEND=zero3 / fsdp2) on 1 node or many. Submit from the repo root:
 #   sbatch scripts/dpo_instruct_train.sh                                   # 1 node x 4 GPUs
 #   sbatch --nodes=2 scripts/dpo_instruct_train.sh --max_steps 100         # 2 nodes; arguments go to train_dpo.py
 #   RECIPE=recipes/smollm2_orca.yaml sbatch scripts/dpo_instruct_train.sh  # another recipe
 #   sbatch --gres=gpu:8 --cpus-per-task=64 --mem=512G scripts/dpo_instruct_train.sh   # 8-GPU nodes: one process per GPU
+#   BACKEND=zero3 sbatch --nodes=4 scripts/dpo_instruct_train.sh           # parameters sharded too (bigger models)
 #   tail -f logs/dpo-instruct-<jobid>.out
-# Knobs (environment): RECIPE, GPUS_PER_NODE (default: the GPUs Slurm allocated), ACCELERATE_ARGS.
+# Knobs (environment): RECIPE, GPUS_PER_NODE (default: the GPUs Slurm allocated), ACCELERATE_ARGS,
+#   BACKEND: zero2 (default, DeepSpeed ZeRO-2), zero3 (DeepSpeed ZeRO-3) or fsdp2 (PyTorch FSDP2); see README.
 # Only the default RECIPE and the job name differ from the other script; the rest is scripts/_launch.sh.
 #SBATCH --job-name=dpo-instruct
 #SBATCH --nodes=1

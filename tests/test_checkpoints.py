@@ -86,3 +86,14 @@ def test_model_fingerprint_sees_a_retrained_folder_of_the_same_size(tmp_path):
     (model / "model.safetensors").write_bytes(weights)
     assert ck.model_fingerprint(str(model)) != before
     assert ck.model_fingerprint("org/hub-model") is None  # a Hub id is compared by name and revision
+
+
+def test_a_resume_across_backends_is_refused_with_the_launch_that_reads_it():
+    assert ck.backend_change("o/checkpoint-4", "DEEPSPEED (ZeRO-2)", "DEEPSPEED (ZeRO-2)") is None
+    assert ck.backend_change("o/checkpoint-4", None, "DEEPSPEED (ZeRO-3)") is None  # a marker from before the key
+    why = ck.backend_change("o/checkpoint-4", "DEEPSPEED (ZeRO-3)", "DEEPSPEED (ZeRO-2)")
+    assert why.startswith("o/checkpoint-4 was saved by DEEPSPEED (ZeRO-3), this run trains with DEEPSPEED (ZeRO-2)")
+    assert "Fix: resume with BACKEND=zero3 (accelerate_config_zero3.yaml)" in why
+    assert "--model_name_or_path o/checkpoint-4 --output_dir" in why  # its consolidated model.safetensors
+    why = ck.backend_change("o/checkpoint-4", "FSDP (FSDP2)", "MULTI_GPU")
+    assert "BACKEND=fsdp2" in why and "accelerate merge-weights o/checkpoint-4/pytorch_model_fsdp_0" in why

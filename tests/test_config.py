@@ -293,3 +293,13 @@ def test_transformers_length_samplers_cannot_read_pairs(order, tmp_path):
             trainer.get_eval_dataloader()
     with pytest.raises(ValueError, match="the packed path orders pairs random or sequential"):
         TokenBudgetSampler(sequence_lengths(ds, args.max_length), 4, 1, order=order)
+
+
+def test_olmo3_32b_recipe_keeps_the_objective_and_the_batch():
+    text = (REPO / "recipes" / "olmo3_32b_think.yaml").read_text()
+    assert "BACKEND=zero3 sbatch --nodes=4" in text  # the sharded backend, in the launch line
+    s, t, m = _parse(REPO / "recipes" / "olmo3_32b_think.yaml")
+    think = _parse(REPO / "recipes" / "olmo3_think.yaml")[1]
+    assert (t.loss_type, t.beta, t.max_length) == (think.loss_type, think.beta, think.max_length)
+    assert t.per_device_train_batch_size * t.gradient_accumulation_steps * 16 == 128  # 4 nodes x 4 GPUs
+    assert t.bf16 and t.gradient_checkpointing and m.model_name_or_path.startswith("allenai/")

@@ -6,11 +6,12 @@
         sbatch --wait --nodes=2 scripts/dpo_train.sh --use_cpu true --max_steps 40 --output_dir ...
 
 Two processes per job (2 on one node, or 1 on each of two), DeepSpeed ZeRO-2 from the repo's
-accelerate_config.yaml and ds_config.json. The uninterrupted runs are the references the interrupted ones
-must end on bit for bit.
+accelerate_config.yaml and ds_config.json, and ZeRO-3 on two nodes (BACKEND=zero3: accelerate_config_zero3.yaml,
+ds_config_zero3.json). The uninterrupted runs are the references the interrupted ones must end on bit for bit.
 Run: .venv/bin/python -m pytest tests/test_slurm.py -m slurm   (as root; installs Slurm with apt-get)
 """
 
+import json
 import os
 import re
 import subprocess
@@ -43,9 +44,10 @@ def cluster():
     c.stop()
 
 
-def submit(cluster, script, out_dir, wait=True, nodes=1):
+def submit(cluster, script, out_dir, wait=True, nodes=1, backend=None):
     """sbatch the repo's own script with the CPU overrides; returns (job id, sbatch result)."""
-    env = {**cluster.env, "RECIPE": "recipes/tiny.yaml", "GPUS_PER_NODE": str(2 // nodes), "SBATCH_GRES": "none"}
+    env = {**cluster.env, "RECIPE": "recipes/tiny.yaml", "GPUS_PER_NODE": str(2 // nodes), "SBATCH_GRES": "none",
+           **({"BACKEND": backend} if backend else {})}
     # eval_before_train is off: transformers cannot evaluate a ZeRO-2 model before training starts.
     cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *([f"--nodes={nodes}"] if nodes > 1 else []),
            script, "--use_cpu", "true", "--eval_before_train", "false", "--max_steps", str(STEPS),
@@ -122,6 +124,7 @@ def test_dpo_train_sh(cluster, one_node):
     job_id, out = one_node
     text = assert_trained(cluster, job_id, out, "dpo-think")
     assert "recipe:  recipes/tiny.yaml" in text and "restart 0" in text
+    assert "backend: zero2 (accelerate_config.yaml)" in text  # the default, unchanged
     assert f"launcher: node {NODES[0]}, machine rank 0 of 1" in text
 
 
@@ -153,6 +156,46 @@ def test_usr1_on_two_nodes_saves_requeues_and_resumes_to_the_same_weights(cluste
     assert f"resuming from {out}/checkpoint-{stopped[1]}" in text
     assert text.count(f"launcher: node {NODES[1]}, machine rank 1 of 2") == 2  # both runs on both nodes
     assert_same_weights(two_nodes[1], out)
+
+
+@pytest.fixture(scope="session")
+def two_nodes_zero3(cluster, tmp_path_factory):
+    """BACKEND=zero3 scripts/dpo_train.sh --nodes=2: DeepSpeed ZeRO-3 across two nodes; the USR1 test's reference."""
+    out = tmp_path_factory.mktemp("slurm") / "two_nodes_zero3"
+    job_id, r = submit(cluster, "scripts/dpo_train.sh", out, nodes=2, backend="zero3")
+    assert r.returncode == 0, f"sbatch --wait returned {r.returncode}: {r.stderr}\n{_read(cluster, job_id)[-3000:]}"
+    return job_id, out
+
+
+def test_zero3_on_two_nodes_usr1_requeues_and_resumes_to_the_same_weights(cluster, two_nodes_zero3, tmp_path):
+    job_id, reference = two_nodes_zero3
+    text = assert_trained(cluster, job_id, reference, "dpo-think")
+    assert "backend: zero3 (accelerate_config_zero3.yaml)" in text and "x 2 processes x" in text
+    for rank, node in enumerate(NODES):
+        assert f"launcher: node {node}, machine rank {rank} of 2" in text
+
+    out = tmp_path / "out"
+    job_id, _ = submit(cluster, "scripts/dpo_train.sh", out, wait=False, nodes=2, backend="zero3")
+    deadline = time.monotonic() + JOB_TIMEOUT
+    wait_for_a_step(cluster, job_id, deadline)
+    subprocess.run(["scancel", "--signal=USR1", "--full", job_id], env=cluster.env, check=True)
+    job = wait_until_ended(cluster, job_id, deadline)
+    text = assert_trained(cluster, job_id, out, "dpo-think")
+    assert job["Restarts"] == "1", text[-3000:]
+    stopped = re.search(r"preempted \(SIGUSR1\): saving a checkpoint at step (\d+)/", text)
+    assert stopped and 0 < int(stopped[1]) < STEPS, text[-3000:]
+    assert f"resuming from {out}/checkpoint-{stopped[1]}" in text
+    # the checkpoint it resumed from holds both ranks' parameter and optimizer partitions, all in the marker
+    files = json.loads((out / f"checkpoint-{stopped[1]}" / MARKER).read_text())["files"]
+    assert sum(re.fullmatch(r"global_step\d+/zero_pp_rank_[01]_mp_rank_00_(model|optim)_states\.pt", f) is not None
+               for f in files) == 4, sorted(files)
+    assert_same_weights(reference, out)
+
+
+def test_unknown_backend_says_what_to_set():
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("SLURM_")}, "BACKEND": "zero4"}
+    r = subprocess.run(["bash", "scripts/dpo_train.sh"], cwd=REPO, env=env, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 1 and "BACKEND=zero4: set BACKEND=zero2 (default: DeepSpeed ZeRO-2), zero3" in r.stderr
 
 
 def test_scancel_saves_a_checkpoint_and_a_resubmit_resumes_to_the_same_weights(cluster, one_node, tmp_path):
