@@ -224,7 +224,11 @@ def varlen_layouts(common: dict, args) -> list[PackedPreferenceCollator]:
     elif not torch.cuda.is_available():
         align, reason = None, "torch's varlen_attn runs on CUDA only (no GPU here)"
     else:
-        align, reason = segattn.check_torch_varlen(torch.device("cuda", torch.cuda.current_device()), dtype)
+        # this rank's GPU (TrainingArguments.device), so that no rank opens a CUDA context on another one
+        device = getattr(args, "device", None)
+        if not (isinstance(device, torch.device) and device.type == "cuda"):
+            device = torch.device("cuda", torch.cuda.current_device())
+        align, reason = segattn.check_torch_varlen(device, dtype)
     if align is None:
         logger.info("packing: varlen layout skipped: %s", reason)
         return []
