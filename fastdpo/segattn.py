@@ -20,6 +20,9 @@ belong to the chosen segment) followed by the rejected tokens: an ordinary causa
 same grouping, `is_causal` and band code serves it. Gradients reach the shared prompt from both segments through
 the gather.
 
+On CUDA in half precision the same specs can also run as one `torch.nn.attention.varlen.varlen_attn` call per layer
+(`VarlenSegments`, mode "varlen"; see the section below): fewer launches, the same math, tried first by the probe.
+
 How it is switched on: `install()` wraps the "sdpa" entry of transformers' attention registry once. The wrapper
 delegates to the original function unchanged unless the call carries the `fastdpo_segments` keyword, which only
 `fastdpo.packing.PackedForward` (and the start-up probe) pass; normal forwards and generation never do.
