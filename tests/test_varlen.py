@@ -162,3 +162,31 @@ def test_skipped_on_cpu_with_the_reason(caplog):
     assert "varlen layout skipped: the flash kernels behind torch's varlen_attn take float16/bfloat16" in caplog.text
     assert segattn.check_torch_varlen("cpu", torch.bfloat16) == (
         None, "torch's varlen_attn runs on CUDA only (device cpu)")
+
+
+def _stand_in(align=None):
+    """A kernel with varlen_attn's signature: causal aligned as `align` (None: ignores causality altogether)."""
+    def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
+        if align is None:
+            out = []
+            for i in range(len(cu_q) - 1):
+                qs, ks, vs = (x[a:b].transpose(0, 1)[None] for x, a, b in
+                              ((q, cu_q[i], cu_q[i + 1]), (k, cu_k[i], cu_k[i + 1]), (v, cu_k[i], cu_k[i + 1])))
+                out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)[0]
+                           .transpose(0, 1))
+            return torch.cat(out)
+        window = None if window_size[0] == -1 else window_size[0] + 1
+        return segattn.reference_varlen(q, k, v, cu_q, cu_k, scale=scale, window=window, align=align)
+    return segattn.VarlenAPI(kernel, window=True, gqa=True, scale=True)
+
+
+@pytest.mark.parametrize("align,expected", [("bottom_right", "bottom_right"), ("top_left", "top_left"), (None, None)])
+def test_alignment_check_tells_kernels_apart(align, expected):
+    """`check_torch_varlen`'s measurement (bf16 against the float32 reference, forward and backward, a segment with
+    fewer queries than keys, window 16) names a bottom-right kernel, a top-left one, and refuses one that is not
+    causal at all, saying so."""
+    got, reason = segattn._measure_alignment(_stand_in(align), torch.device("cpu"), torch.bfloat16)
+    assert got == expected
+    assert (reason is None) == (expected is not None)
+    if expected is None:
+        assert "matches neither causal alignment" in reason
