@@ -341,7 +341,7 @@ def _torch_kernel(api: VarlenAPI, q, k, v, cu_q, cu_k, max_q, max_k, scale, wind
 
 def _varlen_attention(seg: VarlenSegments, query, key, value, dropout, scaling, window):
     """One kernel call for every sequence of the micro-batch; None where this torch's kernel cannot take the call."""
-    b, h, t, d = query.shape
+    b, h, t, _ = query.shape
     if dropout:  # varlen_attn has no dropout
         return None
     q = _flat(query) if seg.q_gather is None else torch.index_select(_flat(query), 0, seg.q_gather)
@@ -439,7 +439,7 @@ def _segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scalin
     if seg is None:
         return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                               is_causal=is_causal, **kwargs)
-    b, h, t, d = query.shape
+    b, t = query.shape[0], query.shape[2]
     reason = _refusal(module, query, key, is_causal, kwargs)
     if reason is None and (b, t) != (seg.rows, seg.width):
         reason = f"a packed layout of {seg.rows}x{seg.width} tokens for queries of {b}x{t}"

@@ -241,10 +241,10 @@ def attention_implementations(device: str) -> tuple[list[str], dict]:
     return run, skipped
 
 
-def run_child(argv: list[str], timeout: float, tag: str) -> tuple[object, str | None]:
-    """Run this script in a child process; (its RESULT json, None) or (None, why it failed)."""
+def run_child(script: Path, argv: list[str], timeout: float, tag: str) -> tuple[object, str | None]:
+    """Run a script of this repo in a child process; (the json after its `tag` line, None) or (None, why not)."""
     try:
-        proc = subprocess.run([sys.executable, __file__, *argv], capture_output=True, text=True,
+        proc = subprocess.run([sys.executable, str(script), *argv], capture_output=True, text=True,
                               timeout=max(timeout, 1), env={**os.environ, "TQDM_DISABLE": "1"})
     except subprocess.TimeoutExpired:
         return None, f"stopped after {timeout:.0f} s (the check's time budget)"
@@ -275,9 +275,8 @@ def bench(device: str, steps: int, peak: float, budget: float) -> dict:
         start = time.perf_counter()
         for variant in ("fast", "stock"):
             left = budget - (time.perf_counter() - start)
-            cmd = [str(ROOT / "scripts" / "benchmark.py"), *argv, "--worker", variant, "--tmp", tmp,
-                   "--cache", str(Path(tmp) / "ref_cache")]
-            res, err = _bench_child(cmd, left)
+            res, err = run_child(ROOT / "scripts" / "benchmark.py", [*argv, "--worker", variant, "--tmp", tmp,
+                                 "--cache", str(Path(tmp) / "ref_cache")], left, "BENCH")
             if err is not None:
                 out["runs"][variant] = {"error": err}
                 continue
@@ -291,31 +290,19 @@ def bench(device: str, steps: int, peak: float, budget: float) -> dict:
     return out
 
 
-def _bench_child(cmd, timeout):
-    try:
-        proc = subprocess.run([sys.executable, *cmd], capture_output=True, text=True, timeout=max(timeout, 1),
-                              env={**os.environ, "TQDM_DISABLE": "1"})
-    except subprocess.TimeoutExpired:
-        return None, f"stopped after {timeout:.0f} s (the check's time budget)"
-    line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
-    if proc.returncode or line is None:
-        return None, f"exit {proc.returncode}: {proc.stderr.strip()[-1500:]}"
-    return json.loads(line[6:]), None
-
-
 # ---- report ------------------------------------------------------------------------------------------------------
 
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# GPU check ({'CPU dry run' if env['device'] == 'cpu' else env['gpu']})", "",
-             f"GPU {env.get('gpu')}, driver {env.get('driver', '-')}, CUDA {env.get('cuda')}, torch {env['torch']}, "
-             f"transformers {env['transformers']}, TRL {env['trl']}, Python {env['python']}; varlen_attn "
-             f"{env['varlen_attn']}; varlen check (bf16) {env.get('varlen_check_bf16', 'not run (CPU)')}; "
-             f"measured matmul peak {report['matmul_peak_flops'] / 1e12:.1f} TFLOP/s "
-             f"({'bf16' if env['device'] == 'cuda' else 'fp32'}); {report['seconds']:.0f} s in all.", "",
+             (f"GPU {env.get('gpu')}, driver {env.get('driver', '-')}, CUDA {env.get('cuda')}, torch {env['torch']}, "
+              f"transformers {env['transformers']}, TRL {env['trl']}, Python {env['python']}; varlen_attn "
+              f"{env['varlen_attn']}; varlen check (bf16) {env.get('varlen_check_bf16', 'not run (CPU)')}; "
+              f"measured matmul peak {report['matmul_peak_flops'] / 1e12:.1f} TFLOP/s "
+              f"({'bf16' if env['device'] == 'cuda' else 'fp32'}); {report['seconds']:.0f} s in all."), "",
              "## Parity, packed vs padded", "",
-             "| family | attention | layout | log-prob gap max / mean | grad gap (rel.) | probe (float32 twin incl.) "
-             "| chosen |", "|---|---|---|---|---|---|---|"]
+             ("| family | attention | layout | log-prob gap max / mean | grad gap (rel.) | probe (float32 twin incl.) "
+              "| chosen |"), "|---|---|---|---|---|---|---|"]
     for r in report["parity"]:
         if "logps_max" in r:
             gaps, grad = f"{r['logps_max']:.1e} / {r['logps_mean']:.1e}", f"{r['grad_rel']:.1e}"
@@ -329,9 +316,9 @@ def markdown(report: dict) -> str:
     b = report.get("bench")
     if b:
         m = b["model"]
-        lines += ["", f"## Stock vs fast: OLMo-3-shaped random model (hidden {m['hidden_size']}, "
-                  f"{m['num_hidden_layers']} layers, vocab {m['vocab_size']}), think profile / {b['scale']}, "
-                  f"{b['pairs_per_step']} pairs per step, {b['steps']} steps, one run each", "",
+        lines += ["", (f"## Stock vs fast: OLMo-3-shaped random model (hidden {m['hidden_size']}, "
+                       f"{m['num_hidden_layers']} layers, vocab {m['vocab_size']}), think profile / {b['scale']}, "
+                       f"{b['pairs_per_step']} pairs per step, {b['steps']} steps, one run each"), "",
                   "| path | useful tok/s | pairs/s | MFU | peak memory GiB | padding eff | layout | s |",
                   "|---|---|---|---|---|---|---|---|"]
         for v, r in b["runs"].items():
@@ -381,7 +368,8 @@ def main():
         if left < 20:
             report["parity_skipped"][attn] = "the check's time budget ran out"
             continue
-        rows, err = run_child(["--parity_worker", attn] + (["--cpu"] if opts.cpu else []), left, "PARITY")
+        rows, err = run_child(Path(__file__), ["--parity_worker", attn] + (["--cpu"] if opts.cpu else []), left,
+                              "PARITY")
         if err is not None:
             report["parity_skipped"][attn] = err
         else:
