@@ -219,14 +219,16 @@ def varlen_layouts(common: dict, args) -> list[PackedPreferenceCollator]:
     the reason logged: torch's varlen_attn needs CUDA and half precision (`bf16` / `fp16` in the training
     arguments), and must pass `segattn.check_torch_varlen` on this GPU."""
     dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
+    # this rank's device (TrainingArguments.device), so that no rank opens a CUDA context on another rank's GPU
+    device = getattr(args, "device", None)
     if dtype is None:
         align, reason = None, "the flash kernels behind torch's varlen_attn take float16/bfloat16: set bf16 or fp16"
     elif not torch.cuda.is_available():
         align, reason = None, "torch's varlen_attn runs on CUDA only (no GPU here)"
+    elif isinstance(device, torch.device) and device.type != "cuda":
+        align, reason = None, f"torch's varlen_attn runs on CUDA only (training runs on {device})"
     else:
-        # this rank's GPU (TrainingArguments.device), so that no rank opens a CUDA context on another one
-        device = getattr(args, "device", None)
-        if not (isinstance(device, torch.device) and device.type == "cuda"):
+        if not isinstance(device, torch.device):
             device = torch.device("cuda", torch.cuda.current_device())
         align, reason = segattn.check_torch_varlen(device, dtype)
     if align is None:
