@@ -292,6 +292,11 @@ def bench(device: str, steps: int, peak: float, budget: float) -> dict:
 
 # ---- report ------------------------------------------------------------------------------------------------------
 
+def _cell(text, limit: int = 300) -> str:
+    """An error message as one table cell: its last `limit` characters, one line, no column separators."""
+    return " ".join(str(text)[-limit:].split()).replace("|", "/")
+
+
 def markdown(report: dict) -> str:
     env = report["environment"]
     lines = [f"# GPU check ({'CPU dry run' if env['device'] == 'cpu' else env['gpu']})", "",
@@ -307,12 +312,12 @@ def markdown(report: dict) -> str:
         if "logps_max" in r:
             gaps, grad = f"{r['logps_max']:.1e} / {r['logps_mean']:.1e}", f"{r['grad_rel']:.1e}"
         else:
-            gaps, grad = r.get("error", "-"), "-"
-        verdict = "-" if "probe_ok" not in r else ("exact" if r["probe_ok"] else "rejected: " + r["probe"])
+            gaps, grad = _cell(r.get("error", "-")), "-"
+        verdict = "-" if "probe_ok" not in r else ("exact" if r["probe_ok"] else "rejected: " + _cell(r["probe"]))
         lines.append(f"| {r['family']} | {r['attn']} | {r['layout']} | {gaps} | {grad} | {verdict} | "
                      f"{'**yes**' if r.get('chosen') else ''} |")
     for attn, why in report["parity_skipped"].items():
-        lines.append(f"| all | {attn} | not run: {why} | | | | |")
+        lines.append(f"| all | {attn} | not run: {_cell(why)} | | | | |")
     b = report.get("bench")
     if b:
         m = b["model"]
@@ -323,7 +328,7 @@ def markdown(report: dict) -> str:
                   "|---|---|---|---|---|---|---|---|"]
         for v, r in b["runs"].items():
             if "error" in r:
-                lines.append(f"| {v} | failed: {r['error'][-300:]} | | | | | | |")
+                lines.append(f"| {v} | failed: {_cell(r['error'])} | | | | | | |")
                 continue
             lines.append(f"| {v} | {r['tokens_per_s']:.0f} | {r['pairs_per_s']:.2f} | {r['mfu']:.1%} | "
                          f"{r['peak_mem_mb'] / 1024:.1f} | {r['padding_efficiency']:.3f} | {r['layout'] or '-'} | "
