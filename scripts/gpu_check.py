@@ -123,23 +123,12 @@ def parity_pairs(seed: int = 0, n: int = 6) -> list[dict]:
 
 
 def _logps(model, examples, layout):
-    """Per-token log-probs in TRL's padded layout (packed through `layout`, or padded when None), and the mask."""
-    from trl.trainer.dpo_trainer import DataCollatorForPreference
+    """Per-token log-probs in TRL's padded layout, packed through `layout` (or padded when None), and the scored
+    mask: the start-up probe's own two forwards (fastdpo.probe), so the matrix measures what the probe measures."""
+    from fastdpo import probe
 
-    from fastdpo.packing import PackedForward
-
-    device = next(model.parameters()).device
-    padded = DataCollatorForPreference(pad_token_id=0, max_length=MAX_LENGTH)(examples)
-    labels = padded["input_ids"].masked_fill(padded["completion_mask"] == 0, -100).to(device)
-    mask = padded["completion_mask"][:, 1:].bool().to(device)
-    if layout is None:
-        out = model(input_ids=padded["input_ids"].to(device), attention_mask=padded["attention_mask"].to(device),
-                    labels=labels, fused_lm_head=True, use_cache=False)
-    else:
-        batch = {k: v.to(device) if hasattr(v, "to") else v for k, v in layout(examples).items()
-                 if k.startswith(("packed_", "unpack"))}
-        out = PackedForward(model)(labels=labels, fused_lm_head=True, **batch)
-    return out.log_probs, mask
+    padded, mask = probe._padded_logps(model, examples, 0, MAX_LENGTH, "keep_start")
+    return (padded if layout is None else probe._packed_logps(model, examples, layout)), mask
 
 
 def _dpo_grads(model, examples, layout) -> dict:

@@ -164,8 +164,9 @@ def test_skipped_on_cpu_with_the_reason(caplog):
         None, "torch's varlen_attn runs on CUDA only (device cpu)")
 
 
-def _stand_in(align=None):
-    """A kernel with varlen_attn's signature: causal aligned as `align` (None: ignores causality altogether)."""
+def _stand_in(align=None, window_shift=1):
+    """A kernel with varlen_attn's signature: causal aligned as `align` (None: ignores causality altogether); its
+    window reaches window_size[0] + window_shift keys (1: flash's convention)."""
     def kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, scale=None, window_size=(-1, -1), enable_gqa=False):
         if align is None:
             out = []
@@ -175,17 +176,19 @@ def _stand_in(align=None):
                 out.append(torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, enable_gqa=True)[0]
                            .transpose(0, 1))
             return torch.cat(out)
-        window = None if window_size[0] == -1 else window_size[0] + 1
+        window = None if window_size[0] == -1 else window_size[0] + window_shift
         return segattn.reference_varlen(q, k, v, cu_q, cu_k, scale=scale, window=window, align=align)
     return segattn.VarlenAPI(kernel, window=True, gqa=True, scale=True)
 
 
-@pytest.mark.parametrize("align,expected", [("bottom_right", "bottom_right"), ("top_left", "top_left"), (None, None)])
-def test_alignment_check_tells_kernels_apart(align, expected):
+@pytest.mark.parametrize("align,shift,expected", [("bottom_right", 1, "bottom_right"), ("top_left", 1, "top_left"),
+                                                  (None, 1, None), ("bottom_right", 0, None)],
+                         ids=["bottom_right", "top_left", "not_causal", "window_one_short"])
+def test_alignment_check_tells_kernels_apart(align, shift, expected):
     """`check_torch_varlen`'s measurement (bf16 against the float32 reference, forward and backward, a segment with
-    fewer queries than keys, window 16) names a bottom-right kernel, a top-left one, and refuses one that is not
-    causal at all, saying so."""
-    got, reason = segattn._measure_alignment(_stand_in(align), torch.device("cpu"), torch.bfloat16)
+    fewer queries than keys, window 16) names a bottom-right kernel and a top-left one, and refuses one that is not
+    causal at all or whose window is one key short, saying so."""
+    got, reason = segattn._measure_alignment(_stand_in(align, shift), torch.device("cpu"), torch.bfloat16)
     assert got == expected
     assert (reason is None) == (expected is not None)
     if expected is None:
