@@ -193,3 +193,27 @@ def test_alignment_check_tells_kernels_apart(align, shift, expected):
     assert (reason is None) == (expected is not None)
     if expected is None:
         assert "matches neither causal alignment" in reason
+
+
+def test_torch_without_window_size_runs_windowed_layers_grouped(monkeypatch):
+    """A torch whose varlen_attn has no window_size (2.10: `is_causal=` only), stood in for on CPU: the full-attention
+    layer of a bf16 OLMo 3 takes the one-call kernel, its three sliding layers the grouped sdpa calls, and the
+    log-probs stay within bf16 rounding of the padded path's."""
+    calls = []
+
+    def old_kernel(q, k, v, cu_q, cu_k, max_q, max_k, *, is_causal=False, scale=None):
+        assert is_causal
+        calls.append(len(cu_q) - 1)
+        return segattn.reference_varlen(q, k, v, cu_q, cu_k, scale=scale)
+
+    monkeypatch.setattr(segattn, "torch_varlen_api",
+                        lambda: segattn.VarlenAPI(old_kernel, window=False, gqa=False, scale=True))
+    model = built("olmo3", "sdpa", dtype=torch.bfloat16)
+    layout = PackedPreferenceCollator(pad_token_id=0, max_length=MAX_LENGTH, mode="varlen", share_prefix=True)
+    examples = pairs(1)
+    with torch.no_grad():
+        (packed, mask), (padded, _) = logps(model, examples, layout), logps(model, examples)
+    windows = archs.sliding_windows(model)
+    assert len(calls) == sum(w is None for w in windows.values()) == 1
+    diff = (packed.log_probs.float() - padded.log_probs.float()).abs()[mask]
+    assert diff.mean() <= 5e-3 and diff.max() <= 5e-2, (diff.mean().item(), diff.max().item())
