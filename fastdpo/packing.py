@@ -25,6 +25,7 @@ family; `probe` checks it on the real model before training.
 from __future__ import annotations
 
 import contextlib
+import logging
 import math
 from dataclasses import dataclass
 from types import SimpleNamespace
@@ -34,6 +35,8 @@ import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from . import segattn
+
+logger = logging.getLogger("fastdpo")
 
 # Attention implementations that turn restarting position_ids into a block-diagonal mask in transformers 5.23.
 # Flash and flex handle one long row natively (varlen); sdpa and eager build a dense row x row mask, so their rows
@@ -105,7 +108,10 @@ class PackedPreferenceCollator:
 
     mode "dense": sequences in rows of at most `row_capacity` tokens, the model builds its own masks (any attention
     implementation in PACKING_ATTENTION). mode "segments" (sdpa only): fastdpo.segattn runs each sequence's attention,
-    no dense mask is built, rows are unbounded and, with share_prefix, each pair is one unit.
+    no dense mask is built, rows are unbounded and, with share_prefix, each pair is one unit. mode "varlen": the same
+    units, attention as one varlen kernel call per layer (`varlen_kernel` "torch": torch's varlen_attn, CUDA;
+    "reference": its definition in plain sdpa, for CPU tests), causal masks aligned as `varlen_align` (what
+    `segattn.check_torch_varlen` measured on this GPU).
 
     Keys: input_ids / attention_mask / completion_mask (TRL's padded view, never run through the model),
     packed_input_ids / packed_position_ids / packed_labels ([rows, T], what the model runs), packed_segments (the
@@ -121,12 +127,14 @@ class PackedPreferenceCollator:
     row_capacity: int | None = None
     mode: str = "dense"
     share_prefix: bool = False
+    varlen_kernel: str = "torch"
+    varlen_align: str = "bottom_right"
 
     def __post_init__(self):
-        if self.mode not in ("dense", "segments"):
-            raise ValueError(f"mode {self.mode!r}: expected 'dense' or 'segments'")
-        if self.share_prefix and self.mode != "segments":
-            raise ValueError("prefix sharing needs the per-sequence attention (mode 'segments')")
+        if self.mode not in ("dense", "segments", "varlen"):
+            raise ValueError(f"mode {self.mode!r}: expected 'dense', 'segments' or 'varlen'")
+        if self.share_prefix and self.mode == "dense":
+            raise ValueError("prefix sharing needs the per-sequence attention (mode 'segments' or 'varlen')")
         self._padded = DataCollatorForPreference(
             pad_token_id=self.pad_token_id, max_length=self.max_length, truncation_mode=self.truncation_mode
         )
@@ -198,11 +206,36 @@ class PackedPreferenceCollator:
         out["packed_input_ids"] = p_ids
         out["packed_position_ids"] = pos
         out["packed_labels"] = labels
-        out["packed_segments"] = segattn.build_segments(specs, R, width, self.mode)
+        out["packed_segments"] = (segattn.build_varlen(specs, R, width, self.varlen_kernel, self.varlen_align)
+                                  if self.mode == "varlen" else segattn.build_segments(specs, R, width, self.mode))
         out["packed_token_weight"] = token_weight
         out["unpack_index"] = unpack
         out["loss_weight"] = torch.tensor(float(n) if weight is None else weight)
         return out
+
+
+def varlen_layouts(common: dict, args) -> list[PackedPreferenceCollator]:
+    """The varlen layouts to try first (with the prompt shared if `args.prefix_sharing`, then without), or [] with
+    the reason logged: torch's varlen_attn needs CUDA and half precision (`bf16` / `fp16` in the training
+    arguments), and must pass `segattn.check_torch_varlen` on this GPU."""
+    dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
+    # this rank's device (TrainingArguments.device), so that no rank opens a CUDA context on another rank's GPU
+    device = getattr(args, "device", None)
+    if dtype is None:
+        align, reason = None, "the flash kernels behind torch's varlen_attn take float16/bfloat16: set bf16 or fp16"
+    elif not torch.cuda.is_available():
+        align, reason = None, "torch's varlen_attn runs on CUDA only (no GPU here)"
+    elif isinstance(device, torch.device) and device.type != "cuda":
+        align, reason = None, f"torch's varlen_attn runs on CUDA only (training runs on {device})"
+    else:
+        if not isinstance(device, torch.device):
+            device = torch.device("cuda", torch.cuda.current_device())
+        align, reason = segattn.check_torch_varlen(device, dtype)
+    if align is None:
+        logger.info("packing: varlen layout skipped: %s", reason)
+        return []
+    shared = [True, False] if getattr(args, "prefix_sharing", False) else [False]
+    return [PackedPreferenceCollator(**common, mode="varlen", share_prefix=s, varlen_align=align) for s in shared]
 
 
 def unpack_outputs(outputs, unpack_index: torch.Tensor) -> SimpleNamespace:
@@ -263,7 +296,7 @@ class PackedForward:
         base = getattr(self.model, "module", self.model)  # DDP / DeepSpeed wrappers
         sdpa = getattr(getattr(base, "config", None), "_attn_implementation", None) == "sdpa"
         mask = None
-        if seg.mode == "segments":
+        if seg.mode in ("segments", "varlen"):
             if not (sdpa and segattn.install()):
                 raise segattn.Unsupported("the per-sequence attention needs attn_implementation='sdpa'")
             # A 4-D mask is taken as already built, so transformers skips its dense [rows, 1, T, T] masks; nothing

@@ -20,6 +20,9 @@ belong to the chosen segment) followed by the rejected tokens: an ordinary causa
 same grouping, `is_causal` and band code serves it. Gradients reach the shared prompt from both segments through
 the gather.
 
+On CUDA in half precision the same specs can also run as one `torch.nn.attention.varlen.varlen_attn` call per layer
+(`VarlenSegments`, mode "varlen"; see the section below): fewer launches, the same math, tried first by the probe.
+
 How it is switched on: `install()` wraps the "sdpa" entry of transformers' attention registry once. The wrapper
 delegates to the original function unchanged unless the call carries the `fastdpo_segments` keyword, which only
 `fastdpo.packing.PackedForward` (and the start-up probe) pass; normal forwards and generation never do.
@@ -27,6 +30,7 @@ delegates to the original function unchanged unless the call carries the `fastdp
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass, field
 
 import torch
@@ -180,6 +184,241 @@ def segments_from_position_ids(position_ids: torch.Tensor, mode: str = "dense") 
     return build_segments(specs, rows, width, mode)
 
 
+# --- one varlen kernel call per layer (CUDA) ------------------------------------------------------------------------
+#
+# The grouped path above launches sdpa once per length group per layer (~8 groups per multiturn micro-batch, twice
+# that in the backward). torch's `varlen_attn` takes every sequence in one call: queries and keys concatenated,
+# cumulative lengths `cu_seq_q` / `cu_seq_k`. A rejected segment's keys are the shared prompt's keys followed by its
+# own, its queries only its own tokens, so cu_seq_q != cu_seq_k for it. How the kernel lines the causal mask up
+# when a segment has fewer queries than keys decides whether that is right: flash attention 2 (what torch 2.13's
+# varlen_attn calls) aligns it bottom-right (query i of Q sees keys up to i + K - Q: exactly a continuation after
+# the prompt); sdpa's `is_causal` aligns it top-left (query i sees keys up to i). `check_torch_varlen` measures
+# which one the installed kernel does, on random inputs, before any layout uses it; under top-left alignment every
+# segment re-queries its prompt slots (queries = keys) and drops their outputs, as the grouped path's plain form.
+#
+# Only half precision reaches the kernel (flash takes fp16/bf16): float32 queries, the start-up probe's float32
+# twin, run the same cumulative lengths, windows and alignment through `reference_varlen` (a loop of sdpa per
+# segment), so the twin still checks this layout's bookkeeping exactly. CPU tests run the whole layout through that
+# reference (kernel="reference").
+
+HALF = (torch.float16, torch.bfloat16)
+ALIGNMENTS = ("bottom_right", "top_left")
+
+
+@dataclass
+class VarlenSegments:
+    """Gather indices and cumulative lengths for one varlen call over every packed sequence.
+
+    q_gather / k_gather: flat token index of every query / key row (None: the packed tokens in order, no gather);
+    inverse: flat token -> its row of the kernel's output (None: the same order). specs: what the layout was built
+    from, for the grouped sdpa path where this torch's kernel lacks a feature (a window, a custom scale, dropout).
+    """
+
+    q_gather: torch.Tensor | None
+    k_gather: torch.Tensor | None
+    inverse: torch.Tensor | None
+    cu_q: torch.Tensor  # int32 [segments + 1]
+    cu_k: torch.Tensor
+    max_q: int
+    max_k: int
+    rows: int
+    width: int
+    specs: list
+    kernel: str = "torch"  # or "reference"
+    align: str = "bottom_right"
+    mode: str = "varlen"
+    _grouped: dict = field(default_factory=dict, repr=False)
+
+    def to(self, device):
+        move = lambda x: None if x is None else x.to(device)  # noqa: E731
+        return VarlenSegments(move(self.q_gather), move(self.k_gather), move(self.inverse), self.cu_q.to(device),
+                              self.cu_k.to(device), self.max_q, self.max_k, self.rows, self.width, self.specs,
+                              self.kernel, self.align, self.mode, self._grouped)
+
+    def grouped(self, device) -> Segments:
+        """The same sequences as grouped sdpa calls (built once per micro-batch, on first need)."""
+        key = str(device)
+        if key not in self._grouped:
+            self._grouped[key] = build_segments(self.specs, self.rows, self.width, "segments").to(device)
+        return self._grouped[key]
+
+
+def build_varlen(specs: list[tuple[list[tuple[int, int]], int]], rows: int, width: int, kernel: str = "torch",
+                 align: str = "bottom_right") -> VarlenSegments:
+    """The varlen layout of the same specs `build_segments` takes ((pieces, owned_from) per segment)."""
+    if kernel not in ("torch", "reference"):
+        raise ValueError(f"varlen kernel {kernel!r}: expected 'torch' or 'reference'")
+    if align not in ALIGNMENTS:
+        raise ValueError(f"varlen alignment {align!r}: expected one of {ALIGNMENTS}")
+    qs, ks, cu_q, cu_k, owned_rows, owned_tokens = [], [], [0], [0], [], []
+    owner = torch.zeros(rows * width, dtype=torch.long)
+    for pieces, own in specs:
+        idx = torch.cat([torch.arange(s, s + n) for s, n in pieces]) if pieces else torch.empty(0, dtype=torch.long)
+        if not len(idx):
+            continue
+        # bottom-right: queries from the owned slots on, the prompt's keys before them; top-left: every slot queries
+        first = own if align == "bottom_right" else 0
+        q = idx[first:]
+        owned_rows.append(cu_q[-1] + torch.arange(own - first, len(q)))
+        owned_tokens.append(idx[own:])
+        owner[idx[own:]] += 1
+        qs.append(q)
+        ks.append(idx)
+        cu_q.append(cu_q[-1] + len(q))
+        cu_k.append(cu_k[-1] + len(idx))
+    if (owner != 1).any():
+        raise ValueError("packed layout: every token must belong to exactly one segment")
+    q_all, k_all = torch.cat(qs), torch.cat(ks)
+    inverse = torch.empty(rows * width, dtype=torch.long)
+    inverse[torch.cat(owned_tokens)] = torch.cat(owned_rows)
+    order = torch.arange(rows * width)
+    same = lambda x: len(x) == len(order) and bool((x == order).all())  # noqa: E731
+    lengths_q, lengths_k = torch.diff(torch.tensor(cu_q)), torch.diff(torch.tensor(cu_k))
+    return VarlenSegments(None if same(q_all) else q_all, None if same(k_all) else k_all,
+                          None if same(inverse) else inverse, torch.tensor(cu_q, dtype=torch.int32),
+                          torch.tensor(cu_k, dtype=torch.int32), int(lengths_q.max()), int(lengths_k.max()), rows,
+                          width, specs, kernel, align)
+
+
+def reference_varlen(q, k, v, cu_q, cu_k, *, scale=None, window=None, align="bottom_right"):
+    """varlen attention by definition, one sdpa per segment: [Tq, H, D] queries, [Tk, Hk, D] keys/values; causal
+    with the given alignment; `window` as transformers' sliding_window (key j visible to query i when
+    i - window < j <= i, positions counted in key slots)."""
+    out = []
+    bounds_q, bounds_k = cu_q.tolist(), cu_k.tolist()
+    for i in range(len(bounds_q) - 1):
+        qs = q[bounds_q[i]:bounds_q[i + 1]].transpose(0, 1)[None]
+        ks, vs = (x[bounds_k[i]:bounds_k[i + 1]].transpose(0, 1)[None] for x in (k, v))
+        n_q, n_k = qs.shape[2], ks.shape[2]
+        pos = torch.arange(n_q, device=q.device)[:, None] + (n_k - n_q if align == "bottom_right" else 0)
+        key_pos = torch.arange(n_k, device=q.device)[None, :]
+        visible = key_pos <= pos
+        if window is not None:
+            visible &= key_pos > pos - window
+        o = torch.nn.functional.scaled_dot_product_attention(qs, ks, vs, attn_mask=visible, scale=scale,
+                                                             enable_gqa=ks.shape[1] != qs.shape[1])
+        out.append(o[0].transpose(0, 1))
+    return torch.cat(out)
+
+
+@dataclass(frozen=True)
+class VarlenAPI:
+    """What the installed torch's varlen_attn takes (its signature changed between 2.10 and 2.12)."""
+
+    fn: object
+    window: bool  # window_size=(left, right); (-1, 0) = causal (2.11+); else is_causal=True
+    gqa: bool  # enable_gqa (2.12+); else key/value heads are repeated, which is the same math
+    scale: bool
+
+
+def torch_varlen_api() -> VarlenAPI | None:
+    try:
+        from torch.nn.attention.varlen import varlen_attn
+    except ImportError:
+        return None
+    params = inspect.signature(varlen_attn).parameters
+    return VarlenAPI(varlen_attn, "window_size" in params, "enable_gqa" in params, "scale" in params)
+
+
+def _torch_kernel(api: VarlenAPI, q, k, v, cu_q, cu_k, max_q, max_k, scale, window):
+    """One varlen_attn call (None: this torch cannot express the call; the caller uses the grouped path)."""
+    if (window is not None and not api.window) or (scale is not None and not api.scale):
+        return None
+    if k.shape[1] != q.shape[1] and not api.gqa:
+        k, v = (x.repeat_interleave(q.shape[1] // x.shape[1], dim=1) for x in (k, v))
+    extra = {"scale": scale} if scale is not None else {}
+    if api.gqa and k.shape[1] != q.shape[1]:
+        extra["enable_gqa"] = True
+    if api.window:
+        # a tuple: varlen_attn decides causality by `window_size == (-1, 0)`, which a list never equals.
+        # transformers' window W (i - W < j <= i) is flash's left reach W - 1 with no right reach.
+        extra["window_size"] = (-1 if window is None else window - 1, 0)
+    else:
+        extra["is_causal"] = True
+    q, k, v = (x.contiguous() for x in (q, k, v))
+    return api.fn(q, k, v, cu_q, cu_k, max_q, max_k, **extra)
+
+
+def _varlen_attention(seg: VarlenSegments, query, key, value, dropout, scaling, window):
+    """One kernel call for every sequence of the micro-batch; None where this torch's kernel cannot take the call."""
+    b, h, t, _ = query.shape
+    if dropout:  # varlen_attn has no dropout
+        return None
+    q = _flat(query) if seg.q_gather is None else torch.index_select(_flat(query), 0, seg.q_gather)
+    k, v = (_flat(x) if seg.k_gather is None else torch.index_select(_flat(x), 0, seg.k_gather)
+            for x in (key, value))
+    if seg.kernel == "torch" and query.dtype in HALF:
+        api = torch_varlen_api()
+        if api is None:
+            raise Unsupported("torch.nn.attention.varlen is missing in this torch")
+        out = _torch_kernel(api, q, k, v, seg.cu_q, seg.cu_k, seg.max_q, seg.max_k, scaling, window)
+        if out is None:
+            return None
+    else:
+        out = reference_varlen(q, k, v, seg.cu_q, seg.cu_k, scale=scaling, window=window, align=seg.align)
+    if seg.inverse is not None:
+        out = torch.index_select(out, 0, seg.inverse)
+    return out.reshape(b, t, h, -1)
+
+
+_checked: dict = {}
+
+
+def check_torch_varlen(device, dtype) -> tuple[str | None, str | None]:
+    """(alignment, None) if torch's varlen_attn computes per-segment causal attention on this device and dtype
+    (windows and GQA too, where this torch takes them), found by comparing it with `reference_varlen` in float32 on
+    random inputs, forward and backward; (None, why not) otherwise. Cached per device and dtype."""
+    device = torch.device(device)
+    key = (str(device), dtype)
+    if key in _checked:
+        return _checked[key]
+    if device.type != "cuda":
+        result = (None, f"torch's varlen_attn runs on CUDA only (device {device})")
+    elif dtype not in HALF:
+        result = (None, f"the flash kernels behind varlen_attn take float16/bfloat16, not {dtype}")
+    elif (api := torch_varlen_api()) is None:
+        result = (None, f"torch {torch.__version__} has no torch.nn.attention.varlen")
+    else:
+        try:
+            result = _measure_alignment(api, device, dtype)
+        except Exception as e:  # an unsupported GPU or build: the message says which
+            result = (None, f"varlen_attn failed on {device} ({type(e).__name__}: {e})")
+    _checked[key] = result
+    return result
+
+
+def _measure_alignment(api, device, dtype) -> tuple[str | None, str | None]:
+    gen = torch.Generator(device="cpu").manual_seed(0)
+    # three segments: equal lengths, fewer queries than keys (a continuation after a prompt), a short one
+    n_q, n_k = [37, 20, 5], [37, 53, 5]
+    heads, kv_heads, dim = 4, 2, 64
+    cu_q = torch.tensor([0] + torch.tensor(n_q).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    cu_k = torch.tensor([0] + torch.tensor(n_k).cumsum(0).tolist(), dtype=torch.int32, device=device)
+    # scores of std ~2: peaked enough that one key too many or too few moves some row by well over bf16 rounding,
+    # not so peaked that the backward's cancellation (dP - rowsum(dO * O) at a near one-hot row) dominates the error
+    rnd = lambda n, hh: (1.5 * torch.randn(n, hh, dim, generator=gen)).to(device, dtype)  # noqa: E731
+    q, k, v = rnd(sum(n_q), heads), rnd(sum(n_k), kv_heads), rnd(sum(n_k), kv_heads)
+    grad = rnd(sum(n_q), heads)
+    windows = [None, 16] if api.window else [None]
+    errors = {}
+    for align in ALIGNMENTS:
+        worst = 0.0
+        for window in windows:
+            leaves = [x.detach().requires_grad_() for x in (q, k, v)]
+            out = _torch_kernel(api, *leaves, cu_q, cu_k, max(n_q), max(n_k), None, window)
+            out.backward(grad)
+            ref_leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
+            ref = reference_varlen(*ref_leaves, cu_q, cu_k, window=window, align=align)
+            ref.backward(grad.float())
+            for got, want in [(out, ref)] + [(a.grad, b.grad) for a, b in zip(leaves, ref_leaves)]:
+                worst = max(worst, ((got.float() - want).abs().max() / want.abs().max().clamp(min=1e-6)).item())
+        errors[align] = worst
+        if worst <= 2e-2:  # bf16 rounding of peaked attention: ~1e-2 at most; a wrong mask moves whole rows
+            return align, None
+    return None, ("varlen_attn matches neither causal alignment (largest error relative to the reference: "
+                  + ", ".join(f"{a} {e:.2e}" for a, e in errors.items()) + ")")
+
+
 def _refusal(module, query, key, is_causal, kwargs) -> str | None:
     """Why this call's masking cannot be reproduced per sequence (None = it can)."""
     causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
@@ -201,7 +440,7 @@ def _segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scalin
     if seg is None:
         return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                               is_causal=is_causal, **kwargs)
-    b, h, t, d = query.shape
+    b, t = query.shape[0], query.shape[2]
     reason = _refusal(module, query, key, is_causal, kwargs)
     if reason is None and (b, t) != (seg.rows, seg.width):
         reason = f"a packed layout of {seg.rows}x{seg.width} tokens for queries of {b}x{t}"
@@ -211,13 +450,27 @@ def _segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scalin
                                   is_causal=is_causal, **kwargs)
         raise Unsupported(f"{type(module).__name__}: {reason}")
     window = kwargs.get("sliding_window")
+    if isinstance(seg, VarlenSegments):
+        out = _varlen_attention(seg, query, key, value, dropout, scaling, window)
+        if out is not None:
+            return out, None
+        seg = seg.grouped(query.device)  # what this torch's kernel cannot do: the grouped sdpa calls, same math
+    return _grouped_attention(seg, query, key, value, dropout, scaling, window), None
+
+
+def _flat(x):
+    """[rows, heads, T, dim] -> [rows * T, heads, dim]: a view where rows == 1 (no copy before a gather), else a copy."""
+    b, _, t, _ = x.shape
+    return x[0].transpose(0, 1) if b == 1 else x.transpose(1, 2).reshape(b * t, x.shape[1], x.shape[-1])
+
+
+def _grouped_attention(seg: Segments, query, key, value, dropout, scaling, window):
+    b, h, t, d = query.shape
     hk = key.shape[1]
-    # [rows * T, heads, dim] views where rows == 1 (no copy before the gather), else one copy each
-    flat = lambda x: x[0].transpose(0, 1) if b == 1 else x.transpose(1, 2).reshape(b * t, x.shape[1], x.shape[-1])  # noqa: E731
     # index_select, not x[idx]: its backward is index_add_ (indices repeat: pad slots, shared prompts), which is
     # several times faster than the accumulating index_put_ of advanced indexing
-    q = torch.index_select(flat(query), 0, seg.q_gather)
-    k, v = (torch.index_select(flat(x), 0, seg.k_gather) for x in (key, value))
+    q = torch.index_select(_flat(query), 0, seg.q_gather)
+    k, v = (torch.index_select(_flat(x), 0, seg.k_gather) for x in (key, value))
     # split, not slices: a slice's backward writes its gradient into a zeroed copy of the whole tensor, once per
     # group (a full-size fill and add per group, per layer); split's backward is one concatenation
     qs = torch.split(q, [g.n * g.q_width for g in seg.groups])
@@ -240,7 +493,7 @@ def _segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scalin
     # one gather puts every token's output in place (in-place writes per group would clone the whole gradient once
     # per group in the backward)
     out = torch.index_select(torch.cat(owned), 0, seg.inverse)
-    return out.view(b, t, h, -1), None
+    return out.view(b, t, h, -1)
 
 
 def install() -> bool:

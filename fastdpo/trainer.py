@@ -107,6 +107,10 @@ class DPOTrainer(_TRLDPOTrainer):
         layouts = []
         wanted = getattr(args, "packed_layout", "auto")
         if attn == "sdpa" and wanted in ("auto", "segments"):
+            from .packing import varlen_layouts
+
+            # one varlen kernel call per layer first (CUDA, half precision; else [] and the reason logged)
+            layouts += varlen_layouts(common, args)
             # per-sequence attention: no dense mask, so rows are unbounded
             if getattr(args, "prefix_sharing", False):
                 layouts.append(PackedPreferenceCollator(**common, mode="segments", share_prefix=True))

@@ -5,6 +5,8 @@ processes, on two models: the embedded tiny Llama and one shaped like the target
     .venv/bin/python scripts/benchmark.py --profile multiturn --json outputs/bench_multiturn.json
     .venv/bin/python scripts/benchmark.py --profile think --breakdown   # one fast-path option at a time
     .venv/bin/python scripts/benchmark.py --dataset data/pairs.jsonl --max_length 1024   # real data
+    .venv/bin/python scripts/benchmark.py --model config --model_config olmo3_1b.json --dtype bfloat16 \
+        --scale 1 --train_args="--bf16 true --gradient_checkpointing true"   # any architecture (scripts/gpu_check.py)
 
 Profiles are synthetic token lengths (log-normal fits of p50 / p95), divided by --scale (default 16):
   think      allenai/Dolci-Think-DPO-7B: prompt p50 114 / p95 793, chosen 1864 / 11903, rejected 1154 / 9518;
@@ -18,6 +20,7 @@ Models (--model, default both):
   shaped     a Llama with OLMo 3 7B's compute mix at the scaled lengths: width 4096/scale (so L / 12d, the
              attention share, is the 7B's at full length: 0.17 at 8192), 4 layers, MLP 11008/scale, and a vocabulary
              that gives the LM head the 7B's share of a step (100k entries there; ~780 at scale 16)
+  config     any transformers config, from a JSON file of its fields (`model_type` included): --model_config
 Variants per round: stock (TRL's padded path, a reference forward each step), fast (every option on, fresh reference
 cache: the precompute is paid inside the run) and fast-warm (the cache a previous run left: a beta sweep, a requeue).
 --breakdown adds the options one at a time instead (shaped model).
@@ -37,6 +40,7 @@ import argparse
 import json
 import os
 import resource
+import shlex
 import statistics
 import subprocess
 import sys
@@ -159,7 +163,7 @@ def worker(opts) -> dict:
     max_length = opts.max_length or PROFILES[opts.profile]["max_length"] // scale
     pairs_needed = opts.steps * opts.pairs_per_device * opts.grad_accum
     stock = opts.variant == "stock"
-    extra = [] if stock else BREAKDOWN.get(opts.variant, [])
+    extra = ([] if stock else BREAKDOWN.get(opts.variant, [])) + shlex.split(opts.train_args or "")
     common = ["--output_dir", str(Path(opts.tmp) / "run"), "--max_length", str(max_length),
               "--per_device_train_batch_size", str(opts.pairs_per_device),
               "--gradient_accumulation_steps", str(opts.grad_accum), "--max_steps", str(opts.steps),
@@ -170,11 +174,24 @@ def worker(opts) -> dict:
         common += ["--dataset_name", opts.dataset, "--max_train_samples", str(pairs_needed)]
     script_args, args, model_args = cfg.parse_args(common)
     tok = models.load_tokenizer(model_args.model_name_or_path)
-    if opts.model == "shaped":
-        config = shaped_config(scale, len(tok))
+    if opts.model in ("shaped", "config"):
+        if opts.model == "shaped":
+            config = shaped_config(scale, len(tok))
+        else:
+            from transformers import AutoConfig
+
+            fields = json.loads(Path(opts.model_config).read_text())
+            config = AutoConfig.for_model(fields.pop("model_type"), **fields)
+        dtype = getattr(torch, opts.dtype)
+        # built where it trains: a 1B model's random init takes seconds on a GPU, a minute on CPU
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+
+        def build():
+            with torch.device(device):
+                return AutoModelForCausalLM.from_config(config, attn_implementation="sdpa", dtype=dtype)
+
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(0)
-            build = lambda: AutoModelForCausalLM.from_config(config, attn_implementation="sdpa")  # noqa: E731
             weights = build().state_dict()
 
         def load(_args):
@@ -214,11 +231,11 @@ def worker(opts) -> dict:
         values = {f.name: getattr(args, f.name) for f in dataclasses.fields(StockConfig) if f.init}
         values.update(padding_free=False, precompute_ref_log_probs=False)
         args = StockConfig(**values)
-        trainer = StockDPOTrainer(model=load(args), ref_model=load(args) if opts.model == "shaped" else None,
+        trainer = StockDPOTrainer(model=load(args), ref_model=load(args) if opts.model != "embedded" else None,
                                   args=args, train_dataset=ds, processing_class=tok)
         trainer.data_collator = Counting(trainer.data_collator, "input_ids", "attention_mask")
     else:
-        ref = load(args) if not args.precompute_ref_log_probs and opts.model == "shaped" else None
+        ref = load(args) if not args.precompute_ref_log_probs and opts.model != "embedded" else None
         trainer = DPOTrainer(model=load(args), ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
         if not trainer._fast:
             raise SystemExit("fast path fell back to stock (see the warning above)")
@@ -256,7 +273,12 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--profile", choices=sorted(PROFILES), default="think")
     parser.add_argument("--dataset", help="real preference data (any source fastdpo.data reads) instead of a profile")
-    parser.add_argument("--model", choices=["embedded", "shaped", "both"], default="both")
+    parser.add_argument("--model", choices=["embedded", "shaped", "both", "config"], default="both")
+    parser.add_argument("--model_config", help="--model config: a JSON file of a transformers config's fields")
+    parser.add_argument("--dtype", default="float32", help="weights of the shaped / config model (bfloat16: as the "
+                        "OLMo recipes load them)")
+    parser.add_argument("--train_args", help="more training arguments for both paths, one string "
+                        "(--train_args=\"--bf16 true --gradient_checkpointing true\": with =, as it starts with --)")
     parser.add_argument("--scale", type=int, default=16, help="divide every length (and max_length) by this")
     parser.add_argument("--max_length", type=int, help="override the profile's max_length / scale")
     parser.add_argument("--pairs_per_device", type=int, default=4)
@@ -272,6 +294,8 @@ def main():
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
     opts = parser.parse_args()
+    if opts.model == "config" and not opts.model_config:
+        parser.error("--model config needs --model_config FILE.json")
     if opts.steps is None:
         opts.steps = {"think": 3, "instruct": 6, "multiturn": 4}[opts.profile]
 
