@@ -410,7 +410,7 @@ def _measure_alignment(api, device, dtype) -> tuple[str | None, str | None]:
             ref_leaves = [x.detach().float().requires_grad_() for x in (q, k, v)]
             ref = reference_varlen(*ref_leaves, cu_q, cu_k, window=window, align=align)
             ref.backward(grad.float())
-            for got, want in [(out, ref)] + [(a.grad, b.grad) for a, b in zip(leaves, ref_leaves)]:
+            for got, want in [(out, ref)] + [(a.grad, b.grad) for a, b in zip(leaves, ref_leaves, strict=True)]:
                 worst = max(worst, ((got.float() - want).abs().max() / want.abs().max().clamp(min=1e-6)).item())
         errors[align] = worst
         if worst <= 2e-2:  # bf16 rounding of peaked attention: ~1e-2 at most; a wrong mask moves whole rows
@@ -459,7 +459,8 @@ def _segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scalin
 
 
 def _flat(x):
-    """[rows, heads, T, dim] -> [rows * T, heads, dim]: a view where rows == 1 (no copy before a gather), else a copy."""
+    """[rows, heads, T, dim] -> [rows * T, heads, dim]: a view where rows == 1 (no copy before a gather), else a
+    copy."""
     b, _, t, _ = x.shape
     return x[0].transpose(0, 1) if b == 1 else x.transpose(1, 2).reshape(b * t, x.shape[1], x.shape[-1])
 

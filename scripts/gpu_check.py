@@ -19,7 +19,8 @@
 (c) GPU name, driver, CUDA, torch / transformers / TRL versions, what torch's varlen_attn takes and how it aligns.
 
 --cpu: families at hidden 64, sdpa with two layouts (varlen + prefix sharing through its reference kernel, since
-torch's is CUDA-only, and the grouped per-sequence path the trainer picks on CPU), flex_attention skipped (no CPU backward; compiling it on CPU takes minutes), a 4-layer OLMo 3 at lengths / 64.
+torch's is CUDA-only, and the grouped per-sequence path the trainer picks on CPU), flex_attention skipped (no CPU
+backward; compiling it on CPU takes minutes), a 4-layer OLMo 3 at lengths / 64.
 """
 
 from __future__ import annotations

@@ -76,7 +76,7 @@ def test_one_call_equals_the_grouped_calls(align, window):
     w = torch.randn(want.shape, generator=gen)
     g_want = torch.autograd.grad((want * w).sum(), (q, k, v))
     g_got = torch.autograd.grad((got * w).sum(), (q, k, v))
-    for a, b in zip(g_got, g_want):
+    for a, b in zip(g_got, g_want, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
 
 
