@@ -480,7 +480,7 @@ def assemble(prompt, chosen, rejected, system, templated: bool, names: dict) -> 
                 chosen, rejected = hc, hr
         if type(chosen) is not type(rejected):
             raise DataError(f"fields {cn!r} and {rn!r} must both be transcripts, both text or both message lists")
-    elif isinstance(chosen, list) and any(m["role"] == "user" for m in chosen):
+    elif isinstance(chosen, list) and _starts_with_user([m["role"] for m in chosen]):
         prompt = _Summary(prompt, pn, cn)  # whole conversations: the prompt column only summarises them
     if isinstance(chosen, list) and prompt is None or isinstance(prompt, _Summary):
         if not isinstance(rejected, list):
@@ -618,7 +618,7 @@ def _detect(row: dict, options: Options, where: str) -> Layout:
                           first_place=where)
         if "prompt" in keys:
             value = row[c]
-            name = ("h4" if is_messages(value) and any(_role_of(m) == "user" for m in value) else
+            name = ("h4" if is_messages(value) and _starts_with_user([_role_of(m) for m in value]) else
                     "conversational" if is_messages(value) or is_messages(row["prompt"]) else "standard")
             return Layout(name, {"prompt": "prompt", "chosen": c, "rejected": r, "system": system}, tags,
                           first_place=where)
@@ -650,6 +650,13 @@ def _detect(row: dict, options: Options, where: str) -> Layout:
                     "dotted paths reach nested fields: input.messages)")
 
 
+def _starts_with_user(roles: list) -> bool:
+    """A whole conversation (H4's answers): its first turn after any system turn is the user's. An answer that
+    only continues a conversation starts with the assistant."""
+    body = [r for r in roles if r not in ("system", "developer")]
+    return bool(body) and body[0] == "user"
+
+
 def _has(row, path) -> bool:
     try:
         get_path(row, path)
@@ -675,7 +682,7 @@ def _mapped(row: dict, cmap: dict, tags: Tags, where: str) -> Layout:
         return Layout("implicit", {"chosen": chosen, "rejected": rejected, "system": system}, tags, mapped=True,
                       first_place=where)
     value = get_path(row, chosen)
-    name = ("h4" if is_messages(value) and any(_role_of(m) == "user" for m in value) else
+    name = ("h4" if is_messages(value) and _starts_with_user([_role_of(m) for m in value]) else
             "sharegpt" if cols.get("messages") else
             "conversational" if isinstance(value, (list, dict)) else "standard")
     return Layout(name, {"prompt": prompt, "chosen": chosen, "rejected": rejected, "system": system}, tags,
