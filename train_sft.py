@@ -27,7 +27,7 @@ cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the envi
 
 from trl import SFTConfig, SFTTrainer, get_peft_config  # noqa: E402
 
-from fastdpo import checkpoints, data, models, ranks, runlock, sft, watchdog  # noqa: E402
+from fastdpo import checkpoints, models, ranks, runlock, sft, watchdog  # noqa: E402
 from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
 from fastdpo.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback  # noqa: E402
 

@@ -186,3 +186,30 @@ class exits:
             if dist.is_available() and dist.is_initialized():
                 dist.destroy_process_group()
         sys.exit(code)
+
+
+def note_started() -> None:
+    """Which node and pid this rank is: torch elastic names a rank killed by a signal by its number and the host
+    name it resolves (often not the Slurm node name); this maps the number to the node."""
+    import json
+
+    folder = os.environ.get("FASTDPO_FAILURE_DIR")
+    if folder:
+        try:
+            os.makedirs(os.path.join(folder, "started"), exist_ok=True)
+            with open(os.path.join(folder, "started", f"rank-{rank()}.json"), "w") as f:
+                json.dump({"rank": rank(), "local_rank": local_rank(), "host": host(), "pid": os.getpid()}, f)
+        except OSError:
+            pass
+
+
+def note_output_dir(out) -> None:
+    """Tell the launcher where this run writes, so its retry line can name the checkpoint it resumes from."""
+    folder = os.environ.get("FASTDPO_FAILURE_DIR")
+    if folder:
+        try:
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "output_dir"), "w") as f:
+                f.write(f"{os.path.abspath(out)}\n")
+        except OSError:
+            pass

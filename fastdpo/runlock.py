@@ -206,6 +206,7 @@ class RunLock:
             raise Locked(f"output_dir {self.out}: could not take {self.path} after 5 tries (other runs keep "
                          "taking it); pass another --output_dir")
         logger.info("output_dir %s: locked for this run (%s)", self.out, self.path.name)
+        ranks.note_output_dir(self.out)
         atexit.register(self.release)
         threading.Thread(target=self._heartbeat, name="fastdpo-runlock", daemon=True).start()
 

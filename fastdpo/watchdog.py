@@ -50,7 +50,8 @@ WINDOW = 100
 KEY = "fastdpo/watchdog"
 # Where a main thread waiting on other ranks sits: a collective, DeepSpeed's comm layer, or autograd (whose
 # hooks run DDP's and ZeRO's gradient reductions).
-WAITING = ("torch/distributed/", "deepspeed/comm/", "torch/autograd/", "torch/_tensor.py")
+WAITING = ("torch/distributed/", "torch/nn/parallel/distributed.py", "deepspeed/comm/", "torch/autograd/",
+           "torch/_tensor.py")
 
 
 def _env(name: str, default: float) -> float:
@@ -179,12 +180,15 @@ class Watchdog:
         if not peers:
             return "no other rank's heartbeat could be read"
         now = time.time()
-        silent = [p for p in peers if p.get("time") is None or now - p["time"] > 3 * self.tick + 10]
+
+        def age(p):
+            return "ever" if p.get("time") is None else f"{now - p['time']:.0f} s"
+
+        # A live rank publishes every tick; one that has not for two ticks is stopped, dead or cut off.
+        silent = [p for p in peers if p.get("time") is None or now - p["time"] > 2 * self.tick + 1]
         if silent:
-            def age(p):
-                return "ever" if p.get("time") is None else f"{now - p['time']:.0f} s"
-            return "; ".join(f"{p['who']}: no heartbeat for {age(p)} (stopped, dead, or its node is gone)"
-                             for p in silent)
+            return "; ".join(f"{p['who']}: no heartbeat for {age(p)}, last at step {p.get('step', '?')} in "
+                             f"{p.get('where', '?')} (stopped, dead, or its node is gone)" for p in silent)
         behind = min(p["step"] for p in peers)
         if behind < max(p["step"] for p in peers):
             late = [p for p in peers if p["step"] == behind]
@@ -225,7 +229,7 @@ class Watchdog:
             else:
                 logger.error("watchdog: %s: the process group's store did not answer in 15 s (its host, rank 0's "
                              "node, may be the stuck one)", me)
-        ranks.note_failure(ranks.STALLED, f"stalled: {reason}; likely cause: {cause}" if not told else
+        ranks.note_failure(ranks.STALLED, f"{reason}; likely cause: {cause}" if not told else
                            f"stopped: {reason}", self.step)
         sys.stdout.flush()
         os._exit(ranks.STALLED)
@@ -250,6 +254,7 @@ def start() -> Watchdog | None:
         except (AttributeError, RuntimeError, ValueError) as e:
             logger.warning("watchdog: could not set the process group timeout to %.0f s (%s)", grace, e)
     _dog.thread.start()
+    ranks.note_started()
     if ranks.rank() == 0:
         logger.info("watchdog: a rank with no optimizer step for max(%g s, %g x the slowest recent step), or no "
                     "progress for %g s outside training steps, dumps its stacks and exits %d (retried); "

@@ -6,6 +6,8 @@
 #   sbatch --gres=gpu:8 --cpus-per-task=64 --mem=512G scripts/dpo_instruct_train.sh   # 8-GPU nodes: one process per GPU
 #   tail -f logs/dpo-instruct-<jobid>.out
 # Knobs (environment): RECIPE, GPUS_PER_NODE (default: the GPUs Slurm allocated), ACCELERATE_ARGS.
+# Failures: RETRIES (crash and stall requeues per job, default 3; preemption requeues are unlimited),
+#   FASTDPO_STALL_TIMEOUT / FASTDPO_STALL_GRACE (stall watchdog bounds in seconds, default 600 / 1800).
 # Only the default RECIPE and the job name differ from the other script; the rest is scripts/_launch.sh.
 #SBATCH --job-name=dpo-instruct
 #SBATCH --nodes=1
