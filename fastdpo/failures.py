@@ -3,8 +3,8 @@
 scripts/_launch.sh runs this in the batch shell once srun has returned non-zero (not for preemption):
 
     python -m fastdpo.failures FAILURE_DIR LOG OFFSET
-    -> prints "retry<TAB>first failure..." or "stop<TAB>first failure...; not retried: ..." and, on a third
-       field, the checkpoint a retry resumes from
+    -> prints one line of 4 fields: retry|stop, the first failure, why it is not retried, the checkpoint a retry
+       resumes from
 
 Evidence, in this order of trust:
 - failure notes the ranks leave in FAILURE_DIR (fastdpo.ranks.note_failure: data/configuration errors, a taken
@@ -27,6 +27,7 @@ import sys
 import time
 from pathlib import Path
 
+SEP = "\x1f"
 DETERMINISTIC = {"data error": "a data error", "configuration error": "a configuration error",
                  "output_dir in use": "output_dir is in use by another run"}
 # torch elastic's ChildFailedError report: one block per failed local rank.
@@ -130,7 +131,8 @@ def main(folder: str, log: str, offset: str) -> None:
         r["host"] = where.get(r["rank"], r)["host"]
     what, reason = first_failure(notes(Path(folder)), found)
     resume = resume_point(Path(folder))
-    print("\t".join(["stop" if reason else "retry", what.replace("\t", " ").replace("\n", " "),
+    # fields separated by US (0x1f): a tab would merge an empty field with the next in bash's `read`
+    print(SEP.join(["stop" if reason else "retry", what.replace(SEP, " ").replace("\n", " "),
                      reason or "", resume or "step 0 (no complete checkpoint yet)"]))
 
 

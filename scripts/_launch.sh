@@ -95,8 +95,8 @@ log_offset=$(stat -c %s "$job_log" 2>/dev/null || echo 0)
 # After a failed attempt (not a preemption): say who failed first and of what, then retry or stop.
 after_failure() {
   local rc=$1 decision what reason resume
-  IFS=$'\t' read -r decision what reason resume < <(python -m fastdpo.failures "$FASTDPO_FAILURE_DIR" "$job_log" "$log_offset" 2>/dev/null \
-    || printf 'retry\tunknown (the failure notes could not be read)\t\t?\n')
+  IFS=$'\x1f' read -r decision what reason resume < <(python -m fastdpo.failures "$FASTDPO_FAILURE_DIR" "$job_log" "$log_offset" 2>/dev/null \
+    || printf 'retry\x1funknown (the failure notes could not be read)\x1f\x1f?\n')
   local head="=== $(date -Is) failed (srun exited $rc): first failure: $what"
   if [[ $decision == stop ]]; then
     echo "$head; not retried: $reason"
