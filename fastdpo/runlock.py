@@ -117,7 +117,7 @@ def _stale(holder: dict, age: float) -> str | None:
             return f"it was an earlier attempt of this Slurm job {_job()} (restart {holder.get('slurm_restart') or 0})"
     if holder.get("host") == socket.gethostname() and holder.get("boot") == _boot_id():
         pid = holder.get("pid")
-        if isinstance(pid, int) and pid != os.getpid() and _start_time(pid) == holder.get("start"):
+        if isinstance(pid, int) and _start_time(pid) == holder.get("start"):
             return None
         return f"its process (pid {pid}) is gone from this host"
     if holder.get("host") == socket.gethostname() and holder.get("boot"):
@@ -137,6 +137,15 @@ def _describe(holder: dict, age: float) -> str:
     job = f", Slurm job {holder['slurm_job_id']}" if holder.get("slurm_job_id") else ""
     return (f"host {holder.get('host', '?')}, pid {holder.get('pid', '?')}{job}, since {holder.get('since', '?')}, "
             f"heartbeat {age:.0f} s ago")
+
+
+_held: list[RunLock] = []
+
+
+def release_all() -> None:
+    """Release the locks this process holds (before an exit that skips atexit, e.g. the watchdog's os._exit)."""
+    for lock in list(_held):
+        lock.release()
 
 
 class RunLock:
@@ -208,6 +217,7 @@ class RunLock:
         logger.info("output_dir %s: locked for this run (%s)", self.out, self.path.name)
         ranks.note_output_dir(self.out)
         atexit.register(self.release)
+        _held.append(self)
         threading.Thread(target=self._heartbeat, name="fastdpo-runlock", daemon=True).start()
 
     def _mine(self) -> bool:
@@ -224,6 +234,8 @@ class RunLock:
 
     def release(self) -> None:
         self.stop.set()
+        if self in _held:
+            _held.remove(self)
         try:
             if self._mine():
                 self.path.unlink()

@@ -231,6 +231,9 @@ class Watchdog:
                              "node, may be the stuck one)", me)
         ranks.note_failure(ranks.STALLED, f"{reason}; likely cause: {cause}" if not told else
                            f"stopped: {reason}", self.step)
+        from . import runlock
+
+        runlock.release_all()  # os._exit skips atexit: the next attempt should find output_dir free
         sys.stdout.flush()
         os._exit(ranks.STALLED)
 

@@ -16,24 +16,25 @@ from pathlib import Path
 
 import pytest
 
+from fastdpo import runlock
 from fastdpo.checkpoints import MARKER
 
 from .conftest import PYTHON, REPO, run
 
-pytestmark = pytest.mark.slow
 TORCHRUN = str(Path(PYTHON).with_name("torchrun"))
 ARGS = ["--use_cpu", "true", "--eval_before_train", "false", "--logging_steps", "1", "--save_strategy", "steps",
         "--save_steps", "2"]
 
 
-def torchrun(out, steps, env, fault=None):
+def torchrun(out, steps, env, fault=None, args=()):
     extra = {"FASTDPO_FAULT": fault, "PYTHONPATH": str(REPO / "tests" / "fault_site")} if fault else {}
     t0 = time.monotonic()
     proc = run([TORCHRUN, "--nproc_per_node", "2", "train_dpo.py", *ARGS, "--max_steps", str(steps),
-                "--output_dir", str(out)], env={**env, **extra}, check=fault is None, timeout=600)
+                "--output_dir", str(out), *args], env={**env, **extra}, check=fault is None, timeout=600)
     return proc, proc.stdout + proc.stderr, time.monotonic() - t0
 
 
+@pytest.mark.slow
 def test_stopped_and_hung_ranks_end_the_job_with_stacks_and_the_rerun_resumes(tmp_path):
     """2 processes on an empty cache build the embedded model once (they used to race: transformers 5 saves weights
     on rank 0 only); a SIGSTOPped rank is named by the rank waiting for it; a rank hung alive prints its own stack;
@@ -57,11 +58,14 @@ def test_stopped_and_hung_ranks_end_the_job_with_stacks_and_the_rerun_resumes(tm
     assert re.search(r"rank 1 \(local 1\) on \S+, pid \d+: not in a collective, stuck in faults\.py:\d+ in "
                      r"stuck_inside_a_step", text), text[-4000:]
 
-    proc, text, _ = torchrun(out, 12, env)
+    # evaluations mid-run and at the end, checkpoint saves: none trips the 5 s bound (grace, and a beat per batch)
+    proc, text, _ = torchrun(out, 12, env, args=["--eval_strategy", "steps", "--eval_steps", "6"])
     assert f"resuming from {out}/checkpoint-4" in text and "step 12/12" in text, text[-4000:]
+    assert "watchdog: rank" not in text.replace("watchdog: a rank", "")
     assert (out / "model.safetensors").is_file()
 
 
+@pytest.mark.slow
 def test_second_run_on_one_output_dir_is_refused_and_a_crash_leaves_a_lock_the_next_run_takes_over(tmp_path):
     out = tmp_path / "out"
     cmd = ["train_dpo.py", *ARGS, "--max_steps", "6", "--output_dir", str(out)]
@@ -97,3 +101,38 @@ def test_second_run_on_one_output_dir_is_refused_and_a_crash_leaves_a_lock_the_n
     assert f"its process (pid {first.pid}) is gone from this host" in third.stdout
     assert f"resuming from {out}/checkpoint-2" in third.stdout and "step 6/6" in third.stdout
     assert not (out / ".fastdpo.lock").exists()  # released at exit
+
+
+def test_lock_holders_judged_gone_or_alive(tmp_path, monkeypatch):
+    """Who may take a lock over: the real rules on this host's real processes (no Slurm: another host's lock is
+    judged by its heartbeat alone)."""
+    monkeypatch.delenv("SLURM_JOB_ID", raising=False)
+    monkeypatch.delenv("SLURM_RESTART_COUNT", raising=False)
+    alive = subprocess.Popen(["sleep", "60"])
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    try:
+        me = runlock._record("x")
+        assert runlock._stale({**me, "pid": alive.pid, "start": runlock._start_time(alive.pid)}, 0) is None
+        assert "is gone from this host" in runlock._stale({**me, "pid": dead.pid}, 0)
+        # pid reused by another process: a start time that does not match is a different process
+        assert "is gone from this host" in runlock._stale({**me, "pid": alive.pid, "start": "1"}, 0)
+        assert "rebooted" in runlock._stale({**me, "boot": "another-boot"}, 0)
+        other = {**me, "host": "elsewhere", "slurm_job_id": None}
+        assert runlock._stale(other, 60) is None and "no heartbeat for 700 s" in runlock._stale(other, 700)
+        monkeypatch.setenv("SLURM_JOB_ID", "77")
+        monkeypatch.setenv("SLURM_RESTART_COUNT", "1")
+        requeued = {**other, "slurm_job_id": "77", "slurm_restart": "0"}
+        assert "an earlier attempt of this Slurm job 77" in runlock._stale(requeued, 5)
+    finally:
+        alive.kill()
+        alive.wait()
+
+    lock = runlock.RunLock(tmp_path)
+    lock.acquire()
+    held = json.loads((tmp_path / runlock.NAME).read_text())
+    assert held["pid"] == os.getpid() and held["start"] == runlock._start_time(os.getpid())
+    with pytest.raises(runlock.Locked, match=f"is in use by another run .*pid {os.getpid()}"):
+        runlock.RunLock(tmp_path).acquire()  # this process is alive: a second holder is refused
+    lock.release()
+    assert not (tmp_path / runlock.NAME).exists()

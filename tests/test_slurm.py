@@ -220,11 +220,15 @@ def test_a_stalled_rank_is_retried_until_the_budget_is_spent(cluster, tmp_path):
     job = wait_until_ended(cluster, job_id, time.monotonic() + 2 * JOB_TIMEOUT)
     text = _read(cluster, job_id)
     assert (job["JobState"], job["Restarts"]) == ("FAILED", "1"), text[-4000:]
-    assert text.count("likely cause: rank 1 (local 1) on") == 2 and "Thread 0x" in text, text[-4000:]
+    # each attempt: rank 0's watchdog names the stopped rank 1 and prints its own stacks
+    assert len(re.findall(r"ERROR fastdpo: watchdog: rank 0 \(local 0\) on \S+, pid \d+: likely cause: rank 1 "
+                          r"\(local 1\) on \S+, pid \d+: no heartbeat for \d+ s", text)) == 2, text[-4000:]
+    assert text.count("Thread 0x") >= 2 * 3  # every thread of it: the main one, the watchdog's, the lock's
     first = re.findall(r"first failure: rank 0 \(local 0\) on \S+ stalled at step 3: no progress for \d+ s .*", text)
     assert len(first) == 2, text[-4000:]
     assert first[0].endswith("; requeueing, retry 1 of 1, resumes from checkpoint-2"), first[0]
     assert f"resuming from {out}/checkpoint-2" in text
+    assert "taking over the lock of a run that is gone" not in text  # the watchdog released it on its way out
     assert first[1].endswith("; not retried: the retry budget is spent (1 of 1 retries used; RETRIES sets it)")
 
 
