@@ -110,9 +110,11 @@ after_failure() {
     # needs every node of its partition pending forever. To exclude one by hand while the job is pending:
     # scontrol update JobId=<id> ExcNodeList=<node>.
     echo "$head; requeueing, retry $retries_used of $RETRIES, resumes from $resume"
+    rm -rf "$FASTDPO_FAILURE_DIR"  # read; the line above says what it held
     scontrol requeue "$SLURM_JOB_ID" && exit 0
     echo "=== $(date -Is) scontrol requeue refused (a job needs --requeue, and the cluster JobRequeue): submit the same command again to resume"
   fi
+  rm -f "$retry_file"  # the job ends here; the failure notes stay in $FASTDPO_FAILURE_DIR for a post-mortem
   exit "$rc"
 }
 
