@@ -9,6 +9,7 @@ a configuration error, the retry budget) are in tests/test_slurm.py.
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import time
@@ -34,12 +35,22 @@ def torchrun(out, steps, env, fault=None, args=()):
     return proc, proc.stdout + proc.stderr, time.monotonic() - t0
 
 
+def classify(notes, tmp_path, log_text):
+    """fastdpo.failures as scripts/_launch.sh runs it after a failed attempt: its four fields."""
+    log = tmp_path / "attempt.log"
+    log.write_text(log_text)
+    line = run([PYTHON, "-m", "fastdpo.failures", str(notes), str(log), "0"]).stdout.strip()
+    return line.split("\x1f")
+
+
 @pytest.mark.slow
 def test_stopped_and_hung_ranks_end_the_job_with_stacks_and_the_rerun_resumes(tmp_path):
     """2 processes on an empty cache build the embedded model once (they used to race: transformers 5 saves weights
     on rank 0 only); a SIGSTOPped rank is named by the rank waiting for it; a rank hung alive prints its own stack;
     each time the watchdog ends the job within its bound, and the rerun resumes from the last complete checkpoint."""
-    env = {"FASTDPO_CACHE": str(tmp_path / "empty-cache"), "FASTDPO_STALL_TIMEOUT": "5", "FASTDPO_STALL_GRACE": "300"}
+    notes = tmp_path / "notes"
+    env = {"FASTDPO_CACHE": str(tmp_path / "empty-cache"), "FASTDPO_STALL_TIMEOUT": "5", "FASTDPO_STALL_GRACE": "300",
+           "FASTDPO_FAILURE_DIR": str(notes)}
     out = tmp_path / "out"
 
     proc, text, _ = torchrun(out, 12, env, fault="stop-at-step:4@1")
@@ -51,6 +62,11 @@ def test_stopped_and_hung_ranks_end_the_job_with_stacks_and_the_rerun_resumes(tm
     assert "Thread 0x" in text and "in all_reduce" in text  # rank 0's stacks: waiting for rank 1 in a collective
     assert f"exitcode  : {70}" in text  # the watchdog's exit code, which scripts/_launch.sh retries
     assert (out / "checkpoint-2" / MARKER).is_file()
+    # what scripts/_launch.sh decides from the notes and torch elastic's report: a stall, retried, from checkpoint-2
+    decision, first, reason, resume = classify(notes, tmp_path, text)
+    assert (decision, reason, resume) == ("retry", "", "checkpoint-2"), first
+    assert re.match(r"rank 0 \(local 0\) on \S+ stalled at step 3: no progress for \d+ s .*likely cause: rank 1 ", first)
+    shutil.rmtree(notes)
 
     proc, text, _ = torchrun(out, 12, env, fault="hang-in-step:4@1")
     assert proc.returncode != 0 and f"resuming from {out}/checkpoint-2" in text, text[-4000:]
@@ -82,10 +98,12 @@ def test_second_run_on_one_output_dir_is_refused_and_a_crash_leaves_a_lock_the_n
         assert lock["pid"] == first.pid
 
         t0 = time.monotonic()
-        second = run([PYTHON, *cmd], check=False)
+        second = run([PYTHON, *cmd], check=False, env={"FASTDPO_FAILURE_DIR": str(tmp_path / "notes")})
         took = time.monotonic() - t0
         text = second.stdout + second.stderr
         assert second.returncode == 73, text[-3000:]
+        decision, first_failure, reason, _ = classify(tmp_path / "notes", tmp_path, text)
+        assert (decision, reason) == ("stop", "output_dir is in use by another run"), first_failure
         assert f"output_dir {out} is in use by another run (host" in text and f"pid {first.pid}" in text
         assert "Fix: wait for that run, stop it, or pass another --output_dir" in text
         assert "step 1/" not in text and took < 120, took  # refused at start-up (imports dominate on 2 busy cores)
