@@ -28,13 +28,12 @@ from fastdpo import config as cfg
 
 cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the environment
 
-import torch  # noqa: E402
 from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 from trl import get_peft_config  # noqa: E402
 
-from fastdpo import checkpoints, data, models, tokcache  # noqa: E402
+from fastdpo import checkpoints, models, ranks, runlock, tokcache, watchdog  # noqa: E402
 from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
-from fastdpo.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionCallback  # noqa: E402
+from fastdpo.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback  # noqa: E402
 from fastdpo.trainer import DPOTrainer  # noqa: E402
 
 logger = logging.getLogger("fastdpo")
@@ -62,14 +61,16 @@ def check_hub_access(repo_id: str) -> None:
 
 
 def main(script_args, training_args, model_args):
-    is_main = training_args.process_index == 0
+    is_main = ranks.writes("run", training_args.save_on_each_node)
     preemption = PreemptionCallback()  # SIGUSR1/SIGTERM: checkpoint and stop (Slurm; scripts/dpo_train.sh requeues)
     setup_logging(is_main)
     cfg.redact_logs()
+    watchdog.start()  # a stalled rank dumps its stacks and exits 70 (scripts/_launch.sh retries it)
     if training_args.push_to_hub:
         check_hub_access(training_args.hub_model_id or training_args.output_dir)
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    runlock.acquire(out, training_args.save_on_each_node)  # one run per output_dir; a second one stops here
     logger.info("resolved configuration (recipe + overrides):\n%s",
                 cfg.describe(cfg.given_keys(), script_args, model_args, training_args))
     # The newest complete checkpoint in output_dir, if any; a changed run (learning rate, model, ...) is refused.
@@ -121,6 +122,7 @@ def main(script_args, training_args, model_args):
         logger.info("resuming from %s", last_checkpoint)
     trainer.add_callback(preemption)
     run.attach(trainer)  # marks each checkpoint complete once every rank wrote it
+    trainer.add_callback(watchdog.Callback())  # last: it reads the save/evaluate decisions of the others
     result = trainer.train(resume_from_checkpoint=last_checkpoint)
     if preemption.preempted:  # the checkpoint is the result; rerunning the same command resumes from it
         logger.info("preempted at step %d; rerun the same command to resume", trainer.state.global_step)
@@ -159,15 +161,5 @@ def main(script_args, training_args, model_args):
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = cfg.parse_args()
-    try:
-        main(script_args, training_args, model_args)
-    except data.DataError as e:
-        logging.getLogger("fastdpo").error("%s", e)
-        sys.exit(2)
-    except Preempted as e:  # a signal before the first step: nothing to checkpoint yet; rerunning resumes
-        logging.getLogger("fastdpo").warning("preempted (%s); rerun the same command to resume", e)
-        sys.exit(PREEMPTED_EXIT_CODE)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    with ranks.exits():  # exit codes and failure notes for scripts/_launch.sh (fastdpo/ranks.py)
+        main(*cfg.parse_args())

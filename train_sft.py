@@ -25,23 +25,24 @@ from fastdpo import config as cfg
 
 cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the environment
 
-import torch  # noqa: E402
 from trl import SFTConfig, SFTTrainer, get_peft_config  # noqa: E402
 
-from fastdpo import checkpoints, data, models, sft  # noqa: E402
+from fastdpo import checkpoints, models, ranks, runlock, sft, watchdog  # noqa: E402
 from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
-from fastdpo.preemption import PREEMPTED_EXIT_CODE, Preempted, PreemptionCallback  # noqa: E402
+from fastdpo.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback  # noqa: E402
 
 logger = logging.getLogger("fastdpo")
 
 
 def main(script_args, training_args, model_args):
-    is_main = training_args.process_index == 0
+    is_main = ranks.writes("run", training_args.save_on_each_node)
     preemption = PreemptionCallback()  # SIGUSR1/SIGTERM: checkpoint and stop, like train_dpo.py
     setup_logging(is_main)
     cfg.redact_logs()
+    watchdog.start()  # a stalled rank dumps its stacks and exits 70 (scripts/_launch.sh retries it)
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
+    runlock.acquire(out, training_args.save_on_each_node)  # one run per output_dir; a second one stops here
     logger.info("SFT model %s | data %s | lr %g | max_length %s | peft %s", model_args.model_name_or_path,
                 script_args.dataset_name, training_args.learning_rate, training_args.max_length,
                 model_args.use_peft)
@@ -78,6 +79,7 @@ def main(script_args, training_args, model_args):
         logger.info("resuming from %s", run.checkpoint)
     trainer.add_callback(preemption)
     run.attach(trainer)
+    trainer.add_callback(watchdog.Callback())  # last: it reads the save/evaluate decisions of the others
     result = trainer.train(resume_from_checkpoint=run.checkpoint)
     if preemption.preempted:
         logger.warning("preempted at step %d; rerun the same command to resume", trainer.state.global_step)
@@ -103,16 +105,5 @@ def main(script_args, training_args, model_args):
 
 
 if __name__ == "__main__":
-    script_args, training_args, model_args = cfg.parse_args(trainer_config=SFTConfig,
-                                                            default_recipe=cfg.DEFAULT_SFT_RECIPE)
-    try:
-        main(script_args, training_args, model_args)
-    except data.DataError as e:
-        logging.getLogger("fastdpo").error("%s", e)
-        sys.exit(2)
-    except Preempted as e:
-        logging.getLogger("fastdpo").warning("preempted (%s); rerun the same command to resume", e)
-        sys.exit(PREEMPTED_EXIT_CODE)
-    finally:
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+    with ranks.exits():  # exit codes and failure notes for scripts/_launch.sh (fastdpo/ranks.py)
+        main(*cfg.parse_args(trainer_config=SFTConfig, default_recipe=cfg.DEFAULT_SFT_RECIPE))

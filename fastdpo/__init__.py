@@ -17,4 +17,8 @@ evaluation  preference accuracy, margins, KL and generations for scripts/evaluat
 preemption  SIGUSR1/SIGTERM -> checkpoint and exit 75 (Slurm requeue)
 checkpoints complete-checkpoint markers, resume choice, run identity (a changed rerun is refused)
 logs        one plain progress line per logging step
+ranks       which process writes (caches per node, output_dir per run), waits with deadlines, exit codes, failure notes
+watchdog    a stalled rank dumps its stacks and exits 70 (retried)
+runlock     one run per output_dir (a lock that works on NFS/Lustre, stale ones taken over)
+failures    after a failed attempt: who failed first, of what, retry or not (scripts/_launch.sh)
 """

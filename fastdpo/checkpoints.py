@@ -37,6 +37,8 @@ from pathlib import Path
 from safetensors import SafetensorError
 from transformers import TrainerCallback
 
+from . import ranks
+
 logger = logging.getLogger("fastdpo")
 
 MARKER = "checkpoint_complete.json"
@@ -311,6 +313,11 @@ def rotate(out: Path, keep: int | None, best: str | None) -> None:
             excess -= 1
 
 
+def _writes(args) -> bool:
+    """output_dir's one writer (fastdpo.ranks): rank 0, or each node's local main process with save_on_each_node."""
+    return ranks.writes("run", getattr(args, "save_on_each_node", False))
+
+
 def _dist():
     import torch.distributed as dist
 
@@ -350,7 +357,7 @@ class CompleteCheckpoints(TrainerCallback):
     def on_save(self, args, state, control, **kwargs):
         path = Path(args.output_dir) / f"checkpoint-{state.global_step}"
         _barrier()  # every rank's part (ZeRO shards, RNG states) is on disk
-        if args.should_save and path.is_dir():
+        if _writes(args) and path.is_dir():
             mark_complete(path, state.global_step, self.settings)
             rotate(Path(args.output_dir), self.keep, state.best_model_checkpoint)
 
@@ -458,7 +465,7 @@ class Run:
             logger.warning("the finished run in %s saved no checkpoint to continue from: this run starts from step 0 "
                            "and replaces its outputs", self.out)
         _barrier()  # every rank has chosen its checkpoint before partial ones disappear
-        if self.args.should_save:
+        if _writes(self.args):
             for path, _ in self.incomplete:
                 remove_checkpoint(Path(path))
             if not self.done:
@@ -508,13 +515,13 @@ class Run:
         path = Path(path)
         tmp = path / ".saving"
         try:
-            if self.args.should_save:
+            if _writes(self.args):
                 shutil.rmtree(tmp, ignore_errors=True)
             if trainer.is_fsdp_enabled:
                 _save_fsdp_full(trainer, tmp)
             else:
                 trainer.save_model(str(tmp))  # every rank: ZeRO-3 gathers the 16-bit weights collectively
-            if self.args.should_save:
+            if _writes(self.args):
                 for p in sorted(tmp.rglob("*")):
                     if p.is_file():
                         dest = path / p.relative_to(tmp)
@@ -538,5 +545,5 @@ class Run:
 
     def finished(self) -> None:
         """Record that output_dir holds a finished run: a rerun with other settings is then refused."""
-        if self.args.should_save:
+        if _writes(self.args):
             self._write_run("finished")

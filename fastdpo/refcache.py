@@ -41,6 +41,7 @@ from accelerate.utils import gather_object
 from datasets import Dataset, concatenate_datasets
 from trl.trainer.utils import hash_module
 
+from . import ranks, watchdog
 from .batching import sequence_lengths
 from .packing import PackedForward
 from .preemption import Preempted, stop_requested
@@ -207,7 +208,7 @@ def _with_columns(dataset, ref: Dataset):
 def attach(trainer, dataset, name: str, cache_dir: str | Path | None = None):
     """`dataset` with ref_chosen_logps / ref_rejected_logps columns, from the cache, resumed, or computed now."""
     acc = trainer.accelerator
-    lead = acc.is_local_main_process  # writes, and moves bad files aside, for its node
+    lead = ranks.writes("node")  # writes, and moves bad files aside, for its node
     key, parts = cache_key(trainer, dataset)
     folder = Path(cache_dir or DEFAULT_DIR) / key
     pairs = len(dataset)
@@ -265,6 +266,7 @@ def attach(trainer, dataset, name: str, cache_dir: str | Path | None = None):
                 logger.warning("%s: cannot write the reference cache in %s (%s); going on without saving", name,
                                folder, e)
         done += len(chunk)
+        watchdog.beat(f"{name}: reference log-probs chunk {c + 1}/{n_chunks}")
         now = time.perf_counter()
         if now - last >= PROGRESS_SECONDS:
             last = now

@@ -151,10 +151,18 @@ def cache_dir() -> Path:
     return Path(root)
 
 
+MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
+
+
+def _complete(path: Path) -> bool:
+    return all((path / name).is_file() for name in MODEL_FILES)
+
+
 def _save_weights(model, folder: Path) -> None:
     """What `save_pretrained` writes, on every rank: once torch.distributed is up (train_dpo.py under a launcher)
-    `save_pretrained` writes only on global rank 0, so another rank that won the rename below would leave a folder
-    without config or weights (seen under ZeRO-3 with a fresh FASTDPO_CACHE)."""
+    `save_pretrained` writes the weights and the config on global rank 0 only, so any other process (node 2's local
+    main, or a losing rank) got a folder with just the tokenizer ("Unrecognized model ... Should have a model_type
+    key"). Tied weights are left out, as save_pretrained does; loading ties them back."""
     from safetensors.torch import save_file
 
     folder.mkdir(parents=True)
@@ -167,22 +175,39 @@ def _save_weights(model, folder: Path) -> None:
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 
 
-def materialize_model() -> str:
-    """Write the tiny model and tokenizer to the cache once; return the folder (a normal HF model folder)."""
-    path = cache_dir() / f"tiny-llama-v{VERSION}"
-    if (path / "config.json").exists() and (path / "tokenizer.json").exists():
-        return str(path)
+def _write(tmp: Path) -> None:
     tok = build_tokenizer()
     model = build_model(len(tok), tok.pad_token_id, tok.bos_token_id, tok.eos_token_id)
-    tmp = path.with_name(f"{path.name}.tmp{os.getpid()}")
     _save_weights(model, tmp)
     tok.save_pretrained(tmp)
-    try:
-        os.replace(tmp, path)  # atomic: concurrent ranks or jobs never see a half-written folder
-    except OSError:  # another process won the race
-        import shutil
 
+
+def materialize_model() -> str:
+    """Write the tiny model and tokenizer to the cache once; return the folder (a normal HF model folder).
+
+    Each node's local main process builds it (fastdpo.ranks) while the other ranks wait; jobs sharing the cache
+    each build into their own temporary folder and rename it into place, so nobody reads a half-written one."""
+    from . import ranks
+
+    path = cache_dir() / f"tiny-llama-v{VERSION}"
+    if _complete(path):
+        return str(path)
+    if not ranks.writes("node"):
+        return ranks.wait_for(lambda: str(path) if _complete(path) else None, f"the embedded tiny model {path}",
+                              ranks.writer_name("node"))
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    import shutil
+
+    shutil.rmtree(tmp, ignore_errors=True)
+    _write(tmp)
+    if path.exists() and not _complete(path):  # left half-written by an older version: keep it aside, not in use
+        os.replace(path, path.with_name(f"{path.name}.incomplete-{os.getpid()}"))
+    try:
+        os.replace(tmp, path)  # atomic: concurrent jobs never see a half-written folder
+    except OSError:  # another job won the race
         shutil.rmtree(tmp, ignore_errors=True)
+        if not _complete(path):
+            raise
     return str(path)
 
 

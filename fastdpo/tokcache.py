@@ -45,7 +45,7 @@ import numpy as np
 import pyarrow as pa
 from datasets import Dataset
 
-from . import data, errors, files, layouts, sources
+from . import data, errors, files, layouts, ranks, sources, watchdog
 from .errors import FIX_SKIP, DataError, Notes
 
 logger = logging.getLogger(__name__)
@@ -196,6 +196,7 @@ class Progress:
         self.t0 = self.last = time.perf_counter()
 
     def update(self, rows: int, done: float) -> None:
+        watchdog.beat(f"tokenising {self.label}")  # a long build is progress, not a stall
         now = time.perf_counter()
         if now - self.last < self.every:
             return
@@ -355,7 +356,7 @@ class Cache:
     def __init__(self, root: str | Path | None = None):
         self.primary = Path(root or DEFAULT_DIR).expanduser()
         self.fallback = Path(tempfile.gettempdir()) / f"fastdpo-{os.getuid()}" / "tokens"
-        self.leader = int(os.environ.get("LOCAL_RANK", "0")) == 0
+        self.leader = ranks.writes("node")
         problem = _probe_writable(self.primary)
         self.root = self.primary
         if problem is not None:
@@ -390,9 +391,16 @@ class Cache:
             return found
         if not self.leader:
             return _wait(lambda: self.find(key), f"{source.label} ({self.root / key})")
-        from filelock import FileLock
+        from filelock import FileLock, Timeout
 
-        with FileLock(str(self.root / f"{key}.lock")):  # another job on this node (or a shared disk) may be at it
+        lock = FileLock(str(self.root / f"{key}.lock"), timeout=ranks.wait_timeout())
+        try:
+            held = lock.acquire()  # another job on this node (or a shared disk) may be at it
+        except Timeout:
+            raise ranks.WaitTimeout(
+                f"{ranks.describe()}: waited {ranks.wait_timeout():.0f} s for {lock.lock_file} (another job building "
+                f"the token cache of {source.label}); if that job is only slow, raise FASTDPO_WAIT_TIMEOUT") from None
+        with held, watchdog.phase(f"tokenising {source.label}", bound=ranks.wait_timeout()):
             found = self.find(key)
             if found is not None:
                 return found
@@ -452,18 +460,8 @@ class Cache:
 
 
 def _wait(check, what: str, poll: float = 1.0):
-    """Poll until the local main process has written what this rank needs (no collective: no timeout)."""
-    start = last = time.perf_counter()
-    while True:
-        found = check()
-        if found is not None:
-            return found
-        now = time.perf_counter()
-        if now - last >= PROGRESS_SECONDS:
-            last = now
-            logger.info("rank %s: waiting %.0f s for the local main process to build %s",
-                        os.environ.get("RANK", "?"), now - start, what)
-        time.sleep(poll)
+    """Poll until the local main process has written what this rank needs (no collective), up to a deadline."""
+    return ranks.wait_for(check, f"the token cache {what}", ranks.writer_name("node"), poll=poll)
 
 
 # ----------------------------------------------------------------------------------------------- preparing

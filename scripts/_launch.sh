@@ -4,6 +4,10 @@
 # On SIGUSR1 (time-limit warning, `scancel --signal=USR1 --full`) or SIGTERM (time limit reached, preemption,
 # node shutdown; SIGKILL follows after Slurm's KillWait) training saves a checkpoint and stops, then this script
 # requeues the job, which resumes from that checkpoint. A plain `scancel` also saves, but is not requeued.
+# A crash (a rank killed by a signal, a collective or CUDA error, a lost node) or a stall (fastdpo/watchdog.py)
+# is requeued too, up to RETRIES times per job, and resumes from the last complete checkpoint; a mistake that
+# would repeat (a configuration or data error, an output_dir another run holds, an exception before the first step)
+# is not. Either way one line near the end says which rank on which node failed first, of what, and what happens.
 set -euo pipefail
 
 die() { echo "error: $*" >&2; exit 1; }
@@ -86,6 +90,45 @@ fi
 [[ -n ${SLURM_JOB_ID:-} ]] \
   || die "not inside a Slurm job; prerequisites look fine, submit with: sbatch $0 [train_dpo.py flags]"
 
+# Crash and stall retries per job, counted across requeues in a file beside the log (the submit directory: shared
+# by every node of a cluster, as the log is). Preemption requeues are not counted: they are unlimited.
+RETRIES=${RETRIES:-3}
+[[ $RETRIES =~ ^[0-9]+$ ]] || die "RETRIES=$RETRIES: give a number of retries (0 turns retrying off)"
+retry_file=$PWD/logs/.fastdpo-retries-$SLURM_JOB_ID
+retries_used=$(cat "$retry_file" 2>/dev/null || echo 0)
+# Where each rank leaves a note when it fails (fastdpo/ranks.py), one folder per attempt.
+export FASTDPO_FAILURE_DIR=$PWD/logs/.fastdpo-failures-$SLURM_JOB_ID-${SLURM_RESTART_COUNT:-0}
+rm -rf "$FASTDPO_FAILURE_DIR"
+# This attempt's part of the job log (appended to across requeues), for torch elastic's report of failed ranks.
+job_log=$(scontrol show job -o "$SLURM_JOB_ID" 2>/dev/null | grep -o 'StdOut=[^ ]*' | cut -d= -f2- || true)
+log_offset=$(stat -c %s "$job_log" 2>/dev/null || echo 0)
+
+# After a failed attempt (not a preemption): say who failed first and of what, then retry or stop.
+after_failure() {
+  local rc=$1 decision what reason resume
+  IFS=$'\x1f' read -r decision what reason resume < <(python -m fastdpo.failures "$FASTDPO_FAILURE_DIR" "$job_log" "$log_offset" 2>/dev/null \
+    || printf 'retry\x1funknown (the failure notes could not be read)\x1f\x1f?\n')
+  local head="=== $(date -Is) failed (srun exited $rc): first failure: $what"
+  if [[ $decision == stop ]]; then
+    echo "$head; not retried: $reason"
+  elif (( retries_used >= RETRIES )); then
+    echo "$head; not retried: the retry budget is spent ($retries_used of $RETRIES retries used; RETRIES sets it)"
+  else
+    retries_used=$((retries_used + 1))
+    echo "$retries_used" > "$retry_file"
+    # The failed node is not excluded from the requeued job: a crash does not prove the node is at fault (the OOM
+    # killer, a bad batch), Slurm's own health checks drain broken nodes, and excluding one can leave a job that
+    # needs every node of its partition pending forever. To exclude one by hand while the job is pending:
+    # scontrol update JobId=<id> ExcNodeList=<node>.
+    echo "$head; requeueing, retry $retries_used of $RETRIES, resumes from $resume"
+    rm -rf "$FASTDPO_FAILURE_DIR"  # read; the line above says what it held
+    scontrol requeue "$SLURM_JOB_ID" && exit 0
+    echo "=== $(date -Is) scontrol requeue refused (a job needs --requeue, and the cluster JobRequeue): submit the same command again to resume"
+  fi
+  rm -f "$retry_file"  # the job ends here; the failure notes stay in $FASTDPO_FAILURE_DIR for a post-mortem
+  exit "$rc"
+}
+
 # The GPUs Slurm gave this node (--gres=gpu:N) unless GPUS_PER_NODE says otherwise (CPU test runs do).
 GPUS_PER_NODE=${GPUS_PER_NODE:-${SLURM_GPUS_ON_NODE:-}}
 [[ -n $GPUS_PER_NODE ]] \
@@ -106,6 +149,7 @@ echo "nodes:   $NNODES ($SLURM_JOB_NODELIST), main $MAIN_HOST:$MAIN_PORT"
 echo "gpus:    $GPUS_PER_NODE per node, $((NNODES * GPUS_PER_NODE)) processes"
 echo "backend: $BACKEND ($ACCELERATE_CONFIG)"
 echo "recipe:  $RECIPE  entry: $ENTRY  args: $*"
+echo "retries: $retries_used of $RETRIES used (crashes and stalls; preemption requeues are unlimited)"
 echo "commit:  $(git rev-parse --short HEAD 2>/dev/null || echo none)$(git diff --quiet HEAD 2>/dev/null || echo ' (uncommitted changes)')"
 python - <<'PY'
 import sys
@@ -155,4 +199,8 @@ if [[ $preempted == 1 && $rc != 0 ]]; then
   exit 0
 fi
 echo "=== $(date -Is) training exited with $rc"
-exit "$rc"
+if [[ $rc == 0 ]]; then
+  rm -rf "$FASTDPO_FAILURE_DIR" "$retry_file"
+  exit 0
+fi
+after_failure "$rc"

@@ -8,6 +8,8 @@
 #   tail -f logs/dpo-think-<jobid>.out
 # Knobs (environment): RECIPE, GPUS_PER_NODE (default: the GPUs Slurm allocated), ACCELERATE_ARGS,
 #   BACKEND: zero2 (default, DeepSpeed ZeRO-2), zero3 (DeepSpeed ZeRO-3) or fsdp2 (PyTorch FSDP2); see README.
+# Failures: RETRIES (crash and stall requeues per job, default 3; preemption requeues are unlimited),
+#   FASTDPO_STALL_TIMEOUT / FASTDPO_STALL_GRACE (stall watchdog bounds in seconds, default 600 / 1800).
 # Only the default RECIPE and the job name differ from the other script; the rest is scripts/_launch.sh.
 #SBATCH --job-name=dpo-think
 #SBATCH --nodes=1

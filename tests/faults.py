@@ -2,6 +2,7 @@
 
     python tests/faults.py kill-in-save:8 train_dpo.py --output_dir ...   # SIGKILL while checkpoint-8 is written
     python tests/faults.py term-at-step:3 train_dpo.py --output_dir ...   # SIGTERM to itself at the end of step 3
+    FASTDPO_FAULT=kill-at-step:5@1 PYTHONPATH=tests/fault_site torchrun ... train_dpo.py   # rank 1 only, any launcher
 
 Waiting for a folder to appear and then killing races the save (a tiny model saves in milliseconds); this
 wrapper makes the moment deterministic. It patches transformers only, never fastdpo, and then runs the real
@@ -46,7 +47,57 @@ def term_at_step(step: int) -> None:
     CallbackHandler.on_step_end = signal_then_continue
 
 
-FAULTS = {"kill-in-save": kill_in_save, "term-at-step": term_at_step}
+def signal_at_step(step: int, signum: int) -> None:
+    """SIGKILL (what the OOM killer or a failed GPU does) or SIGSTOP (a rank that cannot run: a hung driver, a frozen
+    node) to itself as step <step> ends."""
+    from transformers.trainer_callback import CallbackHandler
+
+    on_step_end = CallbackHandler.on_step_end
+
+    def signal_then_continue(self, args, state, control):
+        if state.global_step == step:
+            print(f"fault: pid {os.getpid()} sends itself {signal.Signals(signum).name} after step {step}", flush=True)
+            os.kill(os.getpid(), signum)
+        return on_step_end(self, args, state, control)
+
+    CallbackHandler.on_step_end = signal_then_continue
+
+
+def hang_in_step(step: int) -> None:
+    """Stuck and alive as step <step> + 1 begins (a stuck filesystem read, a spinning kernel): the main thread sleeps
+    in the training loop, outside any collective, while the other ranks wait for it in theirs."""
+    import time
+
+    from transformers.trainer_callback import CallbackHandler
+
+    on_step_begin = CallbackHandler.on_step_begin
+
+    def stuck_inside_a_step(self, args, state, control):
+        if state.global_step == step:
+            print(f"fault: pid {os.getpid()} hangs in step {step + 1}", flush=True)
+            time.sleep(3600)
+        return on_step_begin(self, args, state, control)
+
+    CallbackHandler.on_step_begin = stuck_inside_a_step
+
+
+FAULTS = {"kill-in-save": kill_in_save, "term-at-step": term_at_step,
+          "kill-at-step": lambda step: signal_at_step(step, signal.SIGKILL),
+          "stop-at-step": lambda step: signal_at_step(step, signal.SIGSTOP), "hang-in-step": hang_in_step}
+
+
+def from_environment() -> None:
+    """FASTDPO_FAULT=<fault>:<step>@<rank>[@always] in a training process of that global rank (tests/fault_site's
+    sitecustomize calls this in every Python process; launchers and helpers have no RANK or another one). Only in
+    the first attempt of a Slurm job unless @always: the requeued attempt must be able to finish."""
+    spec = os.environ.get("FASTDPO_FAULT")
+    if not spec or "RANK" not in os.environ:
+        return
+    fault, rank, *always = spec.split("@")
+    if os.environ["RANK"] != rank or (not always and os.environ.get("SLURM_RESTART_COUNT", "0") != "0"):
+        return
+    name, _, step = fault.partition(":")
+    FAULTS[name](int(step))
 
 if __name__ == "__main__":
     fault, script, *args = sys.argv[1:]

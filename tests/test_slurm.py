@@ -44,14 +44,14 @@ def cluster():
     c.stop()
 
 
-def submit(cluster, script, out_dir, wait=True, nodes=1, backend=None):
+def submit(cluster, script, out_dir, wait=True, nodes=1, backend=None, extra=(), env=None):
     """sbatch the repo's own script with the CPU overrides; returns (job id, sbatch result)."""
     env = {**cluster.env, "RECIPE": "recipes/tiny.yaml", "GPUS_PER_NODE": str(2 // nodes), "SBATCH_GRES": "none",
-           **({"BACKEND": backend} if backend else {})}
+           **({"BACKEND": backend} if backend else {}), **(env or {})}
     # eval_before_train is off: transformers cannot evaluate a ZeRO-2 model before training starts.
     cmd = ["sbatch", "--parsable", *(["--wait"] if wait else []), *([f"--nodes={nodes}"] if nodes > 1 else []),
            script, "--use_cpu", "true", "--eval_before_train", "false", "--max_steps", str(STEPS),
-           "--logging_steps", "2", "--output_dir", str(out_dir)]
+           "--logging_steps", "2", "--output_dir", str(out_dir), *extra]
     r = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=JOB_TIMEOUT)
     job_id = r.stdout.split(";")[0].strip()
     assert job_id.isdigit(), f"sbatch failed ({r.returncode}): {r.stderr}"
@@ -219,6 +219,59 @@ def test_scancel_saves_a_checkpoint_and_a_resubmit_resumes_to_the_same_weights(c
     text = assert_trained(cluster, again, out, "dpo-instruct")
     assert f"resuming from {out}/checkpoint-{stopped[1]}" in text
     assert_same_weights(one_node[1], out)
+
+
+def fault(spec):
+    """Environment that makes tests/faults.py inject `spec` (<fault>:<step>@<rank>[@always]) into that rank."""
+    return {"FASTDPO_FAULT": spec, "PYTHONPATH": str(REPO / "tests" / "fault_site")}
+
+
+def test_kill9_of_a_rank_on_node_2_is_requeued_and_resumes_to_the_same_weights(cluster, two_nodes, tmp_path):
+    """What the OOM killer or a failed GPU does to one rank: the job requeues itself (a crash, retry 1 of 3), names
+    the rank, node and signal, and the resumed run ends on the uninterrupted run's weights to the bit."""
+    out = tmp_path / "out"
+    job_id, _ = submit(cluster, "scripts/dpo_train.sh", out, wait=False, nodes=2,
+                       extra=["--save_strategy", "steps", "--save_steps", "10"], env=fault("kill-at-step:12@1"))
+    job = wait_until_ended(cluster, job_id, time.monotonic() + 2 * JOB_TIMEOUT)
+    text = assert_trained(cluster, job_id, out, "dpo-think")
+    assert job["Restarts"] == "1", text[-3000:]
+    assert "retries: 0 of 3 used" in text and "retries: 1 of 3 used" in text
+    assert re.search(rf"first failure: rank 1 \(local 0\) on {NODES[1]} died of SIGKILL; requeueing, retry 1 of 3, "
+                     r"resumes from checkpoint-10$", text, re.M), text[-4000:]
+    assert f"resuming from {out}/checkpoint-10" in text
+    assert_same_weights(two_nodes[1], out)
+
+
+def test_a_configuration_error_is_not_requeued(cluster, tmp_path):
+    job_id, _ = submit(cluster, "scripts/dpo_train.sh", tmp_path / "out", extra=["--learning_rate=-1"])
+    job = wait_until_ended(cluster, job_id, time.monotonic() + JOB_TIMEOUT)
+    text = _read(cluster, job_id)
+    assert (job["JobState"], job["Restarts"]) == ("FAILED", "0"), text[-3000:]
+    line = re.search(r"^=== .* failed \(srun exited \d+\): first failure: rank \d \(local \d\) on \S+: .*"
+                     r"learning_rate.*; not retried: a configuration error$", text, re.M)
+    assert line, text[-3000:]
+
+
+def test_a_stalled_rank_is_retried_until_the_budget_is_spent(cluster, tmp_path):
+    """A SIGSTOPped rank at step 4, every attempt, RETRIES=1: the watchdog ends the attempt within seconds, the job
+    requeues once and resumes from checkpoint-2, stalls again, and stops saying the budget is spent."""
+    out = tmp_path / "out"
+    env = {**fault("stop-at-step:4@1@always"), "RETRIES": "1", "FASTDPO_STALL_TIMEOUT": "5"}
+    job_id, _ = submit(cluster, "scripts/dpo_train.sh", out, wait=False,
+                       extra=["--save_strategy", "steps", "--save_steps", "2"], env=env)
+    job = wait_until_ended(cluster, job_id, time.monotonic() + 2 * JOB_TIMEOUT)
+    text = _read(cluster, job_id)
+    assert (job["JobState"], job["Restarts"]) == ("FAILED", "1"), text[-4000:]
+    # each attempt: rank 0's watchdog names the stopped rank 1 and prints its own stacks
+    assert len(re.findall(r"ERROR fastdpo: watchdog: rank 0 \(local 0\) on \S+, pid \d+: likely cause: rank 1 "
+                          r"\(local 1\) on \S+, pid \d+: no heartbeat for \d+ s", text)) == 2, text[-4000:]
+    assert text.count("Thread 0x") >= 2 * 3  # every thread of it: the main one, the watchdog's, the lock's
+    first = re.findall(r"first failure: rank 0 \(local 0\) on \S+ stalled at step 3: no progress for \d+ s .*", text)
+    assert len(first) == 2, text[-4000:]
+    assert first[0].endswith("; requeueing, retry 1 of 1, resumes from checkpoint-2"), first[0]
+    assert f"resuming from {out}/checkpoint-2" in text
+    assert "taking over the lock of a run that is gone" not in text  # the watchdog released it on its way out
+    assert first[1].endswith("; not retried: the retry budget is spent (1 of 1 retries used; RETRIES sets it)")
 
 
 def test_main_host_that_does_not_resolve_fails_at_once(cluster):
