@@ -344,3 +344,33 @@ def test_detection_reads_the_first_row_that_fits(tmp_path):
         data.load_pairs(ScriptArguments(dataset_name=str(path)))
     sample = lengths.load_sample(ScriptArguments(dataset_name=str(path)), None)
     assert sample.layout.name == "openai" and [s["where"] for s in sample.skipped] == [f"{path}:1"]
+
+
+def test_nectar_ultrafeedback_and_arena_shapes(tiny_tokenizer, tmp_path):
+    """Ranked and judged layouts of the Hub's other shapes: Nectar (hh-style prompt, answers with ranks),
+    UltraFeedback's raw completions (scores, ties), Chatbot Arena (whole conversations, winner model_a/model_b)."""
+    nectar = [{"prompt": "\n\nHuman: Name a colour.\n\nAssistant:", "turns": 1, "num_responses": 3,
+               "answers": [{"answer": "Green.", "model": "m2", "rank": 2.0}, {"answer": "Blue.", "model": "m1",
+                                                                              "rank": 1.0},
+                           {"answer": "No.", "model": "m3", "rank": 3.0}]}]
+    rows, layout = data.read_pairs(str(write_jsonl(tmp_path / "n.jsonl", nectar)),
+                                   layouts.Options(ranked_pairs="best_vs_worst"), True)
+    assert layout.name == "ranked" and rows.pairs == [{"prompt": [{"role": "user", "content": "Name a colour."}],
+                                                       "chosen": [{"role": "assistant", "content": "Blue."}],
+                                                       "rejected": [{"role": "assistant", "content": "No."}]}]
+    uf = [{"source": "evol", "instruction": "Say hi.", "models": ["a", "b", "c"],
+           "completions": [{"response": "Hi!", "overall_score": 8.0}, {"response": "Hello.", "overall_score": 8.0},
+                           {"response": "Go away.", "overall_score": 2.5}]},
+          {"source": "evol", "instruction": "Say bye.", "completions": [{"response": "Bye!", "overall_score": 5.0},
+                                                                        {"response": "Ciao.", "overall_score": 5.0}]}]
+    rows, layout = data.read_pairs(str(write_jsonl(tmp_path / "uf.jsonl", uf)),
+                                   layouts.Options(ranked_pairs="best_vs_rest"), True)
+    assert [p["rejected"][0]["content"] for p in rows.pairs] == ["Go away."]  # the equal-score rival is no pair
+    assert rows.notes.counts == {"ranked_tie": 1, "tie": 1} and rows.no_pair[0]["where"].endswith(":2")
+    conv = lambda a: [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": a}]  # noqa: E731
+    arena = [{"question_id": "q", "model_a": "x", "model_b": "y", "winner": w, "conversation_a": conv("4"),
+              "conversation_b": conv("5"), "turn": 1} for w in ("model_a", "model_b", "tie (bothbad)")]
+    rows, layout = data.read_pairs(str(write_jsonl(tmp_path / "a.jsonl", arena)), layouts.Options(judged_pairs=True),
+                                   True)
+    assert layout.name == "judged" and [p["chosen"][0]["content"] for p in rows.pairs] == ["4", "5"]
+    assert rows.pairs[0]["prompt"] == [{"role": "user", "content": "2+2?"}] and rows.notes.counts == {"tie": 1}
