@@ -133,7 +133,7 @@ def _compute_share(trainer, dataset, indices: list[int], budget: int, model,
     elif next(model.parameters()).device != device:
         model.to(device)
     forward = PackedForward(model)
-    out, stats = [], {"useful": 0, "computed": 0}
+    out, stats = [], {"useful": 0, "computed": 0, "even_padding": padding}
     was_training = model.training
     model.eval()  # dropout is off either way (TRL disables it); eval keeps any other train-only behaviour out
     try:
@@ -280,7 +280,7 @@ def attach(trainer, dataset, name: str, cache_dir: str | Path | None = None, mod
     lengths = sequence_lengths(dataset, trainer.args.max_length, trainer.args.truncation_mode)[:, :2].sum(axis=1)
     budget = trainer._ref_token_budget
     start = last = time.perf_counter()
-    stats = {"useful": 0, "computed": 0}
+    stats = {"useful": 0, "computed": 0, "even_padding": 0}
     done = 0
     for c in range(n_chunks):
         chunk = np.arange(c * size, min((c + 1) * size, pairs))
@@ -315,9 +315,11 @@ def attach(trainer, dataset, name: str, cache_dir: str | Path | None = None, mod
                             f"{pairs:,} pairs saved in {folder})")
     seconds = time.perf_counter() - start
     trainer._ref_precompute_stats = {"cached": False, "seconds": seconds, "resumed_chunks": int(have.sum()), **stats}
-    logger.info("%s: reference log-probs for %d pairs in %.1fs (packed, %d ranks, padding efficiency %.3f%s)",
+    logger.info("%s: reference log-probs for %d pairs in %.1fs (packed, %d ranks, padding efficiency %.3f%s%s)",
                 name, done, seconds, acc.num_processes, stats["useful"] / max(stats["computed"], 1),
-                f", {int(have.sum())} chunks resumed" if have.any() else "")
+                f", {int(have.sum())} chunks resumed" if have.any() else "",
+                f", {stats['even_padding']} one-token forwards on this rank to match the other ranks' count"
+                if stats["even_padding"] else "")
     table = pa.table({COLUMNS[0]: values[:, 0], COLUMNS[1]: values[:, 1]})
     if save and lead:
         try:

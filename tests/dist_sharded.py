@@ -33,6 +33,39 @@ BACKENDS = {
 STEPS = 4
 
 
+def fsdp_on_cpu() -> None:
+    """accelerate 1.15 selects FSDP only for GPU-like devices: with use_cpu an FSDP plugin is dropped and the run is
+    plain multi-CPU DDP (distributed_type MULTI_CPU). torch's fully_shard itself runs on CPU with gloo, so keep the
+    plugin the Trainer passes and mark the state FSDP, as accelerate does on GPUs."""
+    from accelerate.state import AcceleratorState, PartialState
+    from accelerate.utils import DistributedType
+
+    original = AcceleratorState.__init__
+
+    def init(self, *args, fsdp_plugin=None, **kwargs):
+        original(self, *args, fsdp_plugin=fsdp_plugin, **kwargs)
+        if fsdp_plugin is not None and self.distributed_type == DistributedType.MULTI_CPU:
+            self.distributed_type = DistributedType.FSDP
+            PartialState._shared_state["distributed_type"] = DistributedType.FSDP
+            self.fsdp_plugin = fsdp_plugin
+
+    AcceleratorState.__init__ = init
+
+
+def sharded_share(trainer) -> float:
+    """Elements of the trained model this rank holds, over the model's: 1.0 unsharded, ~1/world when sharded."""
+    model = trainer.accelerator.unwrap_model(trainer.model)
+    local = total = 0
+    for p in model.parameters():
+        if hasattr(p, "ds_numel"):  # ZeRO-3: the rank's partition
+            local, total = local + p.ds_tensor.numel(), total + p.ds_numel
+        elif hasattr(p, "to_local"):  # FSDP2: a DTensor
+            local, total = local + p.to_local().numel(), total + p.numel()
+        else:
+            local, total = local + p.numel(), total + p.numel()
+    return local / total
+
+
 def full_weights(trainer) -> dict:
     """Every parameter whole, on CPU, whatever the backend shards."""
     model = trainer.accelerator.unwrap_model(trainer.model)
@@ -55,13 +88,18 @@ def train(out: Path, backend: str, model_dir: Path) -> None:
     script_args, args, model_args = cfg.parse_args([
         "--model_name_or_path", str(model_dir), "--output_dir", str(out), "--max_steps", str(STEPS), "--logging_steps", "1",
         "--eval_before_train", "false", "--per_device_train_batch_size", "4", "--gradient_accumulation_steps", "2",
-        "--token_budget", "256", "--max_train_samples", "64", "--learning_rate", "1e-3",
+        "--token_budget", "256", "--max_train_samples", "63",
+        # one pair per reference micro-batch at most (budget 2 x longest), 32 pairs on rank 0 and 31 on rank 1: the
+        # ranks' reference passes need different forward counts, which sharded backends must even out
+        "--precompute_ref_batch_size", "1", "--learning_rate", "1e-3",
         "--gradient_checkpointing", "true", "--ref_logps_cache_dir", str(out / "ref_cache"),
         "--report_to", "none", "--use_cpu", "true", "--save_strategy", "no", *BACKENDS[backend],
         *os.environ.get("DIST_EXTRA", "").split()])
     tok = models.load_tokenizer(cfg.parse_args(["--output_dir", str(out)])[2].model_name_or_path)  # the embedded one
     ds, _ = data.tokenize_dataset(data.load_pairs(script_args).train, tok, args.max_length,
                                   script_args.max_prompt_length)
+    if backend == "fsdp2":
+        fsdp_on_cpu()
     if backend == "zero3":
         # On GPUs accelerate's PartialState starts deepspeed.comm; with use_cpu it does not, and zero.Init would
         # then size its batch check for one process ("train_batch_size is not equal to ... 16 != 4 * 2 * 1").
@@ -71,6 +109,7 @@ def train(out: Path, backend: str, model_dir: Path) -> None:
     # loaded after the arguments: under ZeRO-3 from_pretrained then loads it partitioned (deepspeed.zero.Init), as
     # for a model too big for one rank
     model = models.load_model(model_args, args)
+    partitioned = all(p.numel() == 0 and p.ds_numel > 0 for p in model.parameters()) if backend == "zero3" else False
     from fastdpo.trainer import StockDPOTrainer
     cls = StockDPOTrainer if os.environ.get("DIST_STOCK") else DPOTrainer
     extra = {"ref_model": models.load_model(model_args, args)} if os.environ.get("DIST_STOCK") else {}
@@ -91,7 +130,8 @@ def train(out: Path, backend: str, model_dir: Path) -> None:
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "local": local,
         "fast": getattr(trainer, "_fast", False),
         "layout": layout_name(trainer._packed_collator) if getattr(trainer, "_fast", False) else None,
-        "world": args.world_size, "distributed_type": str(trainer.accelerator.distributed_type)}))
+        "world": args.world_size, "loaded_partitioned": partitioned, "share": sharded_share(trainer),
+        "ref_pass": {k: v for k, v in getattr(trainer, "_ref_precompute_stats", {}).items() if k != "seconds"}, "distributed_type": str(trainer.accelerator.distributed_type)}))
 
 
 if __name__ == "__main__":
