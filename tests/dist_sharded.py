@@ -109,7 +109,9 @@ def train(out: Path, backend: str, model_dir: Path) -> None:
     # loaded after the arguments: under ZeRO-3 from_pretrained then loads it partitioned (deepspeed.zero.Init), as
     # for a model too big for one rank
     model = models.load_model(model_args, args)
-    partitioned = all(p.numel() == 0 and p.ds_numel > 0 for p in model.parameters()) if backend == "zero3" else False
+    # share of the weights this rank holds right after loading (ZeRO-3: only what zero.Init left unpartitioned)
+    loaded = sum(p.numel() for p in model.parameters()) / sum(getattr(p, "ds_numel", p.numel())
+                                                                for p in model.parameters())
     from fastdpo.trainer import StockDPOTrainer
     cls = StockDPOTrainer if os.environ.get("DIST_STOCK") else DPOTrainer
     extra = {"ref_model": models.load_model(model_args, args)} if os.environ.get("DIST_STOCK") else {}
@@ -130,7 +132,7 @@ def train(out: Path, backend: str, model_dir: Path) -> None:
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "local": local,
         "fast": getattr(trainer, "_fast", False),
         "layout": layout_name(trainer._packed_collator) if getattr(trainer, "_fast", False) else None,
-        "world": args.world_size, "loaded_partitioned": partitioned, "share": sharded_share(trainer),
+        "world": args.world_size, "loaded_share": loaded, "share": sharded_share(trainer),
         "ref_pass": {k: v for k, v in getattr(trainer, "_ref_precompute_stats", {}).items() if k != "seconds"}, "distributed_type": str(trainer.accelerator.distributed_type)}))
 
 
