@@ -214,10 +214,11 @@ def _outside_zero3():
 
 
 def _twin_probe(model, collator, seed: int, kwargs: dict, device) -> ProbeResult:
-    with torch.random.fork_rng(devices=[device] if torch.cuda.is_available() else []), _outside_zero3():
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _outside_zero3():
         try:
             twin = float32_twin(model, device)
-        except Exception as e:  # noqa: BLE001  (any failure to rebuild the config means: cannot check)
+        except Exception as e:  # a config we cannot rebuild: the run falls back, saying why
             twin, why = None, f"{type(e).__name__}: {e}"
         else:
             why = "not a plain causal LM with num_hidden_layers"

@@ -4,6 +4,8 @@ probe chose and the full trained weights (gathered from the shards), so the test
 
     torchrun --nproc_per_node 2 tests/dist_sharded.py OUT BACKEND MODEL_DIR [MODEL_DIR ...]
 BACKEND: ddp | zero2 | zero3 | fsdp2 (TrainingArguments' own `deepspeed=` / `fsdp=` options, no accelerate config).
+On a machine with 2+ GPUs the same script runs on CUDA (NCCL, accelerate's own FSDP/DeepSpeed set-up): the check
+this repo could not run (CLAUDE.md).
 MODEL_DIR: a saved tiny model (tests/archs.py): loading it with from_pretrained gives every backend the same initial
 weights (a model built by from_config under ZeRO-3 is initialised inside deepspeed.zero.Init, with other values).
 """
@@ -20,7 +22,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 
 from fastdpo import config as cfg  # noqa: E402
-from fastdpo import data, models  # noqa: E402
+from fastdpo import data, models, tiny  # noqa: E402
 from fastdpo.probe import layout_name  # noqa: E402
 from fastdpo.trainer import DPOTrainer  # noqa: E402
 
@@ -31,6 +33,7 @@ BACKENDS = {
     "fsdp2": ["--fsdp", "full_shard auto_wrap", "--fsdp_config", json.dumps({"version": 2})],
 }
 STEPS = 4
+CPU = torch.cuda.device_count() < 2
 
 
 def fsdp_on_cpu() -> None:
@@ -93,14 +96,14 @@ def train(out: Path, backend: str, model_dir: Path) -> None:
         # ranks' reference passes need different forward counts, which sharded backends must even out
         "--precompute_ref_batch_size", "1", "--learning_rate", "1e-3",
         "--gradient_checkpointing", "true", "--ref_logps_cache_dir", str(out / "ref_cache"),
-        "--report_to", "none", "--use_cpu", "true", "--save_strategy", "no", *BACKENDS[backend],
+        "--report_to", "none", "--use_cpu", str(CPU).lower(), "--save_strategy", "no", *BACKENDS[backend],
         *os.environ.get("DIST_EXTRA", "").split()])
-    tok = models.load_tokenizer(cfg.parse_args(["--output_dir", str(out)])[2].model_name_or_path)  # the embedded one
+    tok = models.load_tokenizer(tiny.MODEL_ID)
     ds, _ = data.tokenize_dataset(data.load_pairs(script_args).train, tok, args.max_length,
                                   script_args.max_prompt_length)
-    if backend == "fsdp2":
+    if backend == "fsdp2" and CPU:
         fsdp_on_cpu()
-    if backend == "zero3":
+    if backend == "zero3" and CPU:
         # On GPUs accelerate's PartialState starts deepspeed.comm; with use_cpu it does not, and zero.Init would
         # then size its batch check for one process ("train_batch_size is not equal to ... 16 != 4 * 2 * 1").
         import deepspeed
