@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 
 import torch
 from accelerate.utils import DistributedType
@@ -152,24 +153,35 @@ class DPOTrainer(_TRLDPOTrainer):
             return "max_length is None (the token budget and row size derive from it)"
         if getattr(args, "packed_layout", "auto") == "segments" and attn != "sdpa":
             return f"packed_layout=segments needs attn_implementation='sdpa' (the model uses {attn!r})"
-        if getattr(args, "fsdp", None) and (args.fsdp_config or {}).get("version", 2) != 2:
-            return "FSDP version 1 is not tested with packing (FSDP2, ZeRO-2/3 and DDP are): set fsdp_config version 2"
+        if DPOTrainer._fsdp_version(args) == 1:
+            return ("FSDP version 1 is not tested with packing (FSDP2, ZeRO-2/3 and DDP are): set fsdp_version: 2 "
+                    "(accelerate config) or fsdp_config {version: 2}")
         return None
 
     @staticmethod
-    def _sharding(args) -> str | None:
-        """The parameter-sharding backend (weights partitioned over the ranks), or None (DDP, ZeRO-1/2)."""
-        if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
-            return "DeepSpeed ZeRO-3"
+    def _fsdp_version(args) -> int | None:
+        """FSDP as TrainingArguments (`fsdp`, default version 2) or an accelerate config (its env, default 1) asks."""
         if getattr(args, "fsdp", None):
-            return "FSDP2"
+            return int((args.fsdp_config or {}).get("version", 2))
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            return int(os.environ.get("FSDP_VERSION", "1"))
+        return None
+
+    def _sharding(self) -> str | None:
+        """The parameter-sharding backend (weights partitioned over the ranks), or None (DDP, ZeRO-1/2): what the
+        Trainer's accelerator runs, however it was configured (TrainingArguments or an accelerate config)."""
+        state = self.accelerator.state
+        if state.deepspeed_plugin is not None and state.deepspeed_plugin.zero_stage == 3:
+            return "DeepSpeed ZeRO-3"
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            return f"FSDP{state.fsdp_plugin.fsdp_version}"
         return None
 
     def _check_packing(self) -> bool:
         """Probe each candidate layout (on every rank, one verdict); keep the first that matches the padded path,
         else stock. Sharded weights are not gathered: the probe runs the model's float32 twin."""
         self._packing_checked = True
-        model, sharded = self.model, self._sharding(self.args) is not None
+        model, sharded = self.model, self._sharding() is not None
         if not sharded and next(model.parameters()).device != self.accelerator.device:
             model.to(self.accelerator.device)  # DeepSpeed moves it there anyway; the probe should not run on CPU
         # what _compute_loss adds to every forward (MoE router logits), so the probe runs the calls training makes
@@ -195,7 +207,7 @@ class DPOTrainer(_TRLDPOTrainer):
                     "prompt shared by chosen and rejected" if c.share_prefix else "no prefix sharing",
                     c.row_capacity or "unbounded", self._token_budget,
                     "precomputed (cached)" if args.precompute_ref_log_probs else "computed packed each step",
-                    f", parameters sharded ({self._sharding(args)})" if self._sharding(args) else "")
+                    f", parameters sharded ({self._sharding()})" if self._sharding() else "")
 
     # --- data: tokenised pairs, the reference pass, token-budget micro-batches
 
@@ -207,7 +219,7 @@ class DPOTrainer(_TRLDPOTrainer):
         if not self._fast:
             return super()._precompute_ref_logps(dataset, name, batch_size)
         dataset = refcache.attach(self, dataset, name, getattr(self.args, "ref_logps_cache_dir", None),
-                                  model=self._reference_model(), even_forwards=self._sharding(self.args) is not None)
+                                  model=self._reference_model(), even_forwards=self._sharding() is not None)
         release_memory()
         return dataset
 
@@ -216,7 +228,7 @@ class DPOTrainer(_TRLDPOTrainer):
         a DeepSpeed inference engine (TRL's own `prepare_deepspeed`, kept for later passes as TRL does); its cache
         key hashes the weights one parameter at a time (TRL's hash of a partitioned module sees empty tensors).
         FSDP2: TRL's sharded reference copy. Otherwise the reference model or the policy itself."""
-        if self.ref_model is None and self._sharding(self.args) == "DeepSpeed ZeRO-3":
+        if self.ref_model is None and self._sharding() == "DeepSpeed ZeRO-3":
             if self._precompute_engine is None:
                 if any(hasattr(p, "ds_id") for p in self.model.parameters()):  # partitioned by zero.Init
                     self._precompute_model_hash = sharded_module_hash(self.model)

@@ -27,7 +27,7 @@ from fastdpo import models, tiny
 from tests import archs
 
 ROOT = Path(__file__).resolve().parent.parent
-pytestmark = [pytest.mark.slow, pytest.mark.parity]
+pytestmark = pytest.mark.parity
 ARCHS = ("llama", "olmo3")
 
 
@@ -62,6 +62,7 @@ def runs(tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", ARCHS)
 @pytest.mark.parametrize("backend", ["zero3", "fsdp2"])
 def test_sharded_fast_path_equals_ddp(runs, backend, name):
@@ -93,6 +94,7 @@ def test_sharded_fast_path_equals_ddp(runs, backend, name):
                                                                                 info1["loaded_share"])
 
 
+@pytest.mark.slow
 def test_probe_verdict_is_one_for_all_ranks(tmp_path):
     """A layout rejected on one rank is rejected on every rank: here rank 1's model (Gemma 3 with bidirectional
     attention) refuses per-sequence attention, and both ranks take the model's own packed mask, rank 0 saying why."""
@@ -103,6 +105,7 @@ def test_probe_verdict_is_one_for_all_ranks(tmp_path):
     assert "matches here" in proc.stderr and "but not on another rank; all ranks keep one path" in proc.stderr
 
 
+@pytest.mark.slow
 def test_probe_out_of_memory_stops_every_rank_with_the_fix(tmp_path):
     """A real allocation failure in rank 1's probe (RLIMIT_AS) is an out-of-memory on every rank, with the fix, not
     a rejected layout (which would have sent the ranks down different paths, or the run to stock and a later OOM)."""
@@ -112,3 +115,25 @@ def test_probe_out_of_memory_stops_every_rank_with_the_fix(tmp_path):
     assert "(on another rank)" in msgs[0] and "can't allocate memory" in msgs[1], msgs
     for m in msgs:
         assert "out of memory while checking" in m and "lower token_budget" in m and "gradient_checkpointing" in m
+
+
+def test_fsdp_version_1_keeps_the_stock_path(tmp_path, monkeypatch):
+    """FSDP1 (an accelerate config's default version) is not tested with packing: refused with the setting to
+    change, whether it comes from TrainingArguments or accelerate's environment; FSDP2 is not refused."""
+    from datasets import Dataset
+
+    from fastdpo import config as cfg
+    from fastdpo.trainer import DPOTrainer
+
+    tok = models.load_tokenizer(tiny.MODEL_ID)
+    ds = Dataset.from_list([{"prompt_ids": [3], "chosen_ids": [4], "rejected_ids": [5]}])
+    model = archs.build("llama")
+    _, args, _ = cfg.parse_args(["--output_dir", str(tmp_path), "--report_to", "none"])
+    assert DPOTrainer._fast_path_blocker(model, args, None, ds, tok) is None
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    assert "FSDP version 1 is not tested" in DPOTrainer._fast_path_blocker(model, args, None, ds, tok)
+    monkeypatch.setenv("FSDP_VERSION", "2")
+    assert DPOTrainer._fast_path_blocker(model, args, None, ds, tok) is None
+    monkeypatch.delenv("ACCELERATE_USE_FSDP")
+    args.fsdp, args.fsdp_config = True, {"version": 1}
+    assert "fsdp_version: 2" in DPOTrainer._fast_path_blocker(model, args, None, ds, tok)
