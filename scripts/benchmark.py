@@ -301,7 +301,7 @@ def free_port() -> int:
 def run(opts, argv, model, variant, tmp, cache, backend="single") -> dict:
     launch = [sys.executable]
     if backend != "single":
-        launch = [str(Path(sys.executable).with_name("torchrun")), "--nproc_per_node", "2", "--master_port",
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
                   str(free_port())]
     cmd = [*launch, __file__, *argv, "--model", model, "--worker", variant, "--tmp", tmp, "--cache", cache,
            "--backend", backend]

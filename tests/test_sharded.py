@@ -37,7 +37,10 @@ def torchrun(script: str, *argv: str, timeout: int = 600) -> subprocess.Complete
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = {**os.environ, "PYTHONPATH": str(ROOT), "PATH": f"{ROOT / '.venv/bin'}:{os.environ.get('PATH', '')}"}
-    return subprocess.run([str(ROOT / ".venv/bin/torchrun"), "--nproc_per_node", "2", "--master_port", str(port),
+    # torchrun as a module of the venv's python: its console script failed to import torch once, while the shared
+    # venv was being reinstalled
+    return subprocess.run([str(ROOT / ".venv/bin/python"), "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", str(port),
                            str(ROOT / "tests" / script), *argv], cwd=ROOT, env=env, capture_output=True, text=True,
                           timeout=timeout)
 
