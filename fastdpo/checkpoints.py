@@ -433,16 +433,12 @@ class Run:
         checkpoints would otherwise lose everything at the very end)."""
         if use_peft and not merge_adapter:
             return  # an adapter is megabytes
-        # a ZeRO-3 parameter loaded partitioned (deepspeed.zero.Init) has 0 elements here; ds_numel is its size
-        def numel(p):
-            return getattr(p, "ds_numel", None) or p.numel()
-
-        need = sum(numel(p) * p.element_size() for p in model.parameters())
+        need = sum(p.numel() * p.element_size() for p in model.parameters())
         free = shutil.disk_usage(self.out).free
         if free < need:
             raise SystemExit(f"output_dir {self.out}: {free / 2**30:.2f} GiB free, the final model alone needs "
                              f"{need / 2**30:.2f} GiB; free space or choose another --output_dir")
-        trainable = sum(numel(p) for p in model.parameters() if p.requires_grad)
+        trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         per_checkpoint = need + 8 * trainable  # Adam's two fp32 moments
         if self.args.save_strategy != "no" and free < need + per_checkpoint:
             logger.warning("output_dir %s: %.2f GiB free; a checkpoint takes about %.2f GiB and the final model "
