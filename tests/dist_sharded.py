@@ -4,6 +4,9 @@ probe chose and the full trained weights (gathered from the shards), so the test
 
     torchrun --nproc_per_node 2 tests/dist_sharded.py OUT BACKEND MODEL_DIR [MODEL_DIR ...]
 BACKEND: ddp | zero2 | zero3 | fsdp2 (TrainingArguments' own `deepspeed=` / `fsdp=` options, no accelerate config).
+By hand: DIST_EXTRA="--flag value ..." adds training flags (e.g. --precompute_ref_log_probs false); DIST_STOCK=1
+trains stock TRL instead (with DIST_EXTRA="--padding_free false --precompute_ref_log_probs false"), to tell a backend's
+own difference from the fast path's.
 On a machine with 2+ GPUs the same script runs on CUDA (NCCL, accelerate's own FSDP/DeepSpeed set-up): the check
 this repo could not run (CLAUDE.md).
 MODEL_DIR: a saved tiny model (tests/archs.py): loading it with from_pretrained gives every backend the same initial
