@@ -13,15 +13,25 @@ average, rounding alone by 4e-4), so a half-precision model is probed twice: its
 a wrapper that ignores position_ids), and through a float32 twin, exactly: the same class and config, with only as
 many layers as it takes to include every layer type, randomly initialised. Masks depend on the architecture, not
 on the weights, so the twin answers the precise question at a fraction of the cost.
+
+Under parameter sharding (DeepSpeed ZeRO-3, FSDP) the real model's weights are partitioned over the ranks (a ZeRO-3
+parameter has 0 elements locally), so only the float32 twin is probed: it is built whole on each rank outside
+deepspeed.zero.Init, and nothing gathers the real weights (which would put the full model on every rank).
+
+Every rank acts on one verdict: each layout's result is all-reduced (rejected anywhere = rejected everywhere), so no
+rank packs while another runs the stock path. An out-of-memory during the probe is not a rejected layout: every rank
+raises `ProbeOutOfMemory` with the fix, since training's own micro-batches are larger than the probe's.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import logging
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
 from . import segattn
@@ -32,6 +42,12 @@ logger = logging.getLogger("fastdpo")
 # Gradients need the activations of every layer: keep the probe's backward within this many tokens (a 7B model
 # holds ~3 MB per token for it). Longer windows are still checked forward, without gradients.
 GRAD_TOKENS = 4096
+OOM_FIX = ("lower token_budget or per_device_train_batch_size, turn on gradient_checkpointing, or shard the "
+           "parameters (DeepSpeed ZeRO-3 / FSDP2)")
+
+
+class ProbeOutOfMemory(RuntimeError):
+    """The probe's small forward/backward did not fit: training's larger micro-batches would not either."""
 
 
 @dataclass
@@ -40,6 +56,7 @@ class ProbeResult:
     logps_mean_gap: float = float("nan")
     grad_gap: float = float("nan")  # largest gradient difference relative to the largest gradient
     error: str | None = None
+    oom: bool = False  # the error is an out-of-memory: says nothing about the layout
 
     def ok(self, dtype: torch.dtype) -> bool:
         if self.error is not None:
@@ -126,7 +143,7 @@ def _gap(model, pairs, collator, with_grad: bool, kwargs: dict) -> tuple[float, 
     return *gaps, rel
 
 
-def float32_twin(model):
+def float32_twin(model, device=None):
     """A float32, randomly initialised copy of the architecture with the fewest leading layers that include every
     layer type (at least two), on the model's device; None if the model is not a plain causal LM we can rebuild."""
     from trl.trainer.utils import add_fused_lm_head
@@ -144,7 +161,7 @@ def float32_twin(model):
         if isinstance(value, list) and len(value) == n:
             setattr(config, name, value[:k])
     config.num_hidden_layers = k
-    device = next(base.parameters()).device
+    device = device or next(base.parameters()).device
     with torch.device(device):
         twin = type(base)._from_config(config, dtype=torch.float32,
                                        attn_implementation=base.config._attn_implementation)
@@ -152,10 +169,14 @@ def float32_twin(model):
     return twin
 
 
-def probe(model, collator: PackedPreferenceCollator, seed: int = 0, **kwargs) -> ProbeResult:
+def probe(model, collator: PackedPreferenceCollator, seed: int = 0, sharded: bool = False, device=None,
+          **kwargs) -> ProbeResult:
     """Packed (as `collator` lays it out) vs padded; the model must carry TRL's fused LM head. kwargs: what training
     passes the model besides the inputs (output_router_logits for MoE). A half-precision model is also checked
-    exactly through its float32 twin; the result returned is the twin's when that fails."""
+    exactly through its float32 twin; the result returned is the twin's when that fails. sharded: the weights are
+    partitioned over the ranks, so only the twin (built on `device`) is run."""
+    if sharded:
+        return _twin_probe(model, collator, seed, kwargs, device)
     result = _probe(model, collator, seed, kwargs)
     dtype = next(model.parameters()).dtype
     if dtype == torch.float32 or not result.ok(dtype):
@@ -172,6 +193,40 @@ def probe(model, collator: PackedPreferenceCollator, seed: int = 0, **kwargs) ->
         exact = _probe(twin, collator, seed, kwargs)
     del twin
     return exact if not exact.ok(torch.float32) else result
+
+
+@contextlib.contextmanager
+def _outside_zero3():
+    """transformers' ZeRO-3 switch off for a moment: the twin is then built whole on this rank (not partitioned by
+    deepspeed.zero.Init, which could only run inside an engine) and TRL's fused head does not try to gather its
+    plain parameters (`ds_status`)."""
+    from transformers.integrations import deepspeed as hf_ds
+
+    ref = hf_ds._hf_deepspeed_config_weak_ref
+    config = ref() if ref is not None else None
+    if config is None:
+        yield
+        return
+    hf_ds.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_ds.set_hf_deepspeed_config(config)
+
+
+def _twin_probe(model, collator, seed: int, kwargs: dict, device) -> ProbeResult:
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _outside_zero3():
+        try:
+            twin = float32_twin(model, device)
+        except Exception as e:  # a config we cannot rebuild: the run falls back, saying why
+            twin, why = None, f"{type(e).__name__}: {e}"
+        else:
+            why = "not a plain causal LM with num_hidden_layers"
+        if twin is None:
+            return ProbeResult(error=f"the weights are sharded over the ranks, so only a float32 twin can be "
+                                     f"probed, and {type(model).__name__} has none ({why})")
+        return _probe(twin, collator, seed, kwargs)
 
 
 def _probe(model, collator: PackedPreferenceCollator, seed: int, kwargs: dict) -> ProbeResult:
@@ -193,8 +248,12 @@ def _probe(model, collator: PackedPreferenceCollator, seed: int, kwargs: dict) -
             with torch.no_grad():
                 result.logps_gap, result.logps_mean_gap, _ = _gap(model, pairs, collator, False, kwargs)
             _, _, result.grad_gap = _gap(model, small, collator, True, kwargs)
+    except (torch.OutOfMemoryError, MemoryError) as e:
+        result.error, result.oom = f"{type(e).__name__}: {e}", True
     except (segattn.Unsupported, RuntimeError, ValueError, TypeError) as e:
         result.error = f"{type(e).__name__}: {e}"
+        # the CPU allocator reports a failed allocation as a plain RuntimeError
+        result.oom = "can't allocate memory" in str(e) or "not enough memory" in str(e)
     finally:
         for name, p in model.named_parameters():
             p.requires_grad_(flags[name])
@@ -207,15 +266,39 @@ def layout_name(layout: PackedPreferenceCollator) -> str:
     return layout.mode + (" + prefix sharing" if layout.share_prefix else "")
 
 
-def choose(model, layouts: list[PackedPreferenceCollator], **kwargs) -> PackedPreferenceCollator | None:
-    """The first layout (fastest first) whose probe matches the padded path on this model, each rejection logged
-    with its gap; None = none does, train the stock padded way. kwargs: as `probe`."""
-    dtype = next(model.parameters()).dtype
+OK, REJECTED, OOM = 0, 1, 2
+
+
+def _agree(status: int, device) -> int:
+    """The worst status over the ranks (rejected or out of memory anywhere counts everywhere)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return status
+    t = torch.tensor([status], dtype=torch.int32, device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return int(t.item())
+
+
+def choose(model, layouts: list[PackedPreferenceCollator], sharded: bool = False, device=None,
+           **kwargs) -> PackedPreferenceCollator | None:
+    """The first layout (fastest first) whose probe matches the padded path on this model on every rank, each
+    rejection logged with its gap; None = none does, train the stock padded way. Collective under
+    torch.distributed: every rank must call it with the same layouts. kwargs: as `probe`."""
+    dtype = torch.float32 if sharded else next(model.parameters()).dtype  # sharded: the float32 twin decides
+    device = device or next(model.parameters()).device
     for layout in layouts:
-        result = probe(model, layout, **kwargs)
-        if result.ok(dtype):
+        result = probe(model, layout, sharded=sharded, device=device, **kwargs)
+        mine = OOM if result.oom else OK if result.ok(dtype) else REJECTED
+        agreed = _agree(mine, device)
+        if agreed == OOM:
+            where = result.describe() if mine == OOM else "on another rank"
+            raise ProbeOutOfMemory(f"packing probe: out of memory while checking the {layout_name(layout)} layout "
+                                   f"({where}); its probe pairs are smaller than any training micro-batch, so "
+                                   f"training would not fit either: {OOM_FIX}")
+        if agreed == OK:
             logger.info("packing probe: %s layout matches the padded path (%s)", layout_name(layout),
                         result.describe())
             return layout
-        logger.warning("packing probe: %s layout rejected on this model: %s", layout_name(layout), result.describe())
+        logger.warning("packing probe: %s layout rejected on this model: %s", layout_name(layout),
+                       result.describe() if mine == REJECTED else
+                       f"matches here ({result.describe()}) but not on another rank; all ranks keep one path")
     return None

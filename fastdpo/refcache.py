@@ -18,7 +18,9 @@ recomputed; a folder that cannot be written gives one warning and the pass runs 
 The reference is the policy before its first step, so no reference copy is ever loaded (TRL skips it when
 precompute_ref_log_probs is on). Under DeepSpeed ZeRO-1/2 the policy still sits unwrapped on the CPU here;
 it is moved to this rank's device first, which is where DeepSpeed puts it anyway (older TRL failed on exactly
-that cpu-vs-cuda mismatch).
+that cpu-vs-cuda mismatch). Under ZeRO-3 / FSDP2 the weights are sharded and gathered inside every forward, a
+collective: the trainer passes the sharded module (`model`) and `even_forwards`, and a rank with fewer micro-batches
+in a chunk than another runs one-token forwards (outputs discarded) until every rank has run the same number.
 """
 
 from __future__ import annotations
@@ -73,8 +75,28 @@ def token_hash(dataset) -> str:
     return h.hexdigest()
 
 
-def cache_key(trainer, dataset) -> tuple[str, dict]:
-    model = trainer.ref_model or trainer.model
+def sharded_module_hash(model) -> str:
+    """The weights' hash when ZeRO-3 has partitioned them (each parameter has 0 elements on its rank, so TRL's
+    `hash_module` would hash nothing and every model of one architecture would share a cache entry): each parameter
+    gathered alone (never the whole model on one rank), the same bytes hashed on every rank. Collective."""
+    import deepspeed
+    import xxhash
+
+    h = xxhash.xxh3_128()
+    for name, p in sorted(model.named_parameters()):
+        with deepspeed.zero.GatheredParameters([p]):
+            h.update(f"{name}:{p.dtype}:{tuple(p.shape)}".encode())
+            t = p.detach().cpu()
+            h.update((t.float() if t.dtype in (torch.bfloat16, torch.float16) else t).numpy().tobytes())
+    for name, b in sorted(model.named_buffers()):
+        h.update(f"{name}:{b.dtype}".encode())
+        h.update(b.detach().cpu().float().numpy().tobytes())
+    return h.hexdigest()
+
+
+def cache_key(trainer, dataset, model=None) -> tuple[str, dict]:
+    model = model or trainer.ref_model or trainer.model
+    model = getattr(model, "module", model)  # a DeepSpeed engine: its dtype and config are the module's
     args = trainer.args
     parts = {
         "format": FORMAT,
@@ -90,8 +112,10 @@ def cache_key(trainer, dataset) -> tuple[str, dict]:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24], parts
 
 
-def _compute_share(trainer, dataset, indices: list[int], budget: int) -> tuple[list, dict]:
-    """(index, chosen, rejected) for this rank's pairs, longest first, packed micro-batches up to `budget` tokens."""
+def _compute_share(trainer, dataset, indices: list[int], budget: int, model,
+                   even_forwards: bool = False) -> tuple[list, dict]:
+    """(index, chosen, rejected) for this rank's pairs, longest first, packed micro-batches up to `budget` tokens.
+    even_forwards (sharded weights): pad with one-token forwards to the most micro-batches any rank has."""
     collator = trainer._packed_collator
     lengths = sequence_lengths(dataset, trainer.args.max_length, trainer.args.truncation_mode)
     indices = sorted(indices, key=lambda i: -int(lengths[i, :2].sum()))
@@ -103,12 +127,14 @@ def _compute_share(trainer, dataset, indices: list[int], budget: int) -> tuple[l
         cur.append(i)
     if cur:
         batches.append(cur)
-    model = trainer.ref_model or trainer.model
     device = trainer.accelerator.device
-    if next(model.parameters()).device != device:
+    padding = 0
+    if even_forwards:
+        padding = int(_all_ranks(np.array([len(batches)]), device, dist.ReduceOp.MAX)[0]) - len(batches)
+    elif next(model.parameters()).device != device:
         model.to(device)
     forward = PackedForward(model)
-    out, stats = [], {"useful": 0, "computed": 0}
+    out, stats = [], {"useful": 0, "computed": 0, "even_padding": padding}
     was_training = model.training
     model.eval()  # dropout is off either way (TRL disables it); eval keeps any other train-only behaviour out
     try:
@@ -122,6 +148,11 @@ def _compute_share(trainer, dataset, indices: list[int], budget: int) -> tuple[l
             # TRL's own function: no_grad, autocast, PEFT adapter switching, ld_alpha weighting
             chosen, rejected = trainer.compute_ref_log_probs(forward, inputs)
             out.extend(zip(batch, chosen.float().cpu().tolist(), rejected.float().cpu().tolist(), strict=True))
+        pad = trainer._packed_collator.pad_token_id
+        for _ in range(padding):  # the gathers of the other ranks' forwards need this rank's part
+            dummy = collator([{"prompt_ids": [pad], "chosen_ids": [pad], "rejected_ids": [pad]}])
+            trainer.compute_ref_log_probs(forward, {k: v.to(device) if torch.is_tensor(v) else v
+                                                    for k, v in dummy.items()})
     finally:
         model.train(was_training)
     return out, stats
@@ -205,11 +236,15 @@ def _with_columns(dataset, ref: Dataset):
     return concatenate_datasets([keep, ref], axis=1)
 
 
-def attach(trainer, dataset, name: str, cache_dir: str | Path | None = None):
-    """`dataset` with ref_chosen_logps / ref_rejected_logps columns, from the cache, resumed, or computed now."""
+def attach(trainer, dataset, name: str, cache_dir: str | Path | None = None, model=None,
+           even_forwards: bool = False):
+    """`dataset` with ref_chosen_logps / ref_rejected_logps columns, from the cache, resumed, or computed now.
+    model: what runs the reference forwards (default the trainer's reference model, else the policy);
+    even_forwards: every rank must run the same number of forwards (sharded weights)."""
     acc = trainer.accelerator
+    model = model or trainer.ref_model or trainer.model
     lead = ranks.writes("node")  # writes, and moves bad files aside, for its node
-    key, parts = cache_key(trainer, dataset)
+    key, parts = cache_key(trainer, dataset, model)
     folder = Path(cache_dir or DEFAULT_DIR) / key
     pairs = len(dataset)
     final = folder / "ref_logps.arrow"
@@ -246,14 +281,15 @@ def attach(trainer, dataset, name: str, cache_dir: str | Path | None = None):
     lengths = sequence_lengths(dataset, trainer.args.max_length, trainer.args.truncation_mode)[:, :2].sum(axis=1)
     budget = trainer._ref_token_budget
     start = last = time.perf_counter()
-    stats = {"useful": 0, "computed": 0}
+    stats = {"useful": 0, "computed": 0, "even_padding": 0}
     done = 0
     for c in range(n_chunks):
         chunk = np.arange(c * size, min((c + 1) * size, pairs))
         if have[c]:
             continue
         order = chunk[np.argsort(-lengths[chunk], kind="stable")]  # dealt longest first: balanced ranks
-        share, st = _compute_share(trainer, dataset, order[acc.process_index:: acc.num_processes].tolist(), budget)
+        share, st = _compute_share(trainer, dataset, order[acc.process_index:: acc.num_processes].tolist(), budget,
+                                   model, even_forwards)
         for k in stats:
             stats[k] += st[k]
         for i, chosen, rejected in gather_object(share):  # every rank gets every (index, chosen, rejected)
@@ -281,9 +317,11 @@ def attach(trainer, dataset, name: str, cache_dir: str | Path | None = None):
                             f"{pairs:,} pairs saved in {folder})")
     seconds = time.perf_counter() - start
     trainer._ref_precompute_stats = {"cached": False, "seconds": seconds, "resumed_chunks": int(have.sum()), **stats}
-    logger.info("%s: reference log-probs for %d pairs in %.1fs (packed, %d ranks, padding efficiency %.3f%s)",
+    logger.info("%s: reference log-probs for %d pairs in %.1fs (packed, %d ranks, padding efficiency %.3f%s%s)",
                 name, done, seconds, acc.num_processes, stats["useful"] / max(stats["computed"], 1),
-                f", {int(have.sum())} chunks resumed" if have.any() else "")
+                f", {int(have.sum())} chunks resumed" if have.any() else "",
+                f", {stats['even_padding']} one-token forwards on this rank to match the other ranks' count"
+                if stats["even_padding"] else "")
     table = pa.table({COLUMNS[0]: values[:, 0], COLUMNS[1]: values[:, 1]})
     if save and lead:
         try:

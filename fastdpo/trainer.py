@@ -6,6 +6,14 @@ Fast path (on by default through fastdpo.config.DPOConfig; each piece falls back
   * token budget: each optimizer step's pairs re-cut into micro-batches up to `token_budget` tokens, with the
     per-pair loss weights of the stock path (fastdpo.batching).
   * reference log-probs precomputed once, packed, cached on disk (fastdpo.refcache).
+
+DPOTrainer reads in three parts: which path (the blocker, the layouts, the start-up probe's verdict), the data (the
+reference pass, the token-budget dataloader), and the step (packed loss, one slot's micro-batches).
+
+Under parameter sharding (DeepSpeed ZeRO-3, FSDP2) every forward gathers the weights collectively, so every rank runs
+the same number of forwards and backwards: the token-budget sampler gives each rank the same micro-batch count per
+step, and the reference pass pads a rank's share with one-token forwards (fastdpo.refcache). The probe runs a float32
+twin instead of the sharded weights (fastdpo.probe).
 """
 
 from __future__ import annotations
@@ -13,16 +21,19 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import os
 
 import torch
 from accelerate.utils import DistributedType
 from datasets import Dataset
 from trl import DPOTrainer as _TRLDPOTrainer
+from trl.models import prepare_deepspeed
 
 from . import refcache
 from .batching import TokenBudgetSampler, sequence_lengths, slot_dataloader
 from .packing import BATCH_COUPLED_LOSSES, PACKING_ATTENTION, VARLEN_ATTENTION, PackedForward, PackedPreferenceCollator
 from .probe import choose
+from .refcache import sharded_module_hash
 
 logger = logging.getLogger("fastdpo")
 
@@ -57,29 +68,12 @@ class StockDPOTrainer(_TRLDPOTrainer):
 class DPOTrainer(_TRLDPOTrainer):
     def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, **kwargs):
-        self._fast = False
-        self._packing_checked = False
         padding_free = bool(getattr(args, "padding_free", False))
-        reason = self._fast_path_blocker(model, args, data_collator, train_dataset, processing_class)
-        if padding_free and reason is None:
-            self._fast = True
-            pad_id = processing_class.pad_token_id
-            if pad_id is None:
-                pad_id = processing_class.eos_token_id
-            self._layouts = self._candidate_layouts(model.config._attn_implementation, pad_id, args)
-            self._packed_collator = self._layouts[0]
-            # Stock's largest micro-batch on this data: per_device_train_batch_size pairs, every row padded to the
-            # longest sequence (the micro-batch holding it pads all its rows to it, once an epoch at least).
-            longest = int(sequence_lengths(train_dataset, args.max_length)[:, :2].max())
-            self._token_budget = getattr(args, "token_budget", None) or args.per_device_train_batch_size * 2 * longest
-            # The reference pass keeps no activations and could take larger micro-batches, but it gains nothing by
-            # it: on 2 CPU cores, twice the training micro-batch made the pass ~25% slower (cache), and a GPU is
-            # already saturated by one training micro-batch of a real model. The same size keeps memory at training's.
-            ref_pairs = args.precompute_ref_batch_size or args.per_device_train_batch_size
-            self._ref_token_budget = ref_pairs * 2 * longest
+        self._fast = padding_free and self._plan_fast_path(model, args, data_collator, train_dataset,
+                                                           processing_class)
+        self._packing_checked = False
+        if self._fast:
             args.padding_free = False  # TRL 1.16 would warn that it ignores the flag; this class implements it
-        elif padding_free:
-            logger.warning("padding_free: using the stock padded path because %s", reason)
         try:
             super().__init__(model=model, ref_model=ref_model, args=args, data_collator=data_collator,
                              train_dataset=train_dataset, eval_dataset=eval_dataset,
@@ -89,16 +83,32 @@ class DPOTrainer(_TRLDPOTrainer):
         if self._fast and not self._packing_checked:
             self._check_packing()
         if self._fast:
-            # Every packed batch carries reference log-probs (precomputed, or computed packed in compute_loss), so
-            # TRL's loss always reads them from the batch.
-            self.precompute_ref_logps = True
-            self.data_collator = self._packed_collator  # eval batches: same pairs as stock, packed
-            c = self._packed_collator
-            logger.info("fast path: %s attention, %s, rows of %s tokens, token budget %s per micro-batch, reference "
-                        "log-probs %s", "per-sequence" if c.mode == "segments" else "the model's packed-mask",
-                        "prompt shared by chosen and rejected" if c.share_prefix else "no prefix sharing",
-                        c.row_capacity or "unbounded", self._token_budget,
-                        "precomputed (cached)" if args.precompute_ref_log_probs else "computed packed each step")
+            self._use_packed_batches()
+
+    # --- which path: the fast path's blocker, its candidate layouts, the start-up probe's verdict
+
+    def _plan_fast_path(self, model, args, data_collator, train_dataset, processing_class) -> bool:
+        """True when the padding-free path is TRL's math here (else the reason is logged); sets its layouts and
+        token budgets. The probe confirms a layout on the real model later, once the Trainer exists."""
+        reason = self._fast_path_blocker(model, args, data_collator, train_dataset, processing_class)
+        if reason is not None:
+            logger.warning("padding_free: using the stock padded path because %s", reason)
+            return False
+        pad_id = processing_class.pad_token_id
+        if pad_id is None:
+            pad_id = processing_class.eos_token_id
+        self._layouts = self._candidate_layouts(model.config._attn_implementation, pad_id, args)
+        self._packed_collator = self._layouts[0]
+        # Stock's largest micro-batch on this data: per_device_train_batch_size pairs, every row padded to the
+        # longest sequence (the micro-batch holding it pads all its rows to it, once an epoch at least).
+        longest = int(sequence_lengths(train_dataset, args.max_length)[:, :2].max())
+        self._token_budget = getattr(args, "token_budget", None) or args.per_device_train_batch_size * 2 * longest
+        # The reference pass keeps no activations and could take larger micro-batches, but it gains nothing by
+        # it: on 2 CPU cores, twice the training micro-batch made the pass ~25% slower (cache), and a GPU is
+        # already saturated by one training micro-batch of a real model. The same size keeps memory at training's.
+        ref_pairs = args.precompute_ref_batch_size or args.per_device_train_batch_size
+        self._ref_token_budget = ref_pairs * 2 * longest
+        return True
 
     @staticmethod
     def _candidate_layouts(attn: str, pad_id: int, args) -> list[PackedPreferenceCollator]:
@@ -146,21 +156,40 @@ class DPOTrainer(_TRLDPOTrainer):
             return "max_length is None (the token budget and row size derive from it)"
         if getattr(args, "packed_layout", "auto") == "segments" and attn != "sdpa":
             return f"packed_layout=segments needs attn_implementation='sdpa' (the model uses {attn!r})"
-        if args.deepspeed_plugin is not None and args.deepspeed_plugin.zero_stage == 3:
-            return "DeepSpeed ZeRO-3 is not tested with packing (ZeRO-2 and DDP are)"
+        if DPOTrainer._fsdp_version(args) == 1:
+            return ("FSDP version 1 is not tested with packing (FSDP2, ZeRO-2/3 and DDP are): set fsdp_version: 2 "
+                    "(accelerate config) or fsdp_config {version: 2}")
+        return None
+
+    @staticmethod
+    def _fsdp_version(args) -> int | None:
+        """FSDP as TrainingArguments (`fsdp`, default version 2) or an accelerate config (its env, default 1) asks."""
         if getattr(args, "fsdp", None):
-            return "FSDP is not tested with packing (ZeRO-2 and DDP are)"
+            return int((args.fsdp_config or {}).get("version", 2))
+        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+            return int(os.environ.get("FSDP_VERSION", "1"))
+        return None
+
+    def _sharding(self) -> str | None:
+        """The parameter-sharding backend (weights partitioned over the ranks), or None (DDP, ZeRO-1/2): what the
+        Trainer's accelerator runs, however it was configured (TrainingArguments or an accelerate config)."""
+        state = self.accelerator.state
+        if state.deepspeed_plugin is not None and state.deepspeed_plugin.zero_stage == 3:
+            return "DeepSpeed ZeRO-3"
+        if self.accelerator.distributed_type == DistributedType.FSDP:
+            return f"FSDP{state.fsdp_plugin.fsdp_version}"
         return None
 
     def _check_packing(self) -> bool:
-        """Probe each candidate layout on the real model; keep the first that matches the padded path, else stock."""
+        """Probe each candidate layout (on every rank, one verdict); keep the first that matches the padded path,
+        else stock. Sharded weights are not gathered: the probe runs the model's float32 twin."""
         self._packing_checked = True
-        model = self.model
-        if next(model.parameters()).device != self.accelerator.device:
+        model, sharded = self.model, self._sharding() is not None
+        if not sharded and next(model.parameters()).device != self.accelerator.device:
             model.to(self.accelerator.device)  # DeepSpeed moves it there anyway; the probe should not run on CPU
         # what _compute_loss adds to every forward (MoE router logits), so the probe runs the calls training makes
         extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        layout = choose(model, self._layouts, **extra)
+        layout = choose(model, self._layouts, sharded=sharded, device=self.accelerator.device, **extra)
         release_memory()
         if layout is None:
             logger.warning("padding_free: no packed layout matches the padded path on this model; using the stock "
@@ -170,39 +199,77 @@ class DPOTrainer(_TRLDPOTrainer):
         self._packed_collator = layout
         return True
 
+    def _use_packed_batches(self) -> None:
+        # Every packed batch carries reference log-probs (precomputed, or computed packed in compute_loss), so
+        # TRL's loss always reads them from the batch.
+        self.precompute_ref_logps = True
+        self.data_collator = self._packed_collator  # eval batches: same pairs as stock, packed
+        c, args = self._packed_collator, self.args
+        logger.info("fast path: %s attention, %s, rows of %s tokens, token budget %s per micro-batch, reference "
+                    "log-probs %s%s", {"segments": "per-sequence", "varlen": "per-sequence (one varlen call a layer)"}.get(
+                        c.mode, "the model's packed-mask"),
+                    "prompt shared by chosen and rejected" if c.share_prefix else "no prefix sharing",
+                    c.row_capacity or "unbounded", self._token_budget,
+                    "precomputed (cached)" if args.precompute_ref_log_probs else "computed packed each step",
+                    f", parameters sharded ({self._sharding()})" if self._sharding() else "")
+
+    # --- data: tokenised pairs, the reference pass, token-budget micro-batches
+
     _prepare_dataset = _keep_tokenized
 
     def _precompute_ref_logps(self, dataset, name, batch_size):
         if self._fast and not self._packing_checked:
             self._check_packing()  # before any packed forward: a failed probe precomputes the stock way
-        if self._fast:
-            dataset = refcache.attach(self, dataset, name, getattr(self.args, "ref_logps_cache_dir", None))
-            release_memory()
-            return dataset
-        return super()._precompute_ref_logps(dataset, name, batch_size)
+        if not self._fast:
+            return super()._precompute_ref_logps(dataset, name, batch_size)
+        dataset = refcache.attach(self, dataset, name, getattr(self.args, "ref_logps_cache_dir", None),
+                                  model=self._reference_model(), even_forwards=self._sharding() is not None)
+        release_memory()
+        return dataset
+
+    def _reference_model(self):
+        """What the reference pass runs. ZeRO-3: the policy's partitioned weights are gathered layer by layer inside
+        a DeepSpeed inference engine (TRL's own `prepare_deepspeed`, kept for later passes as TRL does); its cache
+        key hashes the weights one parameter at a time (TRL's hash of a partitioned module sees empty tensors).
+        FSDP2: TRL's sharded reference copy. Otherwise the reference model or the policy itself."""
+        if self.ref_model is None and self._sharding() == "DeepSpeed ZeRO-3":
+            if self._precompute_engine is None:
+                if any(hasattr(p, "ds_id") for p in self.model.parameters()):  # partitioned by zero.Init
+                    self._precompute_model_hash = sharded_module_hash(self.model)
+                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
+            return self._precompute_engine
+        return self.ref_model or self.model
 
     def get_train_dataloader(self):
         if not self._fast:
             return super().get_train_dataloader()
         dataset = self._remove_unused_columns(self.train_dataset, description="training")
         args = self.args
-        collator = self._packed_collator
-        sampler = TokenBudgetSampler(
+        extra = {}
+        if args.dataloader_num_workers > 0:
+            extra = {"persistent_workers": args.dataloader_persistent_workers,
+                     "prefetch_factor": args.dataloader_prefetch_factor}
+        return slot_dataloader(dataset, self._token_budget_sampler(dataset), self._packed_collator,
+                               num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
+                               **extra)
+
+    def _token_budget_sampler(self, dataset) -> TokenBudgetSampler:
+        """The stock path's pairs per (rank, step), re-cut into micro-batches of at most the token budget; every
+        rank plans every rank's steps, so all run the same number of micro-batches (collectives match)."""
+        args = self.args
+        return TokenBudgetSampler(
             sequence_lengths(dataset, args.max_length, args.truncation_mode), self._train_batch_size,
             args.gradient_accumulation_steps, world_size=args.world_size, rank=args.process_index,
-            token_budget=self._token_budget, row_capacity=collator.row_capacity, order=args.train_sampling_strategy,
-            seed=args.data_seed if args.data_seed is not None else args.seed, drop_last=args.dataloader_drop_last,
+            token_budget=self._token_budget, row_capacity=self._packed_collator.row_capacity,
+            order=args.train_sampling_strategy, seed=args.data_seed if args.data_seed is not None else args.seed,
+            drop_last=args.dataloader_drop_last,
             # The budget counts each pair's two sequences whole, even when its prompt runs once: a micro-batch then
             # never holds more than stock's largest one, so peak memory stays below it. Counting shared tokens let
             # prompt-heavy micro-batches take more pairs: multiturn peak 1.02x stock's, against 0.82x this way, at
             # the same speed (shaped model, 2 CPU cores).
             share_prefix=False)
-        extra = {}
-        if args.dataloader_num_workers > 0:
-            extra = {"persistent_workers": args.dataloader_persistent_workers,
-                     "prefetch_factor": args.dataloader_prefetch_factor}
-        return slot_dataloader(dataset, sampler, self._packed_collator, num_workers=args.dataloader_num_workers,
-                               pin_memory=args.dataloader_pin_memory, **extra)
+
+    # --- the step: packed loss through TRL's own code, one slot's micro-batches
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         if "packed_input_ids" not in inputs:
@@ -233,7 +300,7 @@ class DPOTrainer(_TRLDPOTrainer):
             padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
             padded[: tensor.shape[0]] = tensor
             chunks = plain(padded).split(max(sizes))
-            return torch.cat([c[:n] for c, n in zip(chunks, sizes)])
+            return torch.cat([c[:n] for c, n in zip(chunks, sizes, strict=True)])
 
         acc.gather = gather  # instance attribute shadows the method for this call only
         try:
@@ -250,22 +317,23 @@ class DPOTrainer(_TRLDPOTrainer):
         model.train()
         if hasattr(self.optimizer, "train") and callable(self.optimizer.train):
             self.optimizer.train()
-        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
         sync = self.accelerator.sync_gradients  # the Trainer's decision for this slot
         micro_batches = inputs["micro_batches"]
         total = torch.zeros((), device=self.args.device)
-        if not micro_batches:  # the step's pairs fit in fewer micro-batches than accumulation slots
-            return total
-        for j, mb in enumerate(micro_batches):
-            last = j == len(micro_batches) - 1
-            mb = self._prepare_inputs(mb)
-            # DDP / ZeRO reduce gradients only after the step's final micro-batch
-            self.accelerator.gradient_state._set_sync_gradients(sync and last)
-            no_sync = contextlib.nullcontext() if last or deepspeed else self.accelerator.no_sync(model)
-            with no_sync, self.maybe_activation_offload_context:
-                with self.compute_loss_context_manager():
-                    loss = self.compute_loss(model, mb) * mb["loss_weight"].to(torch.float32)
-                self.accelerator.backward(loss, **({"scale_wrt_gas": False} if deepspeed else {}))
-            total += loss.detach()
+        for j, mb in enumerate(micro_batches):  # none: the step's pairs fit in fewer micro-batches than slots
+            total += self._micro_batch_backward(model, mb, last=j == len(micro_batches) - 1, sync=sync)
         self.accelerator.gradient_state._set_sync_gradients(sync)
         return total
+
+    def _micro_batch_backward(self, model, mb, last: bool, sync: bool) -> torch.Tensor:
+        """Forward and backward of one packed micro-batch of a slot, weighted by its pairs' step weights."""
+        deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
+        mb = self._prepare_inputs(mb)
+        # DDP / ZeRO reduce gradients only after the step's final micro-batch
+        self.accelerator.gradient_state._set_sync_gradients(sync and last)
+        no_sync = contextlib.nullcontext() if last or deepspeed else self.accelerator.no_sync(model)
+        with no_sync, self.maybe_activation_offload_context:
+            with self.compute_loss_context_manager():
+                loss = self.compute_loss(model, mb) * mb["loss_weight"].to(torch.float32)
+            self.accelerator.backward(loss, **({"scale_wrt_gas": False} if deepspeed else {}))
+        return loss.detach()

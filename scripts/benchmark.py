@@ -5,6 +5,7 @@ processes, on two models: the embedded tiny Llama and one shaped like the target
     .venv/bin/python scripts/benchmark.py --profile multiturn --json outputs/bench_multiturn.json
     .venv/bin/python scripts/benchmark.py --profile think --breakdown   # one fast-path option at a time
     .venv/bin/python scripts/benchmark.py --dataset data/pairs.jsonl --max_length 1024   # real data
+    .venv/bin/python scripts/benchmark.py --backends zero2 zero3 --model embedded   # 2 processes, DeepSpeed
     .venv/bin/python scripts/benchmark.py --model config --model_config olmo3_1b.json --dtype bfloat16 \
         --scale 1 --train_args="--bf16 true --gradient_checkpointing true"   # any architecture (scripts/gpu_check.py)
 
@@ -24,6 +25,11 @@ Models (--model, default both):
 Variants per round: stock (TRL's padded path, a reference forward each step), fast (every option on, fresh reference
 cache: the precompute is paid inside the run) and fast-warm (the cache a previous run left: a beta sweep, a requeue).
 --breakdown adds the options one at a time instead (shaped model).
+
+Backends (--backends, default single): `single` is one process; `zero2` / `zero3` run every variant as 2 processes
+under torchrun (gloo on CPU) with DeepSpeed ZeRO-2 (ds_config.json) or ZeRO-3 (ds_config_zero3.json, the model
+loaded partitioned), the same pairs per device, so twice the pairs per optimizer step. Several backends alternate
+within each round, so their fast/stock ratios are measured side by side.
 
 Reported per run: useful tokens/s (prompt + answer tokens of chosen and rejected, padding excluded, each prompt
 counted twice as TRL's math computes it), pairs/s, padding efficiency (the share of computed tokens that are not
@@ -63,6 +69,8 @@ PROFILES = {
 # OLMo 3 7B: the compute mix the shaped model copies
 TARGET = {"hidden": 4096, "layers": 32, "intermediate": 11008, "vocab": 100278}
 SHAPED_LAYERS = 4
+BACKEND_ARGS = {"single": [], "zero2": ["--deepspeed", str(ROOT / "ds_config.json")],
+                "zero3": ["--deepspeed", str(ROOT / "ds_config_zero3.json")]}
 # cumulative: each adds one option to the one before (shaped model)
 BREAKDOWN = {
     "stock": [],
@@ -147,8 +155,20 @@ def synthetic_pairs(profile: str, n: int, scale: int, vocab: int, seed: int = 0)
     return rows
 
 
+def distributed_setup(opts) -> int:
+    """World size of this run; under ZeRO-3 on CPU also starts deepspeed.comm, which accelerate skips with use_cpu
+    (zero.Init would otherwise check the batch size for one process)."""
+    if opts.backend == "single":
+        return 1
+    if opts.backend == "zero3":
+        import deepspeed
+
+        deepspeed.init_distributed(dist_backend="gloo")
+    return int(os.environ["WORLD_SIZE"])
+
+
 def worker(opts) -> dict:
-    """One timed run in this process; returns the measurements."""
+    """One timed run in this process (one rank of it under a distributed backend); returns the measurements."""
     import torch
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
@@ -161,7 +181,8 @@ def worker(opts) -> dict:
 
     scale = opts.scale
     max_length = opts.max_length or PROFILES[opts.profile]["max_length"] // scale
-    pairs_needed = opts.steps * opts.pairs_per_device * opts.grad_accum
+    world = distributed_setup(opts)
+    pairs_needed = opts.steps * opts.pairs_per_device * opts.grad_accum * world
     stock = opts.variant == "stock"
     extra = ([] if stock else BREAKDOWN.get(opts.variant, [])) + shlex.split(opts.train_args or "")
     common = ["--output_dir", str(Path(opts.tmp) / "run"), "--max_length", str(max_length),
@@ -169,12 +190,16 @@ def worker(opts) -> dict:
               "--gradient_accumulation_steps", str(opts.grad_accum), "--max_steps", str(opts.steps),
               "--logging_steps", str(opts.steps), "--eval_before_train", "false", "--save_strategy", "no",
               "--report_to", "none", "--ref_logps_cache_dir", str(Path(opts.cache)), "--disable_tqdm", "true",
-              *extra]
+              *extra, *BACKEND_ARGS[opts.backend]]
     if opts.dataset:
         common += ["--dataset_name", opts.dataset, "--max_train_samples", str(pairs_needed)]
     script_args, args, model_args = cfg.parse_args(common)
     tok = models.load_tokenizer(model_args.model_name_or_path)
-    if opts.model in ("shaped", "config"):
+    if opts.model == "shaped" and opts.backend != "single":
+        # the folder main() saved: from_pretrained loads it partitioned under ZeRO-3 (load_state_dict could not)
+        def load(_args):
+            return AutoModelForCausalLM.from_pretrained(shaped_folder(opts.tmp), attn_implementation="sdpa")
+    elif opts.model in ("shaped", "config"):
         if opts.model == "shaped":
             config = shaped_config(scale, len(tok))
         else:
@@ -243,6 +268,10 @@ def worker(opts) -> dict:
     built = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
+    if world > 1:  # each rank counted its own micro-batches
+        totals = torch.tensor([computed[0], real[0]], dtype=torch.float64)
+        torch.distributed.all_reduce(totals)
+        computed[0], real[0] = int(totals[0]), int(totals[1])
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else rss_mb
     stats = getattr(trainer, "_ref_precompute_stats", {})
@@ -260,9 +289,44 @@ def worker(opts) -> dict:
                       "vocab": model_config.vocab_size}}
 
 
-def run(opts, argv, model, variant, tmp, cache) -> dict:
-    cmd = [sys.executable, __file__, *argv, "--model", model, "--worker", variant, "--tmp", tmp, "--cache", cache]
-    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1"})
+def shaped_folder(tmp: str) -> Path:
+    return Path(tmp) / "shaped-model"
+
+
+def save_shaped(opts, tmp: str) -> None:
+    """The shaped model's seeded weights as a model folder, for the ranks of a distributed backend to load."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    from fastdpo import models, tiny
+
+    if shaped_folder(tmp).exists():
+        return
+    tok = models.load_tokenizer(tiny.MODEL_ID)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(shaped_config(opts.scale, len(tok)), attn_implementation="sdpa")
+    model.save_pretrained(shaped_folder(tmp))
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def run(opts, argv, model, variant, tmp, cache, backend="single") -> dict:
+    launch = [sys.executable]
+    if backend != "single":
+        launch = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                  str(free_port())]
+    cmd = [*launch, __file__, *argv, "--model", model, "--worker", variant, "--tmp", tmp, "--cache", cache,
+           "--backend", backend]
+    # .venv/bin first on PATH: DeepSpeed rebuilds its CPU op whenever the ninja it finds changes (CLAUDE.md)
+    path = f"{Path(sys.executable).parent}:{os.environ.get('PATH', '')}"
+    proc = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "TQDM_DISABLE": "1", "PATH": path})
     line = next((x for x in proc.stdout.splitlines() if x.startswith("BENCH ")), None)
     if proc.returncode or line is None:
         sys.exit(f"{model} {variant} run failed:\n{proc.stdout[-2000:]}\n{proc.stderr[-4000:]}")
@@ -288,11 +352,15 @@ def main():
     parser.add_argument("--rounds", type=int, default=3, help="rounds of alternating runs")
     parser.add_argument("--breakdown", action="store_true", help="add the fast path's options one at a time "
                         "(shaped model) instead of stock / fast / fast-warm on both models")
+    parser.add_argument("--backends", nargs="+", choices=sorted(BACKEND_ARGS), default=["single"],
+                        help="single (one process), zero2 / zero3 (2 processes, DeepSpeed); several alternate in a "
+                        "round")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--json", help="write the summary here")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--tmp", help=argparse.SUPPRESS)
     parser.add_argument("--cache", help=argparse.SUPPRESS)
+    parser.add_argument("--backend", default="single", help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if opts.model == "config" and not opts.model_config:
         parser.error("--model config needs --model_config FILE.json")
@@ -303,7 +371,9 @@ def main():
         import logging
         logging.basicConfig(level=logging.WARNING)
         opts.variant = opts.worker
-        print("BENCH " + json.dumps(worker(opts)), flush=True)
+        result = worker(opts)
+        if int(os.environ.get("RANK", "0")) == 0:
+            print("BENCH " + json.dumps(result), flush=True)
         return
 
     import torch
@@ -316,63 +386,101 @@ def main():
     print(f"load average at start: {os.getloadavg()[0]:.2f}", flush=True)
     argv = [a for a in sys.argv[1:] if a not in ("--breakdown", "--json", opts.json or "--json")]
     argv = [a for i, a in enumerate(argv) if not (a == "--model" or (i and argv[i - 1] == "--model"))]
+    if "--backends" in argv:  # the workers get one --backend each
+        k = argv.index("--backends")
+        argv = argv[:k] + argv[k + 1 + len(opts.backends):]
     models_ = ["shaped"] if opts.breakdown else (["embedded", "shaped"] if opts.model == "both" else [opts.model])
     variants = list(BREAKDOWN) if opts.breakdown else ["stock", "fast", "fast-warm"]
-    runs = {(m, v): [] for m in models_ for v in variants}
+    backends = opts.backends
+    runs = {(b, m, v): [] for b in backends for m in models_ for v in variants}
     for rnd in range(opts.rounds):
         for model in models_:
-            with tempfile.TemporaryDirectory() as tmp:
-                cache = str(Path(tmp) / "ref_cache")  # fresh per round: the first fast run pays the precompute
-                # Stock runs first in even rounds and last in odd ones, so that no variant always takes the same
-                # place in a round: a shared machine's speed drifts over a burst of runs
-                order = variants if rnd % 2 == 0 else variants[1:] + variants[:1]
-                for variant in order:
-                    worker_variant = {"fast": "fast", "fast-warm": "fast", "+precompute": "fast",
-                                      "+warm cache": "fast"}.get(variant, variant)
-                    res = run(opts, argv, model, worker_variant, tmp, cache)
-                    if variant in ("fast-warm", "+warm cache") and not res["ref_cached"]:
-                        sys.exit(f"{variant}: the reference cache was not reused")
-                    res["mfu"] = res["model_flops_per_s"] / peak
-                    runs[(model, variant)].append(res)
-                    print(f"round {rnd + 1}/{opts.rounds} {model:8s} {variant:16s} {res['tokens_per_s']:9.0f} useful "
-                          f"tok/s {res['pairs_per_s']:6.2f} pairs/s  padding eff {res['padding_efficiency']:.3f}  "
-                          f"computed/useful {res['computed_per_useful']:.2f}  "
-                          f"peak {res['peak_mem_mb']:6.0f} MB  MFU {res['mfu']:.1%}  ({res['seconds']:.1f}s, "
-                          f"ref precompute {res['ref_precompute_seconds']:.1f}s"
-                          f"{', ' + res['layout'] if res['layout'] else ''})",
-                          flush=True)
+            for backend in backends if rnd % 2 == 0 else backends[::-1]:
+                with tempfile.TemporaryDirectory() as tmp:
+                    run_round(opts, argv, runs, rnd, backend, model, variants, tmp, peak)
+    summarize(opts, runs, backends, models_, variants, machine, peak)
 
+
+def run_round(opts, argv, runs, rnd, backend, model, variants, tmp, peak) -> None:
+    """Every variant once, in fresh processes; the reference cache is fresh per round (the first fast run pays
+    the precompute, fast-warm reuses it)."""
+    cache = str(Path(tmp) / "ref_cache")
+    if backend != "single" and model == "shaped":
+        save_shaped(opts, tmp)
+    # Stock runs first in even rounds and last in odd ones, so that no variant always takes the same
+    # place in a round: a shared machine's speed drifts over a burst of runs
+    order = variants if rnd % 2 == 0 else variants[1:] + variants[:1]
+    label = "" if backend == "single" else f"{backend} "
+    for variant in order:
+        worker_variant = {"fast": "fast", "fast-warm": "fast", "+precompute": "fast",
+                          "+warm cache": "fast"}.get(variant, variant)
+        res = run(opts, argv, model, worker_variant, tmp, cache, backend)
+        if variant in ("fast-warm", "+warm cache") and not res["ref_cached"]:
+            sys.exit(f"{variant}: the reference cache was not reused")
+        res["mfu"] = res["model_flops_per_s"] / peak
+        runs[(backend, model, variant)].append(res)
+        print(f"round {rnd + 1}/{opts.rounds} {label}{model:8s} {variant:16s} {res['tokens_per_s']:9.0f} useful "
+              f"tok/s {res['pairs_per_s']:6.2f} pairs/s  padding eff {res['padding_efficiency']:.3f}  "
+              f"computed/useful {res['computed_per_useful']:.2f}  "
+              f"peak {res['peak_mem_mb']:6.0f} MB  MFU {res['mfu']:.1%}  ({res['seconds']:.1f}s, "
+              f"ref precompute {res['ref_precompute_seconds']:.1f}s"
+              f"{', ' + res['layout'] if res['layout'] else ''})",
+              flush=True)
+
+
+def summarize(opts, runs, backends, models_, variants, machine, peak) -> None:
+    """One table per backend and model (medians, and the median of each round's fast/stock ratio); with several
+    backends, each one's ratio over the first's, round by round."""
     keys = ("tokens_per_s", "pairs_per_s", "padding_efficiency", "computed_per_useful", "peak_mem_mb", "mfu")
     summary = {"profile": "dataset" if opts.dataset else opts.profile, "scale": opts.scale, "machine": machine,
                "matmul_peak_flops": peak, "setup": {"pairs_per_step": opts.pairs_per_device * opts.grad_accum,
                                                     "steps": opts.steps, "rounds": opts.rounds}, "models": {}}
-    for model in models_:
-        first = runs[(model, variants[0])][0]
-        med = {v: {k: statistics.median(r[k] for r in runs[(model, v)]) for k in keys} for v in variants}
-        # each round's runs are adjacent in time: their ratio is robust to a shared machine's load
-        ratios = {v: [f["tokens_per_s"] / s["tokens_per_s"]
-                      for s, f in zip(runs[(model, "stock")], runs[(model, v)], strict=True)]
-                  for v in variants if v != "stock"}
-        summary["models"][model] = {"shape": first["model"], "pairs": first["pairs"],
-                                    "useful_tokens": first["useful_tokens"], "median": med,
-                                    "round_speedups": ratios,
-                                    "speedup": {v: statistics.median(r) for v, r in ratios.items()}}
-        shape = first["model"]
-        print(f"\n| {summary['profile']} (1/{opts.scale}), {model} model (hidden {shape['hidden']}, {shape['layers']} "
-              f"layers, vocab {shape['vocab']}) | useful tok/s | pairs/s | padding eff | computed / useful | peak MB "
-              "| MFU | vs stock |")
-        print("|---|---|---|---|---|---|---|---|")
-        for v in variants:
-            s = med[v]
-            ratio = "1.00x" if v == "stock" else f"{statistics.median(ratios[v]):.2f}x"
-            print(f"| {v} | {s['tokens_per_s']:.0f} | {s['pairs_per_s']:.2f} | {s['padding_efficiency']:.3f} | "
-                  f"{s['computed_per_useful']:.2f} | {s['peak_mem_mb']:.0f} | {s['mfu']:.1%} | {ratio} |")
-        for v, r in ratios.items():
-            print(f"{model} {v}: per-round speedups {', '.join(f'{x:.2f}x' for x in r)}")
+    for backend in backends:
+        for model in models_:
+            got = {v: runs[(backend, model, v)] for v in variants}
+            first = got[variants[0]][0]
+            med = {v: {k: statistics.median(r[k] for r in got[v]) for k in keys} for v in variants}
+            # each round's runs are adjacent in time: their ratio is robust to a shared machine's load
+            ratios = {v: [f["tokens_per_s"] / s["tokens_per_s"] for s, f in zip(got["stock"], got[v], strict=True)]
+                      for v in variants if v != "stock"}
+            entry = {"shape": first["model"], "pairs": first["pairs"], "useful_tokens": first["useful_tokens"],
+                     "median": med, "round_speedups": ratios,
+                     "speedup": {v: statistics.median(r) for v, r in ratios.items()}}
+            if backend == "single":
+                summary["models"][model] = entry
+            else:
+                summary.setdefault("backends", {}).setdefault(backend, {})[model] = entry
+            shape = first["model"]
+            where = "" if backend == "single" else f", {backend} x 2 processes"
+            print(f"\n| {summary['profile']} (1/{opts.scale}), {model} model (hidden {shape['hidden']}, "
+                  f"{shape['layers']} layers, vocab {shape['vocab']}){where} | useful tok/s | pairs/s | padding eff "
+                  "| computed / useful | peak MB | MFU | vs stock |")
+            print("|---|---|---|---|---|---|---|---|")
+            for v in variants:
+                m = med[v]
+                ratio = "1.00x" if v == "stock" else f"{statistics.median(ratios[v]):.2f}x"
+                print(f"| {v} | {m['tokens_per_s']:.0f} | {m['pairs_per_s']:.2f} | {m['padding_efficiency']:.3f} | "
+                      f"{m['computed_per_useful']:.2f} | {m['peak_mem_mb']:.0f} | {m['mfu']:.1%} | {ratio} |")
+            for v, r in ratios.items():
+                print(f"{backend + ' ' if backend != 'single' else ''}{model} {v}: per-round speedups "
+                      f"{', '.join(f'{x:.2f}x' for x in r)}")
+    for backend in backends[1:]:
+        for model in models_:
+            for v in variants[1:]:
+                base = summary_speedups(runs, backends[0], model, v)
+                mine = summary_speedups(runs, backend, model, v)
+                rel = [b / a for a, b in zip(base, mine, strict=True)]
+                print(f"{model} {v}: speedup under {backend} / under {backends[0]}, per round "
+                      f"{', '.join(f'{x:.2f}' for x in rel)}; median {statistics.median(rel):.2f}")
     print(f"load average at end: {os.getloadavg()[0]:.2f}")
     if opts.json:
         Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
         Path(opts.json).write_text(json.dumps(summary, indent=2) + "\n")
+
+
+def summary_speedups(runs, backend, model, variant) -> list[float]:
+    return [f["tokens_per_s"] / s["tokens_per_s"]
+            for s, f in zip(runs[(backend, model, "stock")], runs[(backend, model, variant)], strict=True)]
 
 
 if __name__ == "__main__":
