@@ -205,9 +205,10 @@ class DPOTrainer(_TRLDPOTrainer):
         self.precompute_ref_logps = True
         self.data_collator = self._packed_collator  # eval batches: same pairs as stock, packed
         c, args = self._packed_collator, self.args
+        attention = {"segments": "per-sequence", "varlen": "per-sequence (one varlen call a layer)"}.get(
+            c.mode, "the model's packed-mask")
         logger.info("fast path: %s attention, %s, rows of %s tokens, token budget %s per micro-batch, reference "
-                    "log-probs %s%s", {"segments": "per-sequence", "varlen": "per-sequence (one varlen call a layer)"}.get(
-                        c.mode, "the model's packed-mask"),
+                    "log-probs %s%s", attention,
                     "prompt shared by chosen and rejected" if c.share_prefix else "no prefix sharing",
                     c.row_capacity or "unbounded", self._token_budget,
                     "precomputed (cached)" if args.precompute_ref_log_probs else "computed packed each step",

@@ -259,8 +259,10 @@ def start() -> Watchdog | None:
     _dog.thread.start()
     ranks.note_started()
     if ranks.rank() == 0:
-        logger.info("watchdog: a rank with no optimizer step for max(%g s, %g x the slowest recent step), or no "
-                    "progress for %g s outside training steps, dumps its stacks and exits %d (retried); "
+        # worded without "step " followed by a space: the progress lines are `step N/M | ...`, and a log that never
+        # trained (a refused run, a bad row) is told apart from one that did by that word
+        logger.info("watchdog: a rank with no optimizer update for max(%g s, %g x the slowest recent one), or no "
+                    "progress for %g s outside training, dumps its stacks and exits %d (retried); "
                     "FASTDPO_STALL_TIMEOUT / FASTDPO_STALL_GRACE set them", floor, FACTOR, grace, ranks.STALLED)
     return _dog
 

@@ -174,12 +174,14 @@ def test_own_data_file_with_skipped_rows(tmp_path):
     run([PYTHON, "train_dpo.py", "--dataset_name", str(path), "--dataset_test_split", "0.25",
          "--skip_bad_rows", "true", "--output_dir", str(out), "--max_steps", "2"])
     skipped = [json.loads(x) for x in (out / "skipped_rows.jsonl").read_text().splitlines()]
-    assert [s["where"] for s in skipped] == [f"{path}:6", f"{path}:10"]
+    assert [s["where"] for s in skipped] == [f"{path}:6"]
     assert skipped[0]["problem"].startswith("malformed JSON (Expecting property name")
-    assert skipped[1]["problem"] == "chosen is identical to rejected (no preference to learn)"
+    # chosen = rejected is no error: no pair, counted and listed
+    no_pair = [json.loads(x) for x in (out / "no_pair_rows.jsonl").read_text().splitlines()]
+    assert no_pair == [{"where": f"{path}:10", "problem": "chosen identical to rejected: no preference, no pair"}]
     report = read_json(out / "data_report.json")
-    assert report["skipped_rows"] == 2 and report["train"]["pairs"] + report["eval"]["pairs"] == 40
-    assert report["accounting"]["rows_read"] == 42
+    assert report["skipped_rows"] == 1 and report["train"]["pairs"] + report["eval"]["pairs"] == 40
+    assert report["accounting"]["rows_read"] == 42 and report["accounting"]["no_pair"] == 1
 
 
 def _two_ranks(stdout: str) -> None:
