@@ -1,10 +1,14 @@
 """fastdpo: the reusable pieces behind train_dpo.py, train_sft.py and scripts/.
 
 config      recipe + command line -> (ScriptArguments, DPOConfig, ModelConfig); secrets from .env
+errors      row errors with their place, notes (merged turns, empty answers, no-pair rows) with first places
+files       atomic writes and content digests
 sources     every data source streamed in batches, with file:line for each row
-data        rows -> checks -> TRL's format -> TRL-identical token ids (shared with the analyzer)
+layouts     the preference layouts users bring, detected once per source, each row -> TRL's preference form
+data        pairs -> TRL-identical token ids, truncation, the eval split and dedup (DPO, SFT, analyzer, evaluation)
 tokcache    tokenise once: the memory-mapped token cache every launch and rank reads
-sft         SFT rows (messages or prompt/completion) for train_sft.py
+sft         SFT rows (messages or prompt/completion) for train_sft.py, split as preference data
+memory      per-GPU memory of weights, gradients, optimizer states and activations per backend (README table)
 models      model/tokenizer loading (`embedded:tiny-llama` resolves to the offline tiny model)
 tiny        the embedded tiny model, tokenizer and datasets
 trainer     TRL's DPOTrainer taking pre-tokenised pairs, plus the fast path:
