@@ -209,7 +209,8 @@ def test_scancel_saves_a_checkpoint_and_a_resubmit_resumes_to_the_same_weights(c
     job = wait_until_ended(cluster, job_id, deadline)
     text = _read(cluster, job_id)
     assert (job["JobState"], job["Restarts"]) == ("CANCELLED", "0"), text[-3000:]
-    stopped = re.search(r"preempted \(SIGTERM\): saving a checkpoint at step (\d+)/", text)
+    # Slurm's SIGTERM and the batch shell's USR1 (passed on through srun) race to the ranks: either starts the save
+    stopped = re.search(r"preempted \(SIG(?:TERM|USR1)\): saving a checkpoint at step (\d+)/", text)
     assert stopped and 0 < int(stopped[1]) < STEPS, text[-3000:]
     assert "cancelled (scancel): the checkpoint is saved but the job is not requeued" in text
     assert (out / f"checkpoint-{stopped[1]}" / MARKER).is_file()  # complete, written within KillWait
@@ -263,8 +264,9 @@ def test_a_stalled_rank_is_retried_until_the_budget_is_spent(cluster, tmp_path):
     text = _read(cluster, job_id)
     assert (job["JobState"], job["Restarts"]) == ("FAILED", "1"), text[-4000:]
     # each attempt: rank 0's watchdog names the stopped rank 1 and prints its own stacks
-    assert len(re.findall(r"ERROR fastdpo: watchdog: rank 0 \(local 0\) on \S+, pid \d+: likely cause: rank 1 "
-                          r"\(local 1\) on \S+, pid \d+: no heartbeat for \d+ s", text)) == 2, text[-4000:]
+    # (a rank stopped before its first heartbeat of an attempt is named without its host and pid: "for ever")
+    assert len(re.findall(r"ERROR fastdpo: watchdog: rank 0 \(local 0\) on \S+, pid \d+: likely cause: rank 1"
+                          r"( \(local 1\) on \S+, pid \d+)?: no heartbeat for (\d+ s|ever)", text)) == 2, text[-4000:]
     assert text.count("Thread 0x") >= 2 * 3  # every thread of it: the main one, the watchdog's, the lock's
     first = re.findall(r"first failure: rank 0 \(local 0\) on \S+ stalled at step 3: no progress for \d+ s .*", text)
     assert len(first) == 2, text[-4000:]
