@@ -267,7 +267,9 @@ def test_a_stalled_rank_is_retried_until_the_budget_is_spent(cluster, tmp_path):
     # (a rank stopped before its first heartbeat of an attempt is named without its host and pid: "for ever")
     assert len(re.findall(r"ERROR fastdpo: watchdog: rank 0 \(local 0\) on \S+, pid \d+: likely cause: rank 1"
                           r"( \(local 1\) on \S+, pid \d+)?: no heartbeat for (\d+ s|ever)", text)) == 2, text[-4000:]
-    assert text.count("Thread 0x") >= 2 * 3  # every thread of it: the main one, the watchdog's, the lock's
+    # every thread's stack, each attempt: the watchdog's own ("Current thread") and the main one at least (how many
+    # helper threads are alive at that moment varies)
+    assert text.count("Current thread 0x") >= 2 and text.count("Thread 0x") >= 2, text[-4000:]
     first = re.findall(r"first failure: rank 0 \(local 0\) on \S+ stalled at step 3: no progress for \d+ s .*", text)
     assert len(first) == 2, text[-4000:]
     assert first[0].endswith("; requeueing, retry 1 of 1, resumes from checkpoint-2"), first[0]
