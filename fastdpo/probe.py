@@ -107,6 +107,20 @@ def probe_pairs(vocab: int, window: int | None, max_length: int | None, capacity
     return pairs
 
 
+def random_pairs(vocab: int, seed: int = 0, n: int = 6) -> list[dict]:
+    """Token-id pairs of 12 to 70 tokens (prompt 4-20, answers 8-50), ids from 3 (0-2 are special tokens), every
+    third with answers that start alike: the parity tests' and scripts/gpu_check.py's matrix pairs."""
+    g = torch.Generator().manual_seed(seed)
+    ids = lambda k: torch.randint(3, vocab, (k,), generator=g).tolist()  # noqa: E731
+    rnd = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
+    out = []
+    for i in range(n):
+        chosen = ids(rnd(8, 50))
+        rejected = chosen[:3] + ids(rnd(5, 40)) if i % 3 == 0 else ids(rnd(8, 50))
+        out.append({"prompt_ids": ids(rnd(4, 20)), "chosen_ids": chosen, "rejected_ids": rejected})
+    return out
+
+
 def _padded_logps(model, pairs, pad_id, max_length, truncation_mode, **kwargs):
     collate = DataCollatorForPreference(pad_token_id=pad_id, max_length=max_length, truncation_mode=truncation_mode)
     batch = collate(pairs)

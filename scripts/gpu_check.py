@@ -110,17 +110,9 @@ def matmul_peak(device: str) -> float:
 
 def parity_pairs(seed: int = 0, n: int = 6) -> list[dict]:
     """Pairs of 12 to 70 tokens (some cut at MAX_LENGTH), two of them with answers that start alike."""
-    import torch
+    from fastdpo.probe import random_pairs
 
-    g = torch.Generator().manual_seed(seed)
-    ids = lambda k: torch.randint(3, 640, (k,), generator=g).tolist()  # noqa: E731  (0-2: special tokens)
-    rnd = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
-    out = []
-    for i in range(n):
-        chosen = ids(rnd(8, 50))
-        rejected = chosen[:3] + ids(rnd(5, 40)) if i % 3 == 0 else ids(rnd(8, 50))
-        out.append({"prompt_ids": ids(rnd(4, 20)), "chosen_ids": chosen, "rejected_ids": rejected})
-    return out
+    return random_pairs(640, seed, n)
 
 
 def _logps(model, examples, layout):

@@ -18,7 +18,7 @@ from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
 from fastdpo.packing import PackedForward
-from fastdpo.probe import choose, layout_name
+from fastdpo.probe import choose, layout_name, random_pairs
 from fastdpo.trainer import DPOTrainer
 from tests import archs
 
@@ -37,17 +37,7 @@ def layouts(attn):
 
 
 def pairs(seed=0, n=6):
-    """Pairs of 20 to 70 tokens (prompt 4-20, answers 8-50), ids from 3 (0-2 are special), two of them with answers
-    that start alike."""
-    g = torch.Generator().manual_seed(seed)
-    ids = lambda k: torch.randint(3, archs.COMMON["vocab_size"], (k,), generator=g).tolist()  # noqa: E731
-    rnd = lambda lo, hi: int(torch.randint(lo, hi + 1, (1,), generator=g))  # noqa: E731
-    out = []
-    for i in range(n):
-        chosen = ids(rnd(8, 50))
-        rejected = chosen[:3] + ids(rnd(5, 40)) if i % 3 == 0 else ids(rnd(8, 50))
-        out.append({"prompt_ids": ids(rnd(4, 20)), "chosen_ids": chosen, "rejected_ids": rejected})
-    return out
+    return random_pairs(archs.COMMON["vocab_size"], seed, n)
 
 
 def logps(model, examples, layout=None, **kwargs):
