@@ -37,7 +37,7 @@ from pathlib import Path
 from safetensors import SafetensorError
 from transformers import TrainerCallback
 
-from . import ranks
+from . import files, ranks
 
 logger = logging.getLogger("fastdpo")
 
@@ -260,31 +260,14 @@ def read_marker(path: Path) -> dict:
     return json.loads((path / MARKER).read_text())
 
 
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def write_json_atomic(path: Path, obj) -> None:
-    """Write to a temporary name, flush, rename: readers see the old file or the new one, never half of one."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    _fsync(tmp)
-    os.replace(tmp, path)
-    _fsync(path.parent)
-
-
 def mark_complete(path: Path, step: int, run_settings: dict) -> None:
     """Flush every file of the checkpoint to disk, then write the marker that makes it resumable."""
     files = {}
     for p in sorted(path.rglob("*")):
-        if p.is_file() and p.name not in (MARKER, MARKER + ".tmp"):
-            _fsync(p)  # a node crash (not only a killed process) must not leave a marker over unwritten data
+        if p.is_file() and p.name != MARKER and not p.name.startswith(Path(MARKER).stem + ".tmp"):
+            files.fsync(p)  # a node crash (not only a killed process) must not leave a marker over unwritten data
             files[str(p.relative_to(path))] = p.stat().st_size
-    write_json_atomic(path / MARKER, {"step": step, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    files.write_json(path / MARKER, {"step": step, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
                                       "files": files, "settings": run_settings})
 
 
@@ -473,7 +456,7 @@ class Run:
 
     def _write_run(self, status: str) -> None:
         self.out.mkdir(parents=True, exist_ok=True)
-        write_json_atomic(self.out / RUN_FILE, {"status": status, "settings": self.settings})
+        files.write_json(self.out / RUN_FILE, {"status": status, "settings": self.settings})
 
     def attach(self, trainer) -> None:
         """Mark checkpoints complete as they are saved. A checkpoint at (or past) max_steps is resumed without

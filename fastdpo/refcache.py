@@ -29,8 +29,6 @@ import hashlib
 import json
 import logging
 import math
-import os
-import tempfile
 import time
 from pathlib import Path
 
@@ -43,14 +41,13 @@ from accelerate.utils import gather_object
 from datasets import Dataset, concatenate_datasets
 from trl.trainer.utils import hash_module
 
-from . import ranks, watchdog
+from . import files, ranks, watchdog
 from .batching import sequence_lengths
 from .packing import PackedForward
 from .preemption import Preempted, stop_requested
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DIR = Path(os.environ.get("FASTDPO_CACHE", Path.home() / ".cache" / "fastdpo")) / "ref_logps"
 FORMAT = 2
 CHUNKS = 100  # about 1% of the pairs per chunk: what a preemption or a crash can lose
 MIN_CHUNK = 64
@@ -175,27 +172,12 @@ def _all_ranks(flags: np.ndarray, device, op) -> np.ndarray:
     return t.cpu().numpy()
 
 
-def _writable(folder: Path) -> str | None:
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, probe = tempfile.mkstemp(dir=folder, prefix=".probe-")
-        os.close(fd)
-        os.unlink(probe)
-        return None
-    except OSError as e:
-        return f"{type(e).__name__}: {e.strerror or e}"
-
-
 def _bad(path: Path, problem: str, repair: bool) -> None:
     """Report a cache file that cannot be used, with its path, and (local main process) move it aside."""
     if not repair:
         return
-    aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        os.replace(path, aside)
-        logger.warning("reference cache %s: %s; moved aside to %s, recomputing", path, problem, aside.name)
-    except OSError as e:
-        logger.warning("reference cache %s: %s; cannot move it aside (%s), recomputing", path, problem, e)
+    failed = files.move_aside(path)
+    logger.warning("reference cache %s: %s; %s, recomputing", path, problem, failed or "moved aside")
 
 
 def _read_final(path: Path, pairs: int, repair: bool) -> Dataset | None:
@@ -225,12 +207,6 @@ def _read_chunk(path: Path, rows: int, repair: bool) -> np.ndarray | None:
         return None
 
 
-def _save(path: Path, write) -> None:
-    tmp = path.with_name(f"{path.stem}.tmp{os.getpid()}{path.suffix}")
-    write(tmp)
-    os.replace(tmp, path)  # atomic: a reader sees the whole file or none
-
-
 def _with_columns(dataset, ref: Dataset):
     keep = dataset.remove_columns([c for c in COLUMNS if c in dataset.column_names])
     return concatenate_datasets([keep, ref], axis=1)
@@ -245,7 +221,7 @@ def attach(trainer, dataset, name: str, cache_dir: str | Path | None = None, mod
     model = model or trainer.ref_model or trainer.model
     lead = ranks.writes("node")  # writes, and moves bad files aside, for its node
     key, parts = cache_key(trainer, dataset, model)
-    folder = Path(cache_dir or DEFAULT_DIR) / key
+    folder = (Path(cache_dir) if cache_dir else files.cache_root() / "ref_logps") / key
     pairs = len(dataset)
     final = folder / "ref_logps.arrow"
     ref = _read_final(final, pairs, lead)
@@ -255,7 +231,7 @@ def attach(trainer, dataset, name: str, cache_dir: str | Path | None = None, mod
         trainer._ref_precompute_stats = {"cached": True, "seconds": 0.0}
         return _with_columns(dataset, ref)
 
-    problem = _writable(folder) if lead else None
+    problem = files.probe_writable(folder) if lead else None
     save = problem is None
     if not save:
         logger.warning("%s: reference cache folder %s cannot be written (%s): computing without saving, so a "
@@ -296,7 +272,8 @@ def attach(trainer, dataset, name: str, cache_dir: str | Path | None = None, mod
             values[i] = (chosen, rejected)
         if save and lead:
             try:
-                _save(folder / f"chunk-{c:06d}.npy", lambda p, v=values[chunk[0]: chunk[-1] + 1]: np.save(p, v))
+                block = values[chunk[0]: chunk[-1] + 1]
+                files.write_atomic(folder / f"chunk-{c:06d}.npy", lambda p, v=block: np.save(p, v))
             except OSError as e:
                 save = False
                 logger.warning("%s: cannot write the reference cache in %s (%s); going on without saving", name,
@@ -328,7 +305,7 @@ def attach(trainer, dataset, name: str, cache_dir: str | Path | None = None, mod
             def write(p):
                 with pa.OSFile(str(p), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
                     w.write_table(table)
-            _save(final, write)
+            files.write_atomic(final, write)
             logger.info("%s: cached reference log-probs at %s", name, final)
         except OSError as e:
             logger.warning("%s: cannot write %s (%s); going on without saving", name, final, e)

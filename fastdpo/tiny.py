@@ -14,6 +14,8 @@ import os
 import random
 from pathlib import Path
 
+from . import files
+
 MODEL_ID = "embedded:tiny-llama"
 DATASET_ID = "embedded:tiny-prefs"
 SFT_DATASET_ID = "embedded:tiny-sft"
@@ -146,11 +148,6 @@ def build_model(vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
     return LlamaForCausalLM(config)
 
 
-def cache_dir() -> Path:
-    root = os.environ.get("FASTDPO_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "fastdpo")
-    return Path(root)
-
-
 MODEL_FILES = ("config.json", "model.safetensors", "tokenizer.json")
 
 
@@ -189,7 +186,7 @@ def materialize_model() -> str:
     each build into their own temporary folder and rename it into place, so nobody reads a half-written one."""
     from . import ranks
 
-    path = cache_dir() / f"tiny-llama-v{VERSION}"
+    path = files.cache_root() / f"tiny-llama-v{VERSION}"
     if _complete(path):
         return str(path)
     if not ranks.writes("node"):
@@ -201,7 +198,7 @@ def materialize_model() -> str:
     shutil.rmtree(tmp, ignore_errors=True)
     _write(tmp)
     if path.exists() and not _complete(path):  # left half-written by an older version: keep it aside, not in use
-        os.replace(path, path.with_name(f"{path.name}.incomplete-{os.getpid()}"))
+        files.move_aside(path, "incomplete")
     try:
         os.replace(tmp, path)  # atomic: concurrent jobs never see a half-written folder
     except OSError:  # another job won the race

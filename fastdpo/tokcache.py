@@ -51,7 +51,6 @@ from .errors import FIX_SKIP, DataError, Notes
 logger = logging.getLogger(__name__)
 
 FORMAT = 2  # 2: layouts (detected per source), notes, pairs per row
-DEFAULT_DIR = Path(os.environ.get("FASTDPO_CACHE") or Path.home() / ".cache" / "fastdpo") / "tokens"  # "" = unset
 PROGRESS_SECONDS = 30.0  # one plain progress line this often during long builds (tail -f)
 SMALL_SOURCE_BYTES = 1 << 20  # below this a pool's start-up costs more than it saves
 POOL_MIN_CPUS = 4  # fewer CPUs: one process with the tokenizer's threads beats a pool (see default_workers)
@@ -303,12 +302,9 @@ def check_entry(path: Path) -> tuple[dict | None, str | None]:
 
 
 def _move_aside(path: Path, problem: str) -> None:
-    aside = path.with_name(f"{path.name}.bad-{time.strftime('%Y%m%d-%H%M%S')}")
-    try:
-        os.replace(path, aside)
-        logger.warning("token cache %s: %s; moved aside to %s and rebuilding", path, problem, aside)
-    except OSError as e:
-        logger.warning("token cache %s: %s; cannot move it aside (%s), building elsewhere", path, problem, e)
+    failed = files.move_aside(path)
+    logger.warning("token cache %s: %s; %s", path, problem,
+                   f"{failed}, building elsewhere" if failed else "moved aside and rebuilding")
 
 
 @dataclass
@@ -338,29 +334,17 @@ class Entry:
         return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
 
 
-def _probe_writable(folder: Path) -> str | None:
-    """None if files can be created in folder (created if missing), else why not."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=folder, prefix=".probe-")
-        os.close(fd)
-        os.unlink(name)
-        return None
-    except OSError as e:
-        return f"{type(e).__name__}: {e.strerror or e}"
-
-
 class Cache:
     """The cache folder, or a fallback under the temp folder when it cannot be written (a warning, not a failure)."""
 
     def __init__(self, root: str | Path | None = None):
-        self.primary = Path(root or DEFAULT_DIR).expanduser()
+        self.primary = Path(root).expanduser() if root else files.cache_root() / "tokens"
         self.fallback = Path(tempfile.gettempdir()) / f"fastdpo-{os.getuid()}" / "tokens"
         self.leader = ranks.writes("node")
-        problem = _probe_writable(self.primary)
+        problem = files.probe_writable(self.primary)
         self.root = self.primary
         if problem is not None:
-            again = _probe_writable(self.fallback)
+            again = files.probe_writable(self.fallback)
             if again is not None:
                 raise DataError(f"token cache: neither {self.primary} ({problem}) nor {self.fallback} ({again}) can be "
                                 "written; set FASTDPO_CACHE to a writable folder")
@@ -448,13 +432,15 @@ class Cache:
         if found is None and not self.leader:
             found = _wait(valid, f"{entry.path.name}/{name}")
         if found is None:
-            target = paths[0] if _probe_writable(entry.path) is None else paths[-1]
-            tmp = target.with_name(f"{target.name}.tmp{os.getpid()}")
+            target = paths[0] if files.probe_writable(entry.path) is None else paths[-1]
             table = _read_stream(entry.path / "tokens.arrow")
-            with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_stream(f, TOKENS_SCHEMA) as out:
-                for i in range(0, len(rows), 256):  # bounded memory: 256 pairs at a time
-                    out.write_table(table.take(pa.array(rows[i: i + 256])))
-            os.replace(tmp, target)
+
+            def write(tmp):
+                with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_stream(f, TOKENS_SCHEMA) as out:
+                    for i in range(0, len(rows), 256):  # bounded memory: 256 pairs at a time
+                        out.write_table(table.take(pa.array(rows[i: i + 256])))
+
+            files.write_atomic(target, write)
             found = target
         return Dataset.from_file(str(found))
 

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from fastdpo import data, lengths, tiny, tokcache
+from fastdpo import data, lengths, tiny
 from fastdpo.config import ScriptArguments
 
 from .conftest import PYTHON, REPO, run
@@ -27,7 +27,7 @@ spec.loader.exec_module(analyze_dataset)
 @pytest.fixture(autouse=True)
 def token_cache(tmp_path, monkeypatch):
     """`--samples all` fills training's token cache: a fresh one per test, never the user's."""
-    monkeypatch.setattr(tokcache, "DEFAULT_DIR", tmp_path / "tokens")
+    monkeypatch.setenv("FASTDPO_CACHE", str(tmp_path))
     return tmp_path / "tokens"
 
 
