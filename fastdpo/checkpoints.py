@@ -175,9 +175,9 @@ def model_fingerprint(name_or_path: str) -> str | None:
     if not path.is_dir():
         return None
     h = hashlib.blake2b(digest_size=16)
-    files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin", ".pt")
+    weights = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin", ".pt")
                                                                  or p.name in ("config.json", "adapter_config.json")))
-    for p in files:
+    for p in weights:
         size = p.stat().st_size
         h.update(f"{p.name}:{size}".encode())
         with open(p, "rb") as f:
@@ -185,7 +185,7 @@ def model_fingerprint(name_or_path: str) -> str | None:
             for i in range(1, 17):
                 f.seek(size * i // 17)
                 h.update(f.read(2**16))
-    return f"{h.hexdigest()[:16]} ({len(files)} files)"
+    return f"{h.hexdigest()[:16]} ({len(weights)} files)"
 
 
 def _fmt(value) -> str:
@@ -244,10 +244,10 @@ def incomplete_reason(path: Path) -> str | None:
         return (f"no {MARKER} (written last, when every rank has finished writing): the save was interrupted "
                 "(killed, out of time or out of disk)")
     try:
-        files = json.loads(marker.read_text())["files"]
+        listed = json.loads(marker.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MARKER} is unreadable ({e})"
-    for name, size in files.items():
+    for name, size in listed.items():
         p = path / name
         if not p.is_file():
             return f"{name} is missing (listed in {MARKER})"
@@ -262,13 +262,13 @@ def read_marker(path: Path) -> dict:
 
 def mark_complete(path: Path, step: int, run_settings: dict) -> None:
     """Flush every file of the checkpoint to disk, then write the marker that makes it resumable."""
-    files = {}
+    sizes = {}
     for p in sorted(path.rglob("*")):
         if p.is_file() and p.name != MARKER and not p.name.startswith(Path(MARKER).stem + ".tmp"):
             files.fsync(p)  # a node crash (not only a killed process) must not leave a marker over unwritten data
-            files[str(p.relative_to(path))] = p.stat().st_size
+            sizes[str(p.relative_to(path))] = p.stat().st_size
     files.write_json(path / MARKER, {"step": step, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                      "files": files, "settings": run_settings})
+                                     "files": sizes, "settings": run_settings})
 
 
 def remove_checkpoint(path: Path) -> None:
