@@ -175,7 +175,7 @@ def model_fingerprint(name_or_path: str) -> str | None:
         return None
     h = hashlib.blake2b(digest_size=16)
     weights = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin", ".pt")
-                                                                 or p.name in ("config.json", "adapter_config.json")))
+                                                                   or p.name in ("config.json", "adapter_config.json")))
     for p in weights:
         size = p.stat().st_size
         h.update(f"{p.name}:{size}".encode())
