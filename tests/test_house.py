@@ -30,11 +30,10 @@ FRAMEWORKS = ("trl", "transformers", "accelerate", "deepspeed", "torch", "datase
 SEAM = "frameworks"
 STDLIB_PRIVATE = {("os", "_exit"), ("sys", "_current_frames")}  # documented despite the underscore
 
-# (module, rule, name): violations in the data modules, whose split is under way; empties to nothing.
+# (module, rule, name): violations in modules other changes are rewriting (the data modules; logs, with the entry
+# points); it only shrinks, to nothing.
 PENDING = {
-    ("layouts", "module lines", "layouts"),
     ("tokcache", "module lines", "tokcache"),
-    ("layouts", "function lines", "assemble"),
     ("lengths", "function lines", "markdown"),
     ("tokcache", "function lines", "prepare"),
     ("data", "import in a function", "transformers.tokenization_utils_base"),
@@ -45,7 +44,6 @@ PENDING = {
     ("evaluation", "import in a function", "matplotlib.pyplot"),
     ("evaluation", "import in a function", "peft"),
     ("evaluation", "import in a function", "transformers"),
-    ("layouts", "import in a function", "sources"),
     ("lengths", "import in a function", "datasets"),
     ("lengths", "import in a function", "matplotlib"),
     ("lengths", "import in a function", "matplotlib.pyplot"),
