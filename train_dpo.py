@@ -24,7 +24,11 @@ import logging
 import sys
 from pathlib import Path
 
-from fastdpo import config as cfg
+from fastdpo import cli
+
+cli.stop_on_ctrl_c()  # first: a Ctrl-C during the imports below stops with one line, not a traceback
+
+from fastdpo import config as cfg  # noqa: E402
 
 cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the environment
 
@@ -162,4 +166,4 @@ def main(script_args, training_args, model_args):
 
 if __name__ == "__main__":
     with ranks.exits():  # exit codes and failure notes for scripts/_launch.sh (fastdpo/ranks.py)
-        main(*cfg.parse_args())
+        main(*cli.parse_training(__doc__))  # --help, --help-all, --config=FILE (fastdpo/cli.py)

@@ -1,0 +1,87 @@
+"""What a new user meets first, end to end on CPU: Ctrl-C saves and the same command resumes (one process and under
+torchrun), Ctrl-C before training stops with one line."""
+
+import os
+from pathlib import Path
+
+import pytest
+
+from fastdpo.checkpoints import MARKER
+
+from .conftest import PYTHON, REPO, run
+from .test_train import _same_weights
+
+pytestmark = pytest.mark.slow
+TORCHRUN = str(Path(PYTHON).with_name("torchrun"))
+ARGS = ["--max_steps", "8", "--save_strategy", "steps", "--save_steps", "4", "--logging_steps", "2",
+        "--eval_before_train", "false"]
+
+
+def _train(out, fault=None, check=True, extra=()):
+    cmd = [PYTHON, "tests/faults.py", fault, "train_dpo.py"] if fault else [PYTHON, "train_dpo.py"]
+    return run(cmd + ["--output_dir", str(out), *ARGS, *extra], check=check)
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_same_command_resumes(tmp_path):
+    """First Ctrl-C: the step finishes, a checkpoint is saved, exit 75 with SIGTERM's resume line. A second one
+    stops at once (exit 130) without the checkpoint of the step in flight. Each rerun of the same command resumes
+    and ends bit-for-bit where the uninterrupted run ends."""
+    full, out = tmp_path / "full", tmp_path / "interrupted"
+    _train(full)
+
+    proc = _train(out, "int-at-step:3", check=False)
+    assert proc.returncode == 75, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Ctrl-C: finishing step 3 and saving a checkpoint" in proc.stderr
+    assert "preempted (SIGINT): saving a checkpoint at step 3/8" in proc.stdout
+    assert "preempted at step 3; rerun the same command to resume" in proc.stdout
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert (out / "checkpoint-3" / MARKER).exists()
+
+    # resumes from 3, saves checkpoint-4 as scheduled; two Ctrl-C at the end of step 5 stop before its checkpoint
+    proc = _train(out, "int-twice-at-step:5", check=False)
+    assert proc.returncode == 130, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"resuming from {out}/checkpoint-3" in proc.stdout
+    last = proc.stderr.strip().splitlines()[-1]
+    assert last.startswith("stopped at once (second Ctrl-C): no checkpoint was written for step 5"), proc.stderr
+    assert "Traceback" not in proc.stdout + proc.stderr
+    assert (out / "checkpoint-4" / MARKER).exists() and not (out / "checkpoint-5").exists()
+
+    proc = _train(out)
+    assert f"resuming from {out}/checkpoint-4" in proc.stdout and "step 8/8" in proc.stdout
+    _same_weights(full, out)
+
+
+@pytest.mark.parametrize("fault, line", [
+    ("int-at-import", "stopped (Ctrl-C) while starting: nothing was written"),
+    ("int-at-load", "stopped (Ctrl-C) before the first training step: nothing to save; rerun the same command"),
+])
+def test_ctrl_c_before_training_stops_at_once_with_one_line(tmp_path, fault, line):
+    out = tmp_path / "o"
+    proc = _train(out, f"{fault}:0", check=False)
+    assert proc.returncode == 130, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(line), proc.stderr[-3000:]
+    assert "Traceback" not in proc.stdout + proc.stderr and "KeyboardInterrupt" not in proc.stderr
+    assert not list(out.glob("checkpoint-*")) and not (out / "data_report.json").exists()
+
+
+def test_ctrl_c_under_torchrun_reaches_every_rank_and_resumes(tmp_path):
+    """torchrun starts its ranks in sessions of their own: a terminal's Ctrl-C reaches the launcher only, which
+    sends each rank one SIGINT. Both ranks stop at the same step boundary with a complete checkpoint (exit 75 each;
+    the launcher then reports its own SignalException), and the same command resumes to the uninterrupted
+    weights."""
+    def launch(out, fault=None, check=True):
+        env = {"FASTDPO_FAULT": fault, "PYTHONPATH": str(REPO / "tests" / "fault_site")} if fault else None
+        return run([TORCHRUN, "--nproc_per_node", "2", "train_dpo.py", "--use_cpu", "true", "--output_dir", str(out),
+                    *ARGS], env=env, check=check)
+
+    full, out = tmp_path / "full", tmp_path / "interrupted"
+    launch(full)
+    proc = launch(out, "int-launcher-at-step:3@0", check=False)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0 and "closing signal SIGINT" in log, log[-4000:]
+    assert "Ctrl-C: finishing step" in log and "preempted (SIGINT): saving a checkpoint at step" in log
+    saved = [p for p in out.glob("checkpoint-*") if (p / MARKER).exists()]
+    assert len(saved) == 1 and {"rng_state_0.pth", "rng_state_1.pth"} <= set(os.listdir(saved[0])), saved
+    proc = launch(out)
+    assert f"resuming from {saved[0]}" in proc.stdout and "step 8/8" in proc.stdout
+    _same_weights(full, out)
