@@ -50,28 +50,14 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def check_hub_access(repo_id: str) -> None:
-    """Fail in seconds, not after hours of training, when the push at the end cannot work."""
-    from huggingface_hub import constants, whoami
-
-    if constants.HF_HUB_OFFLINE:
-        raise SystemExit("push_to_hub is set but HF_HUB_OFFLINE=1: unset it, or pass --push_to_hub false")
-    try:
-        user = whoami()["name"]
-    except Exception as e:  # no token, a refused token, or no network: all mean the final push would fail
-        raise SystemExit(f"push_to_hub is set but the Hub check failed ({type(e).__name__}): put a write token "
-                         "in .env as HF_TOKEN=..., check the network, or pass --push_to_hub false") from None
-    logger.info("will push to %s as %s", repo_id, user)
-
-
 def main(script_args, training_args, model_args):
     is_main = ranks.writes("run", training_args.save_on_each_node)
-    preemption = PreemptionCallback()  # SIGUSR1/SIGTERM: checkpoint and stop (Slurm; scripts/dpo_train.sh requeues)
+    preemption = PreemptionCallback()  # SIGUSR1/SIGTERM/Ctrl-C: checkpoint and stop (Slurm: the job requeues)
     setup_logging(is_main)
     cfg.redact_logs()
     watchdog.start()  # a stalled rank dumps its stacks and exits 70 (scripts/_launch.sh retries it)
     if training_args.push_to_hub:
-        check_hub_access(training_args.hub_model_id or training_args.output_dir)
+        cli.check_hub_access(training_args.hub_model_id or training_args.output_dir)
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runlock.acquire(out, training_args.save_on_each_node)  # one run per output_dir; a second one stops here

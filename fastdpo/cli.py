@@ -17,12 +17,15 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import logging
 import os
 import re
 import runpy
 import signal
 import sys
 from pathlib import Path
+
+logger = logging.getLogger("fastdpo")
 
 REPO = Path(__file__).resolve().parent.parent
 COMMANDS = {
@@ -86,10 +89,17 @@ def parse_training(doc: str | None, **parse_kwargs):
         cfg.parse_args(["--help"], **parse_kwargs)  # argparse prints every option and exits 0
     if "--help" in argv or "-h" in argv:
         sft = trainer_config is not cfg.DPOConfig
-        print(short_help(doc, (cfg.ScriptArguments, trainer_config, cfg.ModelConfig), SFT_GROUPS if sft else
-                         DPO_GROUPS, parse_kwargs.get("default_recipe", cfg.DEFAULT_RECIPE)))
+        _print(short_help(doc, (cfg.ScriptArguments, trainer_config, cfg.ModelConfig), SFT_GROUPS if sft else
+                          DPO_GROUPS, parse_kwargs.get("default_recipe", cfg.DEFAULT_RECIPE)))
         raise SystemExit(0)
     return cfg.parse_args(argv, **parse_kwargs)
+
+
+def _print(text: str) -> None:
+    try:
+        print(text, flush=True)
+    except BrokenPipeError:  # `--help | head` stopped reading: not an error, and no traceback at exit either
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def normalise(argv: list[str]) -> list[str]:
@@ -186,6 +196,21 @@ def _recipe_line(key: str) -> str:
     return recipe
 
 
+def check_hub_access(repo_id: str) -> None:
+    """Fail in seconds, not after hours of training, when the push at the end cannot work (both training scripts
+    call this before reading any data)."""
+    from huggingface_hub import constants, whoami  # imported here: this module stays standard-library at import
+
+    if constants.HF_HUB_OFFLINE:
+        raise SystemExit("push_to_hub is set but HF_HUB_OFFLINE=1: unset it, or pass --push_to_hub false")
+    try:
+        user = whoami()["name"]
+    except Exception as e:  # no token, a refused token, or no network: all mean the final push would fail
+        raise SystemExit(f"push_to_hub is set but the Hub check failed ({type(e).__name__}): put a write token "
+                         "in .env as HF_TOKEN=..., check the network, or pass --push_to_hub false") from None
+    logger.info("will push to %s as %s", repo_id, user)
+
+
 # ------------------------------------------------------------------------------------------- the fastdpo command
 
 
@@ -201,7 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     stop_on_ctrl_c()
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] in ("-h", "--help", "help"):
-        print(usage())
+        _print(usage())
         return 0 if argv else 2
     command, *rest = argv
     if command not in COMMANDS:
