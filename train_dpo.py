@@ -35,7 +35,7 @@ cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the envi
 from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 from trl import get_peft_config  # noqa: E402
 
-from fastdpo import checkpoints, models, ranks, runlock, tokcache, watchdog  # noqa: E402
+from fastdpo import checkpoints, memory, models, ranks, runlock, tokcache, watchdog  # noqa: E402
 from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
 from fastdpo.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback  # noqa: E402
 from fastdpo.trainer import DPOTrainer  # noqa: E402
@@ -58,6 +58,7 @@ def main(script_args, training_args, model_args):
     watchdog.start()  # a stalled rank dumps its stacks and exits 70 (scripts/_launch.sh retries it)
     if training_args.push_to_hub:
         cli.check_hub_access(training_args.hub_model_id or training_args.output_dir)
+    memory.check_at_start(training_args, model_args)  # on CUDA: a run that cannot fit its GPUs stops here
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runlock.acquire(out, training_args.save_on_each_node)  # one run per output_dir; a second one stops here

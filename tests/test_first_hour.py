@@ -85,3 +85,43 @@ def test_ctrl_c_under_torchrun_reaches_every_rank_and_resumes(tmp_path):
     proc = launch(out)
     assert f"resuming from {saved[0]}" in proc.stdout and "step 8/8" in proc.stdout
     _same_weights(full, out)
+
+
+WORKER = """
+import os, signal, sys, time
+for s in (signal.SIGTERM, signal.SIGINT):
+    signal.signal(s, lambda n, f: print(f"rank got {signal.Signals(n).name}", flush=True) or sys.exit(75))
+print("ready", flush=True)
+time.sleep(60)
+"""
+
+
+def test_the_slurm_launcher_leaves_sigterm_to_the_ranks_and_passes_sigint_on(tmp_path):
+    """scripts/_launch.sh's per-node launcher line, run as is: torchrun must not handle SIGTERM (the ranks get Slurm's
+    own and save within KillWait; torchrun's handler would SIGKILL them 30 s later), and passes a SIGINT on."""
+    import signal
+    import subprocess
+    import time
+
+    line = next(ln.strip() for ln in (REPO / "scripts" / "_launch.sh").read_text().splitlines()
+                if ln.strip().startswith('trap "" USR1 TERM;'))
+    (tmp_path / "worker.py").write_text(WORKER)
+    log = tmp_path / "log"
+    with open(log, "w") as out:
+        launcher = subprocess.Popen(["bash", "-c", f"{line}\nexec {TORCHRUN} --nproc_per_node 1 worker.py"],
+                                    cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT)
+    try:
+        deadline = time.monotonic() + 120
+        while "ready" not in log.read_text():
+            assert launcher.poll() is None and time.monotonic() < deadline, log.read_text()
+            time.sleep(0.5)
+        launcher.send_signal(signal.SIGTERM)
+        time.sleep(3)
+        assert launcher.poll() is None and "rank got" not in log.read_text(), log.read_text()  # ignored
+        launcher.send_signal(signal.SIGINT)
+        launcher.wait(timeout=60)
+        text = log.read_text()
+        assert "closing signal SIGINT" in text and "rank got SIGINT" in text and "SIGTERM" not in text, text
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
