@@ -125,3 +125,29 @@ def test_the_slurm_launcher_leaves_sigterm_to_the_ranks_and_passes_sigint_on(tmp
     finally:
         if launcher.poll() is None:
             launcher.kill()
+
+
+def test_the_log_keeps_real_warnings_only(tmp_path):
+    """A run and its resume: none of fastdpo.logs.QUIET's lines (DeepSpeed's CPU notice, TRL's padding_free notice
+    that contradicts fastdpo, the tied lm_head 'missing' on resume, TRL's deprecated-name FutureWarning), while real
+    warnings stay, TRL's own among them (the same logger as a dropped line)."""
+    import torch
+
+    from fastdpo import logs
+
+    args = ["--max_steps", "2", "--save_strategy", "steps", "--save_steps", "1", "--loss_type", "aot",
+            "--model_init_kwargs", '{"low_cpu_mem_usage": true}']  # aot: the stock path, where TRL's notices fire
+    out = tmp_path / "o"
+    first = run([PYTHON, "tests/faults.py", "int-at-step:1", "train_dpo.py", "--output_dir", str(out), *args],
+                check=False)
+    assert first.returncode == 75, first.stdout[-3000:] + first.stderr[-3000:]
+    second = run([PYTHON, "train_dpo.py", "--output_dir", str(out), *args])
+    assert f"resuming from {out}/checkpoint-1" in second.stdout
+    log = first.stdout + first.stderr + second.stdout + second.stderr
+    for name, start, _, _ in logs.QUIET:
+        if name != "DeepSpeed" or not torch.cuda.is_available():
+            assert start not in log, start
+    for message, _, _ in logs.QUIET_WARNINGS:
+        assert message.replace("\\", "") not in log
+    assert "padding_free: using the stock padded path because loss_type ['aot'] couples the pairs" in log
+    assert "trl.trainer.dpo_trainer: [RANK 0] You passed `model_init_kwargs` to the `DPOConfig`" in log
