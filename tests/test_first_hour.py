@@ -151,3 +151,49 @@ def test_the_log_keeps_real_warnings_only(tmp_path):
         assert message.replace("\\", "") not in log
     assert "padding_free: using the stock padded path because loss_type ['aot'] couples the pairs" in log
     assert "trl.trainer.dpo_trainer: [RANK 0] You passed `model_init_kwargs` to the `DPOConfig`" in log
+
+
+def _env_seeing(site: Path, folder: Path) -> Path:
+    """A venv that sees `site`'s packages without copying or touching them: each package a symlink, each dist-info a
+    copy without its RECORD (so uv counts it installed, and could not uninstall it through the link if it tried)."""
+    import shutil
+    import subprocess
+    import sys
+
+    subprocess.run([sys._base_executable, "-m", "venv", "--without-pip", str(folder)], check=True)
+    target = next(folder.glob("lib/python*/site-packages"))
+    for entry in site.iterdir():
+        if entry.name.endswith(".dist-info"):
+            shutil.copytree(entry, target / entry.name, ignore=shutil.ignore_patterns("RECORD"))
+        else:
+            (target / entry.name).symlink_to(entry)
+    return folder
+
+
+def test_the_hugging_face_job_script_with_uv_run(tmp_path):
+    """scripts/hf_job.py as `hf jobs uv run` runs it, against this checkout (its committed HEAD): it fetches the
+    repository from FASTDPO_GIT_URL, installs the checkout's pins with uv (offline: all already there, nothing is
+    downloaded), and runs train_dpo.py on FASTDPO_RECIPE with the push on; the push is refused offline in seconds,
+    and with --push_to_hub false the tiny recipe trains."""
+    import shutil
+    import sys
+
+    uv = shutil.which("uv", path=f"{Path(PYTHON).parent}:{os.environ['PATH']}")
+    assert uv, "uv is pinned in requirements.txt: make setup installs it"
+    site = next(Path(p) for p in sys.path if p.endswith("site-packages") and Path(p, "trl").is_dir())
+    venv = _env_seeing(site, tmp_path / "venv")
+    env = {"VIRTUAL_ENV": str(venv), "UV_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "TMPDIR": str(tmp_path),
+           "FASTDPO_GIT_URL": str(REPO), "FASTDPO_GIT_REF": "HEAD", "FASTDPO_RECIPE": "recipes/tiny.yaml"}
+    cmd = [uv, "run", "--active", str(REPO / "scripts" / "hf_job.py"), "--output_dir", str(tmp_path / "out"),
+           "--max_steps", "2", "--eval_before_train", "false"]
+    proc = run(cmd, cwd=tmp_path, env=env, check=False)
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert f"hf_job: install: {uv} pip install --python {venv}/bin/python torch==2.13.0 -r" in proc.stdout
+    assert "Installed" not in proc.stderr and "Uninstalled" not in proc.stderr  # uv found every pin in place
+    assert f"hf_job: train (0 GPUs): {venv}/bin/python train_dpo.py --config recipes/tiny.yaml --push_to_hub true" in \
+        proc.stdout
+    assert "push_to_hub is set but HF_HUB_OFFLINE=1" in proc.stderr and not (tmp_path / "out").exists()
+    proc = run(cmd + ["--push_to_hub", "false"], cwd=tmp_path, env=env)
+    assert "step 2/2" in proc.stdout and (tmp_path / "out" / "model.safetensors").exists()
+    proc = run(cmd, cwd=tmp_path, env={**env, "FASTDPO_GIT_URL": ""}, check=False)
+    assert proc.returncode == 1 and proc.stderr.startswith("hf_job: set FASTDPO_GIT_URL to the fastdpo repository")
