@@ -17,7 +17,7 @@ MIN_PYTHON := 3.11
 export PATH := $(abspath $(VENV))/bin:$(PATH)
 
 .DEFAULT_GOAL := help
-.PHONY: help setup demo test test-fast lint clean distclean check-python
+.PHONY: help setup demo test test-fast lint clean distclean
 
 help:  ## this list
 	@echo "usage: make TARGET [PYTHON=python3.11] [TORCH_INDEX=cpu]"
@@ -27,7 +27,8 @@ help:  ## this list
 setup: $(VENV)/.installed  ## create .venv with torch and the pinned requirements (once; again when they change)
 
 # The marker is written last: a .venv without it is what a failed or interrupted setup left, and is rebuilt.
-$(VENV)/.installed: requirements.txt | check-python
+$(VENV)/.installed: requirements.txt
+	@$(check_python)
 	@if [ -e $(VENV) ] && [ ! -e $@ ]; then echo "removing $(VENV): an earlier setup did not finish"; rm -rf $(VENV); fi
 	@if [ -z "$(TORCH_INDEX_URL)" ] && $(PYTHON) -c "import torch" 2>/dev/null; then \
 		echo "using the system torch $$($(PYTHON) -c 'import torch; print(torch.__version__)')"; \
@@ -39,12 +40,14 @@ $(VENV)/.installed: requirements.txt | check-python
 	$(VENV)/bin/pip install -q -r requirements.txt
 	touch $@
 
-# Before anything is created: an older Python fails late, in pip's resolver, and leaves a .venv behind.
-check-python:
-	@v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || { \
-		echo "make setup: no $(PYTHON) here; fastdpo needs Python $(MIN_PYTHON)+: install one (pyenv install 3.11, uv python install 3.11, conda create -n fastdpo python=3.11, or module load python/3.11 on a cluster), then make setup PYTHON=<it>" >&2; exit 1; }; \
-	echo "$$v" | awk -F. -v want=$(MIN_PYTHON) '{ split(want, w, "."); exit !($$1 > w[1] || ($$1 == w[1] && $$2 >= w[2])) }' || { \
-		echo "make setup: $(PYTHON) is Python $$v; fastdpo needs $(MIN_PYTHON)+ (trl 1.16, transformers 5.23): install one (pyenv install 3.11, uv python install 3.11, conda create -n fastdpo python=3.11, or module load python/3.11 on a cluster), then make setup PYTHON=python3.11" >&2; exit 1; }
+# Run first when .venv is (re)built: an older Python fails late, in pip's resolver, and leaves a .venv behind. Not on
+# every make: a .venv built with PYTHON=python3.12 keeps working when python3 is older.
+define check_python
+v=$$($(PYTHON) -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null) || { \
+	echo "make setup: no $(PYTHON) here; fastdpo needs Python $(MIN_PYTHON)+: install one (pyenv install 3.11, uv python install 3.11, conda create -n fastdpo python=3.11, or module load python/3.11 on a cluster), then make setup PYTHON=<it>" >&2; exit 1; }; \
+echo "$$v" | awk -F. -v want=$(MIN_PYTHON) '{ split(want, w, "."); exit !($$1 > w[1] || ($$1 == w[1] && $$2 >= w[2])) }' || { \
+	echo "make setup: $(PYTHON) is Python $$v; fastdpo needs $(MIN_PYTHON)+ (trl 1.16, transformers 5.23): install one (pyenv install 3.11, uv python install 3.11, conda create -n fastdpo python=3.11, or module load python/3.11 on a cluster), then make setup PYTHON=python3.11" >&2; exit 1; }
+endef
 
 demo: setup  ## SFT then DPO on the embedded tiny model, on CPU (a few minutes), with a before/after table
 	$(PY) scripts/demo.py
