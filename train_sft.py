@@ -28,6 +28,7 @@ cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the envi
 from trl import SFTConfig, SFTTrainer, get_peft_config  # noqa: E402
 
 from fastdpo import checkpoints, models, ranks, runlock, sft, watchdog  # noqa: E402
+from fastdpo.dataspec import DataSpec  # noqa: E402
 from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
 from fastdpo.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback  # noqa: E402
 
@@ -52,7 +53,7 @@ def main(script_args, training_args, model_args):
     tokenizer = models.load_tokenizer(model_args.model_name_or_path, training_args.chat_template_path,
                                       model_args.model_revision)
     training_args.chat_template_path = None
-    ds = sft.load_sft(script_args)
+    ds = sft.load_sft(DataSpec.of(script_args))
     if "messages" in ds.train.column_names or isinstance(ds.train[0]["prompt"], list):
         if not tokenizer.chat_template:
             raise SystemExit(f"{model_args.model_name_or_path}: the tokenizer has no chat template but the data is "
