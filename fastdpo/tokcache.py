@@ -398,14 +398,15 @@ class Cache:
             return found
         if not self.leader:
             return _wait(lambda: self.find(key), f"{source.label} ({self.root / key})")
-        lock = FileLock(str(self.root / f"{key}.lock"), timeout=ranks.wait_timeout())
+        lock = FileLock(str(self.root / f"{key}.lock"), timeout=watchdog.wait_timeout())
         try:
             held = lock.acquire()  # another job on this node (or a shared disk) may be at it
         except Timeout:
-            raise ranks.WaitTimeout(
-                f"{ranks.describe()}: waited {ranks.wait_timeout():.0f} s for {lock.lock_file} (another job building "
-                f"the token cache of {source.label}); if that job is only slow, raise FASTDPO_WAIT_TIMEOUT") from None
-        with held, watchdog.phase(f"tokenising {source.label}", bound=ranks.wait_timeout()):
+            raise watchdog.WaitTimeout(
+                f"{ranks.describe()}: waited {watchdog.wait_timeout():.0f} s for {lock.lock_file} (another job "
+                f"building the token cache of {source.label}); if that job is only slow, raise FASTDPO_WAIT_TIMEOUT"
+            ) from None
+        with held, watchdog.phase(f"tokenising {source.label}", bound=watchdog.wait_timeout()):
             return self.find(key) or self._make(key, source, src, job, workers, parts)
 
     def _make(self, key: str, source: sources.Source, src: SourceSpec, job: _Job, workers: int,
@@ -468,7 +469,7 @@ class Cache:
 
 def _wait(check, what: str, poll: float = 1.0):
     """Poll until the local main process has written what this rank needs (no collective), up to a deadline."""
-    return ranks.wait_for(check, f"the token cache {what}", ranks.writer_name("node"), poll=poll)
+    return watchdog.wait_for(check, f"the token cache {what}", ranks.writer_name("node"), poll=poll)
 
 
 # ----------------------------------------------------------------------------------------------- preparing
@@ -509,10 +510,12 @@ def prepare(spec, tokenizer, num_proc: int | None = None, cache_dir: str | Path 
     evals = splits.eval_spec(spec, train_source)
     logger.info("data: %s", evals.note)
     train = cache.entry(spec.train, job, workers, source=train_source)
-    held = cache.entry(spec.eval_source(evals.source, evals.split), job, workers) if evals.source else None
-    entries = [train] + ([held] if held else [])
+    held = None
+    if evals.source is not None:
+        held = cache.entry(spec.eval_source(evals.source, evals.split), job, workers)
+    entries = [train] + ([held] if held is not None else [])
     skipped = _checked(entries, spec.policy, train_source.label)
-    t_rows, e_rows = train.rows(), held.rows() if held else None
+    t_rows, e_rows = train.rows(), held.rows() if held is not None else None
     where_of = {"train": _Where(t_rows), "eval": _Where(e_rows) if e_rows is not None else None}
     plan = splits.plan_splits(spec, evals, t_rows.column("hash").to_pylist(),
                               e_rows.column("hash").to_pylist() if e_rows is not None else None, where_of["train"],
