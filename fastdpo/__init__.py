@@ -10,6 +10,7 @@ checks      rows through their layout, each accounted for; a source's prompts ch
 tokens      pairs -> TRL-identical token ids, truncation
 splits      the eval split, dedup and shuffle (DPO and SFT, in memory and from the token cache)
 tokcache    tokenise once: the memory-mapped token cache every launch and rank reads
+  tokbuild  one cache entry built: a source through forked workers into Arrow files
 report      the accounting line, data_report.json and the listings of rows not trained on
 data        the data stages in memory: pairs and token datasets for evaluation, tests and small tools
 sft         SFT rows (messages or prompt/completion) for train_sft.py, split as preference data

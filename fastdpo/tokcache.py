@@ -6,8 +6,8 @@
     prep.listings            # skipped, dropped and duplicate rows with file:line, for output_dir
 
 The pipeline's stages, with the disk in the middle: each source is read, converted and checked (fastdpo.checks)
-and tokenised (fastdpo.tokens) into its own entry, once; the split (fastdpo.splits) and the accounting
-(fastdpo.report) are recomputed from the entries' rows.arrow on each launch: milliseconds.
+and tokenised (fastdpo.tokens) into its own entry, once (fastdpo.tokbuild writes it); the split (fastdpo.splits)
+and the accounting (fastdpo.report) are recomputed from the entries' rows.arrow on each launch: milliseconds.
 
 Layout under $FASTDPO_CACHE/tokens (default ~/.cache/fastdpo/tokens):
   <key>/               one source split, read, checked and tokenised. The key hashes everything the ids depend on:
@@ -35,16 +35,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import multiprocessing as mp
 import os
-import resource
 import shutil
-import signal
 import socket
 import sys
 import tempfile
 import time
-from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -54,22 +50,14 @@ import xxhash
 from datasets import Dataset
 from filelock import FileLock, Timeout
 
-from . import checks, dataspec, errors, files, layouts, ranks, report, sources, splits, tokens, watchdog
+from . import checks, dataspec, errors, files, layouts, ranks, report, sources, splits, tokbuild, tokens, watchdog
 from .dataspec import DataSpec, SourceSpec
 from .errors import DataError, Notes, RowPolicy
+from .tokbuild import FORMAT, STATUS, TOKENS_SCHEMA, default_workers
 
 logger = logging.getLogger(__name__)
 
-FORMAT = 2  # 2: layouts (detected per source), notes, pairs per row
-PROGRESS_SECONDS = 30.0  # one plain progress line this often during long builds (tail -f)
 SMALL_SOURCE_BYTES = 1 << 20  # below this a pool's start-up costs more than it saves
-POOL_MIN_CPUS = 4  # fewer CPUs: one process with the tokenizer's threads beats a pool (see default_workers)
-STATUS = {"ok": 0, "truncated": 1, "dropped": 2}
-
-IDS = pa.list_(pa.int32())
-TOKENS_SCHEMA = pa.schema([("prompt_ids", IDS), ("chosen_ids", IDS), ("rejected_ids", IDS)])
-ROWS_SCHEMA = pa.schema([("where", pa.string()), ("prompt_len", pa.int32()), ("chosen_len", pa.int32()),
-                         ("rejected_len", pa.int32()), ("status", pa.int8()), ("hash", pa.binary(16))])
 
 
 # -------------------------------------------------------------------------------------------- fingerprints
@@ -100,10 +88,20 @@ def tokenizer_digest(tokenizer) -> str:
 def code_files() -> list[Path]:
     """The source files of every stage of the data pipeline, this module included (a package: all its files)."""
     out = []
-    for module in (errors, files, sources, layouts, dataspec, checks, tokens, splits, report, sys.modules[__name__]):
+    for module in (errors, files, sources, layouts, dataspec, checks, tokens, splits, tokbuild, report,
+                   sys.modules[__name__]):
         path = Path(module.__file__)
         out += sorted(path.parent.glob("*.py")) if path.name == "__init__.py" else [path]
     return out
+
+
+def _job(spec: DataSpec, tokenizer) -> tokbuild.Job:
+    import trl  # heavy (torch, transformers): only its version is read, for the key
+
+    settings = {"tokenizer": tokenizer_digest(tokenizer), "max_length": spec.max_length,
+                "max_prompt_length": spec.max_prompt_length, "trl": trl.__version__, "code": code_digest()}
+    return tokbuild.Job(tokenizer, tokens.templated(tokenizer), spec.max_length, spec.max_prompt_length, settings,
+                        tokens.encoder(tokenizer))
 
 
 def code_digest() -> str:
@@ -113,181 +111,6 @@ def code_digest() -> str:
     for path in code_files():
         h.update(path.read_bytes())
     return h.hexdigest()[:16]
-
-
-# ------------------------------------------------------------------------------------------------ building
-
-
-@dataclass
-class _Job:
-    """What tokenising a batch needs; workers inherit it through fork (the tokenizer is never pickled)."""
-
-    tokenizer: object
-    templated: bool
-    max_length: int | None
-    max_prompt_length: int | None
-    settings: dict  # what the ids depend on besides the source: tokenizer, lengths, library versions, code
-    encode: object = None
-    layout: layouts.Layout | None = None  # detected from the source's first row before the workers start
-
-    @classmethod
-    def of(cls, spec: DataSpec, tokenizer) -> _Job:
-        import trl  # heavy (torch, transformers): only its version is read, for the key
-
-        settings = {"tokenizer": tokenizer_digest(tokenizer), "max_length": spec.max_length,
-                    "max_prompt_length": spec.max_prompt_length, "trl": trl.__version__, "code": code_digest()}
-        return cls(tokenizer, tokens.templated(tokenizer), spec.max_length, spec.max_prompt_length, settings,
-                   tokens.encoder(tokenizer))
-
-
-_JOB: _Job | None = None
-
-
-def _work(batch: sources.RawBatch):
-    """One batch: read, convert through the layout, check, tokenise, truncate. Returns (token ids, rows, errors,
-    what the checks found, kinds)."""
-    job = _JOB
-    bad: list = []
-    got = checks.convert_rows(batch.items, batch.where, job.layout, job.templated, bad)
-    pairs, where = got.pairs, got.where
-    got.pairs, got.where = [], []  # the pairs go back as token ids, not as text
-    conv = sum(isinstance(r["chosen"], list) for r in pairs)
-    kinds = {"messages": conv, "text": len(pairs) - conv}
-    if not pairs:
-        return None, None, bad, got, kinds
-    full, cut, status = tokens.tokenize_truncated({k: [r[k] for r in pairs] for k in ("prompt", "chosen", "rejected")},
-                                                  job.tokenizer, job.encode, job.max_length, job.max_prompt_length)
-    keep = [i for i, s in enumerate(status) if s != "dropped"]
-    ids = pa.record_batch([pa.array([cut[k][i] for i in keep], IDS) for k in TOKENS_SCHEMA.names],
-                          schema=TOKENS_SCHEMA)
-    rows = pa.record_batch([
-        pa.array(where, pa.string()),
-        pa.array([len(x) for x in full["prompt_ids"]], pa.int32()),
-        pa.array([len(x) for x in full["chosen_ids"]], pa.int32()),
-        pa.array([len(x) for x in full["rejected_ids"]], pa.int32()),
-        pa.array([STATUS[s] for s in status], pa.int8()),
-        pa.array([splits.pair_hash(r) for r in pairs], pa.binary(16)),
-    ], schema=ROWS_SCHEMA)
-    return ids, rows, bad, got, kinds
-
-
-def _worker_init():
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the main process's to handle
-
-
-def default_workers(num_proc: int | None) -> int:
-    """Tokenising processes. Below POOL_MIN_CPUS, one: this process, whose fast tokenizer encodes each batch on
-    every core with its own threads (measured on 2 cores: 10% faster and 20% less CPU than 2 forked workers, for
-    any dataset_num_proc). From POOL_MIN_CPUS up, a pool of single-threaded workers, one per CPU this process may
-    use, or dataset_num_proc if smaller: it also spreads the ~15% of the work done in Python (templates, JSON,
-    checks), which one process would leave serial."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    if cpus < POOL_MIN_CPUS:
-        return 1
-    return max(1, min(num_proc or cpus, cpus))
-
-
-def _results(batches, workers: int):
-    """`_work`'s results and `done` per batch, in source order; at most 2 batches per worker in flight."""
-    if workers <= 1:
-        for b in batches:
-            yield (*_work(b), b.done)
-        return
-    ctx = mp.get_context("fork")  # the tokenizer and job reach the workers by inheritance, not pickling
-    before = os.environ.get("TOKENIZERS_PARALLELISM")
-    os.environ["TOKENIZERS_PARALLELISM"] = "false"  # one thread per worker; also silences the fork warning
-    try:
-        pool = ctx.Pool(workers, initializer=_worker_init)
-    finally:
-        if before is None:
-            os.environ.pop("TOKENIZERS_PARALLELISM", None)
-        else:
-            os.environ["TOKENIZERS_PARALLELISM"] = before
-    with pool:
-        pending: deque = deque()
-        for b in batches:
-            pending.append((pool.apply_async(_work, (b,)), b.done))
-            if len(pending) >= 2 * workers:
-                res, done = pending.popleft()
-                yield (*res.get(), done)
-        while pending:
-            res, done = pending.popleft()
-            yield (*res.get(), done)
-
-
-class Progress:
-    """`tokenising <label>: 3,200 pairs (32%), 114 pairs/s, eta 0:01:00` every PROGRESS_SECONDS."""
-
-    def __init__(self, label: str, every: float | None = None):
-        self.label, self.every = label, PROGRESS_SECONDS if every is None else every
-        self.t0 = self.last = time.perf_counter()
-
-    def update(self, rows: int, done: float) -> None:
-        watchdog.beat(f"tokenising {self.label}")  # a long build is progress, not a stall
-        now = time.perf_counter()
-        if now - self.last < self.every:
-            return
-        self.last = now
-        elapsed = now - self.t0
-        eta = elapsed * (1 - done) / done if done > 0 else None
-        logger.info("tokenising %s: %s pairs (%.0f%%), %.0f pairs/s, eta %s", self.label, f"{rows:,}", 100 * done,
-                    rows / elapsed, _hms(eta))
-
-
-def _hms(seconds) -> str:
-    if seconds is None:
-        return "n/a"
-    s = int(round(seconds))
-    return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
-
-
-def _build(source: sources.Source, src: SourceSpec, job: _Job, workers: int, dest: Path, parts: dict) -> dict:
-    """Stream the source through the workers into dest/{tokens,rows}.arrow; returns meta (written last)."""
-    global _JOB
-    start, cpu0 = time.perf_counter(), _cpu()
-    job.layout, batches = layouts.detect_source(source.batches(src.limit), src.options)
-    _JOB = job
-    progress = Progress(source.label)
-    found, skipped, kinds, n_rows, n_tokens = checks.Converted(), [], {"messages": 0, "text": 0}, 0, 0
-    with pa.OSFile(str(dest / "tokens.arrow"), "wb") as tf, pa.OSFile(str(dest / "rows.arrow"), "wb") as rf, \
-            pa.ipc.new_stream(tf, TOKENS_SCHEMA) as tokens_out, pa.ipc.new_stream(rf, ROWS_SCHEMA) as rows_out:
-        for ids, rows, bad, got, batch_kinds, done in _results(batches, workers):
-            skipped += [{"where": where, "problem": problem} for where, problem in bad]
-            found.merge(got)
-            for k in kinds:
-                kinds[k] += batch_kinds[k]
-            if rows is not None:
-                tokens_out.write_batch(ids)
-                rows_out.write_batch(rows)
-                n_rows += rows.num_rows
-                n_tokens += ids.num_rows
-            progress.update(n_rows + len(skipped), done)
-    for name, listed in (("skipped.jsonl", skipped), ("no_pair.jsonl", found.no_pair)):
-        if listed:
-            with open(dest / name, "w") as f:
-                f.writelines(json.dumps(r) + "\n" for r in listed)
-    seconds = time.perf_counter() - start
-    layout = job.layout.report() if job.layout is not None else {"name": None}
-    used = job.layout.used() if job.layout is not None else set()
-    layout.update({"kinds": kinds, "unused_text_columns": sorted(found.unused_text - used)})
-    meta = {"format": FORMAT, "parts": parts, "source": source.label, "rows": n_rows, "tokens": n_tokens,
-            "skipped": len(skipped), "rows_with_pairs": found.rows_with_pairs,
-            "items": found.rows_with_pairs + len(skipped) + len(found.no_pair), "layout": layout,
-            "notes": found.notes.as_dict(), "empty_prompts": found.empty_prompts,
-            "refusal": checks.check_prompts(job.layout, n_rows, found.empty_prompts, found.unused_text, source.label),
-            "workers": workers, "seconds": round(seconds, 2), "cpu_seconds": round(_cpu() - cpu0, 2),
-            "files": {name: (dest / name).stat().st_size for name in ("tokens.arrow", "rows.arrow")}}
-    logger.info("tokenised %s: %s pairs in %.1f s (%.0f pairs/s, %d process%s, %s rows skipped)", source.label,
-                f"{n_rows:,}", seconds, n_rows / max(seconds, 1e-9), workers, "es" if workers > 1 else "",
-                len(skipped))
-    files.atomic_write(dest / "meta.json", json.dumps(meta, indent=1))
-    return meta
-
-
-def _cpu() -> float:
-    """CPU seconds of this process and of its finished children (the pool's workers)."""
-    a, b = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return a.ru_utime + a.ru_stime + b.ru_utime + b.ru_stime
 
 
 # ------------------------------------------------------------------------------------------------- entries
@@ -386,7 +209,7 @@ class Cache:
                 _move_aside(path, problem)
         return None
 
-    def entry(self, src: SourceSpec, job: _Job, workers: int, build: bool = True,
+    def entry(self, src: SourceSpec, job: tokbuild.Job, workers: int, build: bool = True,
               source: sources.Source | None = None) -> Entry | None:
         """The entry of one source (`source`: src already opened), found, waited for, or built by this process."""
         source = source or src.open()
@@ -409,7 +232,7 @@ class Cache:
         with held, watchdog.phase(f"tokenising {source.label}", bound=watchdog.wait_timeout()):
             return self.find(key) or self._make(key, source, src, job, workers, parts)
 
-    def _make(self, key: str, source: sources.Source, src: SourceSpec, job: _Job, workers: int,
+    def _make(self, key: str, source: sources.Source, src: SourceSpec, job: tokbuild.Job, workers: int,
                parts: dict) -> Entry:
         """Build the entry under a temporary name and rename it in place (we hold the lock)."""
         for stale in self.root.glob(f"{key}.tmp-*"):  # a killed build's leftovers
@@ -419,8 +242,8 @@ class Cache:
         try:
             small = isinstance(source, sources.FilesSource) and sum(
                 p.stat().st_size for p in source.files) < SMALL_SOURCE_BYTES
-            meta = _build(source, src, job, 1 if small or isinstance(source, sources.RowsSource) else workers, tmp,
-                          parts)
+            meta = tokbuild.build(source, src, job, 1 if small or isinstance(source, sources.RowsSource) else workers,
+                                  tmp, parts)
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
@@ -486,7 +309,7 @@ class Prepared:
 def train_entry(spec, tokenizer, num_proc=None, cache_dir=None, build: bool = True) -> Entry | None:
     """The cache entry of the train split as training would build it (the analyzer reads and fills it)."""
     spec = DataSpec.of(spec)
-    return Cache(cache_dir).entry(spec.train, _Job.of(spec, tokenizer), default_workers(num_proc), build)
+    return Cache(cache_dir).entry(spec.train, _job(spec, tokenizer), default_workers(num_proc), build)
 
 
 class _Where:
@@ -505,7 +328,7 @@ def prepare(spec, tokenizer, num_proc: int | None = None, cache_dir: str | Path 
     start = time.perf_counter()
     spec = DataSpec.of(spec)
     logger.info("data: %s", tokens.layout_note(tokens.templated(tokenizer)))
-    cache, job, workers = Cache(cache_dir), _Job.of(spec, tokenizer), default_workers(num_proc)
+    cache, job, workers = Cache(cache_dir), _job(spec, tokenizer), default_workers(num_proc)
     train_source = spec.train.open()
     evals = splits.eval_spec(spec, train_source)
     logger.info("data: %s", evals.note)

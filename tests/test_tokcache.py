@@ -1,5 +1,5 @@
-"""fastdpo.tokcache: tokenise once, memory-map after; any changed input rebuilds; bad or unwritable caches never
-stop a run; every row accounted for; the local main process builds while the other ranks wait.
+"""fastdpo.tokcache and tokbuild: tokenise once, memory-map after; any changed input rebuilds; bad or unwritable
+caches never stop a run; every row accounted for; the local main process builds while the other ranks wait.
 
     .venv/bin/python -m pytest tests/test_tokcache.py          # ~1 minute on 2 cores (the torchrun test ~20 s)
 """
@@ -14,7 +14,7 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from fastdpo import data, errors, tiny, tokcache
+from fastdpo import data, errors, tiny, tokbuild, tokcache
 from fastdpo.config import ScriptArguments
 from fastdpo.dataspec import DataSpec
 
@@ -150,8 +150,8 @@ def test_every_row_is_accounted_for(tmp_path, tiny_tokenizer):
 
 def test_worker_pool_gives_the_rows_of_one_process(rows_file, tiny_tokenizer, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(tokcache, "SMALL_SOURCE_BYTES", 0)  # a pool even for this small file, on any machine
-    monkeypatch.setattr(tokcache, "POOL_MIN_CPUS", 1)
-    monkeypatch.setattr(tokcache, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(tokbuild, "POOL_MIN_CPUS", 1)
+    monkeypatch.setattr(tokbuild, "PROGRESS_SECONDS", 0.0)
     caplog.set_level(logging.INFO)
     pool = prepare(args(rows_file), tiny_tokenizer, tmp_path / "a", num_proc=2)
     one = prepare(args(rows_file), tiny_tokenizer, tmp_path / "b", num_proc=1)
@@ -166,7 +166,7 @@ def test_the_key_covers_the_code_of_every_data_stage():
     layouts package) and nothing else."""
     pkg = REPO / "fastdpo"
     stages = {pkg / f"{m}.py" for m in ("errors", "files", "sources", "dataspec", "checks", "tokens", "splits",
-                                         "tokcache", "report")} | set((pkg / "layouts").glob("*.py"))
+                                         "tokbuild", "tokcache", "report")} | set((pkg / "layouts").glob("*.py"))
     assert set(tokcache.code_files()) == stages
 
 
