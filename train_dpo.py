@@ -35,7 +35,9 @@ cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the envi
 from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 from trl import get_peft_config  # noqa: E402
 
-from fastdpo import checkpoints, memory, models, ranks, runlock, tokcache, watchdog  # noqa: E402
+from fastdpo import checkpoints, memory, models, ranks, report, runlock, tokcache, watchdog  # noqa: E402
+from fastdpo.dataspec import DataSpec  # noqa: E402
+from fastdpo.exits import exits  # noqa: E402
 from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
 from fastdpo.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback  # noqa: E402
 from fastdpo.trainer import DPOTrainer  # noqa: E402
@@ -72,23 +74,17 @@ def main(script_args, training_args, model_args):
     # the same data memory-maps the cached rows in seconds (fastdpo/tokcache.py).
     tokenizer = models.load_tokenizer(model_args.model_name_or_path, script_args.chat_template_path,
                                       model_args.model_revision)
-    prepared = tokcache.prepare(script_args, tokenizer, training_args.max_length, script_args.max_prompt_length,
+    prepared = tokcache.prepare(DataSpec.of(script_args, max_length=training_args.max_length), tokenizer,
                                 training_args.dataset_num_proc)
-    train_ds, eval_ds, report = prepared.train, prepared.eval, prepared.report
+    train_ds, eval_ds, data_report = prepared.train, prepared.eval, prepared.report
     if eval_ds is None and training_args.eval_strategy != "no":
         logger.warning("no eval split: eval_strategy %s -> no", training_args.eval_strategy.value)
         training_args.eval_strategy = IntervalStrategy.NO
     run.check_data(train_ds, eval_ds)  # other data than the checkpoint's (or a finished run's) is refused
     if run.done:  # the same command after the run finished: its outputs stay as they are
         return
-    if is_main:
-        write_json(out / "data_report.json", report)
-        for name in tokcache.LISTINGS:  # rows not trained on, with file:line; none left from an earlier run
-            rows = prepared.listings.get(name)
-            (out / name).unlink(missing_ok=True)
-            if rows:
-                with open(out / name, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in rows)
+    if is_main:  # data_report.json, and the rows not trained on with file:line; none left from an earlier run
+        report.write(out, data_report, prepared.listings)
 
     # Model and trainer. The reference model is a frozen copy TRL loads from the same path (or, with LoRA,
     # the base model with the adapter disabled).
@@ -152,5 +148,5 @@ def main(script_args, training_args, model_args):
 
 
 if __name__ == "__main__":
-    with ranks.exits():  # exit codes and failure notes for scripts/_launch.sh (fastdpo/ranks.py)
+    with exits():  # exit codes and failure notes for scripts/_launch.sh (fastdpo/exits.py)
         main(*cli.parse_training(__doc__))  # --help, --help-all, --config=FILE (fastdpo/cli.py)

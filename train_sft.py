@@ -32,6 +32,8 @@ cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the envi
 from trl import SFTConfig, SFTTrainer, get_peft_config  # noqa: E402
 
 from fastdpo import checkpoints, models, ranks, runlock, sft, watchdog  # noqa: E402
+from fastdpo.dataspec import DataSpec  # noqa: E402
+from fastdpo.exits import exits  # noqa: E402
 from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
 from fastdpo.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback  # noqa: E402
 
@@ -58,7 +60,7 @@ def main(script_args, training_args, model_args):
     tokenizer = models.load_tokenizer(model_args.model_name_or_path, training_args.chat_template_path,
                                       model_args.model_revision)
     training_args.chat_template_path = None
-    ds = sft.load_sft(script_args)
+    ds = sft.load_sft(DataSpec.of(script_args))
     if "messages" in ds.train.column_names or isinstance(ds.train[0]["prompt"], list):
         if not tokenizer.chat_template:
             raise SystemExit(f"{model_args.model_name_or_path}: the tokenizer has no chat template but the data is "
@@ -111,5 +113,5 @@ def main(script_args, training_args, model_args):
 
 
 if __name__ == "__main__":
-    with ranks.exits():  # exit codes and failure notes for scripts/_launch.sh (fastdpo/ranks.py)
+    with exits():  # exit codes and failure notes for scripts/_launch.sh (fastdpo/exits.py)
         main(*cli.parse_training(__doc__, trainer_config=SFTConfig, default_recipe=cfg.DEFAULT_SFT_RECIPE))

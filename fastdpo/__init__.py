@@ -1,12 +1,18 @@
 """fastdpo: the reusable pieces behind train_dpo.py, train_sft.py and scripts/.
 
 config      recipe + command line -> (ScriptArguments, DPOConfig, ModelConfig); secrets from .env
-errors      row errors with their place, notes (merged turns, empty answers, no-pair rows) with first places
+errors      row errors with their place, the skip-or-fail policy, notes (merged turns, empty answers, no-pair rows)
 files       atomic writes and content digests
+dataspec    what a data run reads and how: the spec training, SFT, evaluation and the analyzer pass the data stages
 sources     every data source streamed in batches, with file:line for each row
 layouts     the preference layouts users bring, detected once per source, each row -> TRL's preference form
-data        pairs -> TRL-identical token ids, truncation, the eval split and dedup (DPO, SFT, analyzer, evaluation)
+checks      rows through their layout, each accounted for; a source's prompts checked as a whole
+tokens      pairs -> TRL-identical token ids, truncation
+splits      the eval split, dedup and shuffle (DPO and SFT, in memory and from the token cache)
 tokcache    tokenise once: the memory-mapped token cache every launch and rank reads
+  tokbuild  one cache entry built: a source through forked workers into Arrow files
+report      the accounting line, data_report.json and the listings of rows not trained on
+data        the data stages in memory: pairs and token datasets for evaluation, tests and small tools
 sft         SFT rows (messages or prompt/completion) for train_sft.py, split as preference data
 memory      per-GPU memory of weights, gradients, optimizer states and activations per backend (README table)
 models      model/tokenizer loading (`embedded:tiny-llama` resolves to the offline tiny model)
@@ -21,8 +27,9 @@ evaluation  preference accuracy, margins, KL and generations for scripts/evaluat
 preemption  SIGUSR1/SIGTERM -> checkpoint and exit 75 (Slurm requeue)
 checkpoints complete-checkpoint markers, resume choice, run identity (a changed rerun is refused)
 logs        one plain progress line per logging step
-ranks       which process writes (caches per node, output_dir per run), waits with deadlines, exit codes, failure notes
-watchdog    a stalled rank dumps its stacks and exits 70 (retried)
+ranks       which process this is and which one writes (caches per node, output_dir per run), exit codes, failure notes
+watchdog    a stalled rank dumps its stacks and exits 70 (retried); waits for another process, with deadlines
 runlock     one run per output_dir (a lock that works on NFS/Lustre, stale ones taken over)
 failures    after a failed attempt: who failed first, of what, retry or not (scripts/_launch.sh)
+exits       the entry points' way out: each exception -> its exit code and failure note
 """

@@ -35,10 +35,12 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from . import ranks
+
 logger = logging.getLogger("fastdpo")
 
-# sysexits' EX_TEMPFAIL, "try again later": not a crash, and not a finished run.
-PREEMPTED_EXIT_CODE = 75
+# sysexits' EX_TEMPFAIL, "try again later": not a crash, and not a finished run (fastdpo.ranks' table).
+PREEMPTED_EXIT_CODE = ranks.PREEMPTED
 # 128 + SIGINT: what a shell reports for a command stopped by Ctrl-C.
 INTERRUPTED_EXIT_CODE = 130
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
