@@ -188,7 +188,7 @@ def test_the_hugging_face_job_script_with_uv_run(tmp_path):
            "--max_steps", "2", "--eval_before_train", "false"]
     proc = run(cmd, cwd=tmp_path, env=env, check=False)
     assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert f"hf_job: install: {uv} pip install --python {venv}/bin/python torch==2.13.0 -r" in proc.stdout
+    assert f"uv pip install --python {venv}/bin/python torch==2.13.0 -r" in proc.stdout  # uv names itself: UV
     assert "Installed" not in proc.stderr and "Uninstalled" not in proc.stderr  # uv found every pin in place
     assert f"hf_job: train (0 GPUs): {venv}/bin/python train_dpo.py --config recipes/tiny.yaml --push_to_hub true" in \
         proc.stdout
