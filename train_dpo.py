@@ -24,14 +24,19 @@ import logging
 import sys
 from pathlib import Path
 
-from fastdpo import config as cfg
+from fastdpo import cli
+
+cli.stop_on_ctrl_c()  # first: a Ctrl-C during the imports below stops with one line, not a traceback
+
+from fastdpo import config as cfg  # noqa: E402
 
 cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the environment
 
 from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 from trl import get_peft_config  # noqa: E402
 
-from fastdpo import checkpoints, models, ranks, runlock, tokcache, watchdog  # noqa: E402
+from fastdpo import checkpoints, memory, models, ranks, report, runlock, tokcache, watchdog  # noqa: E402
+from fastdpo.dataspec import DataSpec  # noqa: E402
 from fastdpo.exits import exits  # noqa: E402
 from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
 from fastdpo.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback  # noqa: E402
@@ -47,28 +52,15 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def check_hub_access(repo_id: str) -> None:
-    """Fail in seconds, not after hours of training, when the push at the end cannot work."""
-    from huggingface_hub import constants, whoami
-
-    if constants.HF_HUB_OFFLINE:
-        raise SystemExit("push_to_hub is set but HF_HUB_OFFLINE=1: unset it, or pass --push_to_hub false")
-    try:
-        user = whoami()["name"]
-    except Exception as e:  # no token, a refused token, or no network: all mean the final push would fail
-        raise SystemExit(f"push_to_hub is set but the Hub check failed ({type(e).__name__}): put a write token "
-                         "in .env as HF_TOKEN=..., check the network, or pass --push_to_hub false") from None
-    logger.info("will push to %s as %s", repo_id, user)
-
-
 def main(script_args, training_args, model_args):
     is_main = ranks.writes("run", training_args.save_on_each_node)
-    preemption = PreemptionCallback()  # SIGUSR1/SIGTERM: checkpoint and stop (Slurm; scripts/dpo_train.sh requeues)
+    preemption = PreemptionCallback()  # SIGUSR1/SIGTERM/Ctrl-C: checkpoint and stop (Slurm: the job requeues)
     setup_logging(is_main)
     cfg.redact_logs()
     watchdog.start()  # a stalled rank dumps its stacks and exits 70 (scripts/_launch.sh retries it)
     if training_args.push_to_hub:
-        check_hub_access(training_args.hub_model_id or training_args.output_dir)
+        cli.check_hub_access(training_args.hub_model_id or training_args.output_dir)
+    memory.check_at_start(training_args, model_args)  # on CUDA: a run that cannot fit its GPUs stops here
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runlock.acquire(out, training_args.save_on_each_node)  # one run per output_dir; a second one stops here
@@ -82,23 +74,17 @@ def main(script_args, training_args, model_args):
     # the same data memory-maps the cached rows in seconds (fastdpo/tokcache.py).
     tokenizer = models.load_tokenizer(model_args.model_name_or_path, script_args.chat_template_path,
                                       model_args.model_revision)
-    prepared = tokcache.prepare(script_args, tokenizer, training_args.max_length, script_args.max_prompt_length,
+    prepared = tokcache.prepare(DataSpec.of(script_args, max_length=training_args.max_length), tokenizer,
                                 training_args.dataset_num_proc)
-    train_ds, eval_ds, report = prepared.train, prepared.eval, prepared.report
+    train_ds, eval_ds, data_report = prepared.train, prepared.eval, prepared.report
     if eval_ds is None and training_args.eval_strategy != "no":
         logger.warning("no eval split: eval_strategy %s -> no", training_args.eval_strategy.value)
         training_args.eval_strategy = IntervalStrategy.NO
     run.check_data(train_ds, eval_ds)  # other data than the checkpoint's (or a finished run's) is refused
     if run.done:  # the same command after the run finished: its outputs stay as they are
         return
-    if is_main:
-        write_json(out / "data_report.json", report)
-        for name in tokcache.LISTINGS:  # rows not trained on, with file:line; none left from an earlier run
-            rows = prepared.listings.get(name)
-            (out / name).unlink(missing_ok=True)
-            if rows:
-                with open(out / name, "w") as f:
-                    f.writelines(json.dumps(r) + "\n" for r in rows)
+    if is_main:  # data_report.json, and the rows not trained on with file:line; none left from an earlier run
+        report.write(out, data_report, prepared.listings)
 
     # Model and trainer. The reference model is a frozen copy TRL loads from the same path (or, with LoRA,
     # the base model with the adapter disabled).
@@ -163,4 +149,4 @@ def main(script_args, training_args, model_args):
 
 if __name__ == "__main__":
     with exits():  # exit codes and failure notes for scripts/_launch.sh (fastdpo/exits.py)
-        main(*cfg.parse_args())
+        main(*cli.parse_training(__doc__))  # --help, --help-all, --config=FILE (fastdpo/cli.py)

@@ -21,13 +21,18 @@ import logging
 import sys
 from pathlib import Path
 
-from fastdpo import config as cfg
+from fastdpo import cli
+
+cli.stop_on_ctrl_c()  # first: a Ctrl-C during the imports below stops with one line, not a traceback
+
+from fastdpo import config as cfg  # noqa: E402
 
 cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the environment
 
 from trl import SFTConfig, SFTTrainer, get_peft_config  # noqa: E402
 
 from fastdpo import checkpoints, models, ranks, runlock, sft, watchdog  # noqa: E402
+from fastdpo.dataspec import DataSpec  # noqa: E402
 from fastdpo.exits import exits  # noqa: E402
 from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
 from fastdpo.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback  # noqa: E402
@@ -37,10 +42,12 @@ logger = logging.getLogger("fastdpo")
 
 def main(script_args, training_args, model_args):
     is_main = ranks.writes("run", training_args.save_on_each_node)
-    preemption = PreemptionCallback()  # SIGUSR1/SIGTERM: checkpoint and stop, like train_dpo.py
+    preemption = PreemptionCallback()  # SIGUSR1/SIGTERM/Ctrl-C: checkpoint and stop, like train_dpo.py
     setup_logging(is_main)
     cfg.redact_logs()
     watchdog.start()  # a stalled rank dumps its stacks and exits 70 (scripts/_launch.sh retries it)
+    if training_args.push_to_hub:  # a push that cannot work fails now, not after training
+        cli.check_hub_access(training_args.hub_model_id or training_args.output_dir)
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runlock.acquire(out, training_args.save_on_each_node)  # one run per output_dir; a second one stops here
@@ -53,7 +60,7 @@ def main(script_args, training_args, model_args):
     tokenizer = models.load_tokenizer(model_args.model_name_or_path, training_args.chat_template_path,
                                       model_args.model_revision)
     training_args.chat_template_path = None
-    ds = sft.load_sft(script_args)
+    ds = sft.load_sft(DataSpec.of(script_args))
     if "messages" in ds.train.column_names or isinstance(ds.train[0]["prompt"], list):
         if not tokenizer.chat_template:
             raise SystemExit(f"{model_args.model_name_or_path}: the tokenizer has no chat template but the data is "
@@ -107,4 +114,4 @@ def main(script_args, training_args, model_args):
 
 if __name__ == "__main__":
     with exits():  # exit codes and failure notes for scripts/_launch.sh (fastdpo/exits.py)
-        main(*cfg.parse_args(trainer_config=SFTConfig, default_recipe=cfg.DEFAULT_SFT_RECIPE))
+        main(*cli.parse_training(__doc__, trainer_config=SFTConfig, default_recipe=cfg.DEFAULT_SFT_RECIPE))

@@ -4,13 +4,19 @@ config      recipe + command line -> (ScriptArguments, DPOConfig, ModelConfig): 
   recipes   where each key came from (recipe line, flag), unknown and renamed keys
   settings  values that cannot work, refused before any data or model is loaded
   credentials  secrets from .env, masked in logs, refused in arguments
-errors      row errors with their place, notes (merged turns, empty answers, no-pair rows) with first places
+errors      row errors with their place, the skip-or-fail policy, notes (merged turns, empty answers, no-pair rows)
 files       atomic writes and content digests
 frameworks  every private name of TRL, transformers, accelerate, torch and datasets fastdpo uses, in one place
+dataspec    what a data run reads and how: the spec training, SFT, evaluation and the analyzer pass the data stages
 sources     every data source streamed in batches, with file:line for each row
 layouts     the preference layouts users bring, detected once per source, each row -> TRL's preference form
-data        pairs -> TRL-identical token ids, truncation, the eval split and dedup (DPO, SFT, analyzer, evaluation)
+checks      rows through their layout, each accounted for; a source's prompts checked as a whole
+tokens      pairs -> TRL-identical token ids, truncation
+splits      the eval split, dedup and shuffle (DPO and SFT, in memory and from the token cache)
 tokcache    tokenise once: the memory-mapped token cache every launch and rank reads
+  tokbuild  one cache entry built: a source through forked workers into Arrow files
+report      the accounting line, data_report.json and the listings of rows not trained on
+data        the data stages in memory: pairs and token datasets for evaluation, tests and small tools
 sft         SFT rows (messages or prompt/completion) for train_sft.py, split as preference data
 memory      per-GPU memory of weights, gradients, optimizer states and activations per backend (README table)
 models      model/tokenizer loading (`embedded:tiny-llama` resolves to the offline tiny model)

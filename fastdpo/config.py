@@ -33,7 +33,7 @@ from .credentials import check_secrets  # noqa: E402
 from .credentials import load_env as load_env  # noqa: E402  (re-exported: the entry points call cfg.load_env)
 from .credentials import redact_logs as redact_logs  # noqa: E402
 from .layouts import check_column_map  # noqa: E402
-from .recipes import DEFAULT_RECIPE, RENAMED, Where, explain_unknown  # noqa: E402
+from .recipes import DEFAULT_RECIPE, RENAMED, Where, argument_error, explain_unknown  # noqa: E402
 from .recipes import DEFAULT_SFT_RECIPE as DEFAULT_SFT_RECIPE  # noqa: E402
 from .recipes import describe as describe  # noqa: E402
 from .recipes import given_keys as given_keys  # noqa: E402
@@ -210,6 +210,7 @@ def parse_args(argv: list[str] | None = None, trainer_config=DPOConfig, default_
     if not Path(recipe).is_file():
         raise SystemExit(f"recipe not found: {recipe} (recipes live in recipes/, e.g. --config recipes/tiny.yaml)")
     parser = TrlParser((_script_arguments_for(trainer_config), trainer_config, ModelConfig))
+    parser.error = argument_error  # one line naming the flag, value and what is expected; no usage dump
     try:
         script_args, training_args, model_args, from_recipe, from_cli = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True

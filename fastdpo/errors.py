@@ -1,9 +1,11 @@
-"""Bad input and where it was found: the bottom layer of the data path (sources -> layouts -> data -> tokcache).
+"""Bad input and where it was found: the ground floor of the data pipeline (sources -> layouts -> checks -> tokens
+-> splits -> tokcache -> report): every stage imports it; it imports nothing from the package.
 
-A `DataError` carries the place (`file:line`, `file row N`, `id [split] row N`) and the fix in its message; a row
-error either fails the run or, with --skip_bad_rows, is listed in output_dir/skipped_rows.jsonl. `Notes` counts what
-was done to rows that train anyway (merged turns, empty answers) or that give no pair (chosen = rejected, ties), each
-with its first few places, for the accounting line and data_report.json.
+A `DataError` carries the place (`file:line`, `file row N`, `id [split] row N`) and the fix in its message. A row
+that cannot be used goes through the one skip-or-fail rule, `RowPolicy`: it fails the run, or, with --skip_bad_rows,
+it is listed in output_dir/skipped_rows.jsonl. `Notes` counts what was done to rows that train anyway (merged turns,
+empty answers) or that give no pair (chosen = rejected, ties), each with its first few places, for the accounting
+line and data_report.json.
 """
 
 from __future__ import annotations
@@ -29,6 +31,35 @@ class Skipped:
 
     def add(self, where: str, problem: str) -> None:
         self.rows.append({"where": where, "problem": problem})
+
+
+@dataclass(frozen=True)
+class RowPolicy:
+    """What happens to a row that cannot be used, at every place one is met: without `skip` the run fails with the
+    row's place, its problem and the fix; with it (--skip_bad_rows) the row is listed and counted, and the run goes
+    on."""
+
+    skip: bool = False
+
+    def refusal(self, where: str, problem) -> DataError:
+        return DataError(f"{where}: {problem}; {FIX_SKIP}")
+
+    def row(self, where: str, problem, skipped: Skipped | None = None) -> None:
+        """A bad row met while reading: fail now, or list it in `skipped`."""
+        if not self.skip:
+            raise self.refusal(where, problem)
+        if skipped is not None:
+            skipped.add(where, str(problem))
+
+    def refuses(self, rows: list[dict]) -> bool:
+        """Whether bad rows listed earlier ({"where", "problem"}) stop the run."""
+        return bool(rows) and not self.skip
+
+    def settle(self, rows: list[dict]) -> None:
+        """Bad rows listed earlier (a token-cache entry lists every one it met, whatever the policy it was built
+        under): fail on the first, as a fresh read would, unless skipping."""
+        if self.refuses(rows):
+            raise self.refusal(rows[0]["where"], rows[0]["problem"])
 
 
 # What a row's note means, in the words of the accounting line. The first group still trains; the second gives

@@ -1,8 +1,9 @@
 """What DPO changed: implicit-reward accuracy and margin, drift from the reference, and the generations.
 
-Pairs are loaded and tokenised by `fastdpo.data` exactly as training does, so a pair scores here on the same
-tokens it trained on. Rewards are DPO's implicit rewards, beta * (log pi(y|x) - log pi_ref(y|x)) summed over the
-answer tokens, the quantity behind TRL's `rewards/accuracies` and `rewards/margins`.
+Pairs are read and tokenised by the data pipeline in memory (`fastdpo.data`), through training's own stages, so a
+pair scores here on the same tokens it trained on. Rewards are DPO's implicit rewards,
+beta * (log pi(y|x) - log pi_ref(y|x)) summed over the answer tokens, the quantity behind TRL's
+`rewards/accuracies` and `rewards/margins`.
 
 `scripts/evaluate.py` is the command-line front; `scripts/demo.py` uses the same functions.
 """
@@ -17,7 +18,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from . import data, models
+from . import data, layouts, models
+from .dataspec import DataSpec, SourceSpec
 
 
 @dataclass
@@ -197,18 +199,15 @@ def side_by_side(policy: Loaded, ref: Loaded | None, pairs, tokenized, n: int, m
     }
 
 
-def load_eval_pairs(dataset_name: str, split: str = "test", column_map: str | None = None,
+def load_eval_pairs(dataset_name: str, split: str = "test", column_map: str | dict | None = None,
                     max_pairs: int | None = None, dataset_config: str | None = None, tokenizer=None,
                     ranked_pairs: str | None = None, judged_pairs: bool = False):
-    """Any preference source training accepts, one split, normalised by fastdpo.data (bad rows are errors).
-    The tokenizer decides, as in training, whether implicit-prompt transcripts are read as messages (it has a
-    chat template) or as raw text (it has none)."""
-    from .config import ScriptArguments
-
-    args = ScriptArguments(dataset_name=dataset_name, dataset_config=dataset_config, dataset_train_split=split,
-                           column_map=column_map, max_train_samples=max_pairs, ranked_pairs=ranked_pairs,
-                           judged_pairs=judged_pairs)
-    return data.load_pairs(args, tokenizer).train
+    """Any preference source training accepts, one split, read by the data pipeline in memory (bad rows are
+    errors). The tokenizer decides, as in training, whether implicit-prompt transcripts are read as messages (it
+    has a chat template) or as raw text (it has none)."""
+    options = layouts.Options(layouts.parse_column_map(column_map), ranked_pairs, bool(judged_pairs))
+    spec = DataSpec(SourceSpec(dataset_name, dataset_config, split, options, limit=max_pairs))
+    return data.load_pairs(spec, tokenizer).train
 
 
 # ---------------------------------------------------------------------------------------------- reporting

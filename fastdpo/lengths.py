@@ -1,8 +1,8 @@
 """Token lengths of preference pairs -> max_length, max_prompt_length and the batch shape to train with.
 
 `scripts/analyze_dataset.py` is the command; this module is the logic, so tests and other tools can reuse it.
-Lengths come from `data.tokenize_pairs`, the function training tokenises with, and the truncation rule is
-`data.truncate_pair`'s applied to lengths, so every count here is what training would see
+Lengths come from `tokens.tokenize_pairs`, the function training tokenises with, and the truncation rule is
+`tokens.truncate_pair`'s applied to lengths, so every count here is what training would see
 (tests/test_analyze.py checks it against TRL's collator).
 
 Definitions used throughout:
@@ -28,8 +28,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from . import data, layouts
-from .sources import open_source
+from . import checks, layouts, splits, tokens
+from .dataspec import DataSpec
+from .errors import DataError, Notes
 
 LADDER = [1024, 1536, 2048, 3072, 4096, 6144, 8192, 12288, 16384, 24576, 32768]  # x1.5 then x4/3: 1k..32k
 PERCENTILES = [50, 90, 95, 99]
@@ -62,25 +63,37 @@ class Sample:
     pairs: list[dict]
     num_rows: int  # rows in the split (max_train_samples applied)
     skipped: list[dict]  # rows training refuses ({"where", "problem"}): counted, not fatal, in the analyzer
-    notes: data.Notes
+    notes: Notes
     layout: object
     refusal: str | None = None  # a dataset-level refusal of training (prompts empty while text columns go unread)
 
 
-def load_sample(args, samples: int | None, seed: int = 0, templated: bool = True) -> Sample:
+def load_sample(spec, samples: int | None, seed: int = 0, templated: bool = True) -> Sample:
     """Pairs of a seeded random sample of the train split (all rows when samples is None).
 
-    The layout is detected from the split's first rows, as training does; the source is streamed once (a seeded
-    reservoir: only `samples` raw rows are held) and only the sampled rows are converted, with training's code
-    (`data.convert_rows`), so a bad row outside the sample goes unnoticed: `--samples all` checks every row (and
-    fills training's cache).
+    `spec`: a DataSpec (or script arguments). The layout is detected from the split's first rows, as training
+    does; the source is streamed once (a seeded reservoir: only `samples` raw rows are held) and only the sampled
+    rows are converted, with training's code (`checks.convert_rows`), so a bad row outside the sample goes
+    unnoticed: `--samples all` checks every row (and fills training's cache).
     """
-    rng = random.Random(seed)
+    train = DataSpec.of(spec).train
+    source = train.open()
+    layout, batches = layouts.detect_source(source.batches(train.limit), train.options)
+    picked, n_rows = _reservoir(batches, samples, random.Random(seed))  # training only ever sees these rows
+    errors: list = []
+    got = checks.convert_rows([x[1] for x in picked], [x[2] for x in picked], layout, templated, errors)
+    if not got.pairs:
+        first = f" (first: {errors[0][0]}: {errors[0][1]})" if errors else ""
+        raise DataError(f"{train.label}: no usable rows{first}")
+    refusal = checks.check_prompts(layout, len(got.pairs), got.empty_prompts, got.unused_text, source.label)
+    return Sample(got.pairs, n_rows, [{"where": w, "problem": p} for w, p in errors], got.notes, layout, refusal)
+
+
+def _reservoir(batches, samples: int | None, rng: random.Random) -> tuple[list, int]:
+    """([(index, raw item, where)] of a seeded uniform sample of `samples` rows, in source order; rows seen)."""
     picked: list[tuple[int, object, str]] = []
     n_rows = 0
-    source = open_source(args.dataset_name, args.dataset_config, args.dataset_train_split)
-    layout, batches = layouts.detect_source(source.batches(args.max_train_samples), layouts.Options.of(args))
-    for batch in batches:  # training only ever sees these rows
+    for batch in batches:
         for item, where in zip(batch.items, batch.where, strict=True):
             if samples is None or len(picked) < samples:
                 picked.append((n_rows, item, where))
@@ -90,28 +103,22 @@ def load_sample(args, samples: int | None, seed: int = 0, templated: bool = True
                     picked[j] = (n_rows, item, where)
             n_rows += 1
     picked.sort(key=lambda x: x[0])
-    errors: list = []
-    got = data.convert_rows([x[1] for x in picked], [x[2] for x in picked], layout, templated, errors)
-    if not got.pairs:
-        first = f" (first: {errors[0][0]}: {errors[0][1]})" if errors else ""
-        raise data.DataError(f"{args.dataset_name} [{args.dataset_train_split}]: no usable rows{first}")
-    refusal = data.check_prompts(layout, len(got.pairs), got.empty_prompts, got.unused_text, source.label)
-    return Sample(got.pairs, n_rows, [{"where": w, "problem": p} for w, p in errors], got.notes, layout, refusal)
+    return picked, n_rows
 
 
 # ---------------------------------------------------------------------------------------------- measuring
 
 
 def _batch_lengths(batch: dict, tokenizer) -> dict:
-    ids = data.tokenize_pairs(batch, tokenizer)
+    ids = tokens.tokenize_pairs(batch, tokenizer)
     return {name: [len(x) for x in ids[f"{name}_ids"]] for name in ("prompt", "chosen", "rejected")}
 
 
 def measure(rows: list[dict], tokenizer, num_proc: int | None = None, batch_size: int = 256) -> Lengths:
-    """Untruncated prompt/chosen/rejected token counts, tokenised by `data.tokenize_pairs` in parallel batches."""
+    """Untruncated prompt/chosen/rejected token counts, tokenised by `tokens.tokenize_pairs` in parallel batches."""
     from datasets import Dataset
 
-    ds = data._to_dataset(rows, "sample")  # the same Arrow conversion (and error) as load_pairs
+    ds = splits.to_dataset(rows, "sample")  # the same Arrow conversion (and error) as the in-memory path
     if num_proc is not None and num_proc > 1:
         num_proc = min(num_proc, math.ceil(len(ds) / batch_size))  # an idle worker only costs a fork
     out = ds.map(
@@ -126,7 +133,8 @@ def measure(rows: list[dict], tokenizer, num_proc: int | None = None, batch_size
 
 
 def truncate(lengths: Lengths, max_length: int | None, max_prompt_length: int | None):
-    """`data.truncate_pair` on lengths: (prompt, chosen, rejected, status) arrays; status 0 ok, 1 truncated, 2 dropped.
+    """`tokens.truncate_pair` on lengths: (prompt, chosen, rejected, status) arrays; status 0 ok, 1 truncated,
+    2 dropped.
 
     A prompt over max_prompt_length keeps max_prompt_length tokens (with or without its BOS); then each answer
     is cut to the room max_length leaves; a prompt that leaves no room drops the pair.
@@ -316,6 +324,12 @@ def _pct(x: float) -> str:
 
 def markdown(result: dict) -> str:
     """The report as markdown tables (stdout of analyze_dataset.py)."""
+    lines = _data_lines(result) + _lengths_table(result) + _candidates_table(result) + _recommendation(result)
+    return "\n".join(lines) + "\n"
+
+
+def _data_lines(result: dict) -> list[str]:
+    """The title, the layout, and the rows training would refuse, skip or change."""
     n = result["num_samples"]
     lines = [
         f"## {result['dataset']} [{result['split']}]: {n} of {result['num_rows']} pairs, tokenizer "
@@ -336,7 +350,11 @@ def markdown(result: dict) -> str:
         lines.append("")
     if result.get("refusal"):
         lines += [f"**Training would refuse this data**: {result['refusal']}", ""]
-    lines += [
+    return lines
+
+
+def _lengths_table(result: dict) -> list[str]:
+    lines = [
         "Untruncated token lengths (total = prompt + the longer answer; nearest-rank percentiles):",
         "",
         "| | p50 | p90 | p95 | p99 | max | mean |",
@@ -344,9 +362,13 @@ def markdown(result: dict) -> str:
     ]
     for name, p in result["percentiles"].items():
         lines.append(f"| {name} | {p['p50']} | {p['p90']} | {p['p95']} | {p['p99']} | {p['max']} | {p['mean']} |")
+    return lines
+
+
+def _candidates_table(result: dict) -> list[str]:
     mpl = result["max_prompt_length"]
     b = result["per_device_train_batch_size"]
-    lines += [
+    lines = [
         "",
         f"Candidates with max_prompt_length {mpl} (recipe or flag); padding overhead = padding / computed tokens, "
         f"batch = TRL's collator on {b} pairs per device:",
@@ -360,9 +382,13 @@ def markdown(result: dict) -> str:
             f"| {mark} | {_pct(c['coverage'])} | {c['truncated_pairs']} | {c['prompts_over_max_prompt_length']} | "
             f"{c['dropped_pairs']} | {_pct(c['padding_overhead_max_length'])} | "
             f"{_pct(c['padding_overhead_batch'])} | {_pct(c['padding_overhead_packed'])} | {c['source']} |")
+    return lines
+
+
+def _recommendation(result: dict) -> list[str]:
     rec = result["recommended"]
     shape = rec["batch_shape"]
-    lines += [
+    return [
         "",
         f"**Recommended: max_length {rec['max_length']}, max_prompt_length {rec['max_prompt_length']}** "
         f"(truncates {_pct(rec['truncated'])}, drops {_pct(rec['dropped'])}; "
@@ -377,7 +403,6 @@ def markdown(result: dict) -> str:
         rec["yaml"],
         "```",
     ]
-    return "\n".join(lines) + "\n"
 
 
 def plot(result: dict, totals: np.ndarray, path: str) -> None:

@@ -1,23 +1,23 @@
-"""SFT data: the DPO stage's pipeline (sources, message conversion, eval split and dedup) in the two layouts
-SFTTrainer reads.
+"""SFT data: the preference pipeline's stages (sources, message rules, the skip-or-fail policy, splits) in the two
+layouts SFTTrainer reads.
 
   conversational     messages (or conversations: {role, content} or sharegpt's {from, value}, typed content
                      parts): loss on the whole rendered conversation
   prompt/completion  prompt and completion, strings or message lists (loss on the completion only)
 
 Rows are read by `fastdpo.sources`, converted with `fastdpo.layouts`' message rules (role names, typed parts, two
-turns of one role merged) and split by `fastdpo.data.eval_spec` / `plan_splits`, exactly as preference pairs: a
-single file with a named eval split holds out 10%, eval rows that repeat train rows are dropped and counted.
+turns of one role merged) and split by `fastdpo.splits`, exactly as preference pairs: a single file with a named
+eval split holds out 10%, eval rows that repeat train rows are dropped and counted.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 
-from . import data, layouts
-from .errors import FIX_SKIP, DataError, Notes, Skipped
-from .sources import decode, open_source
+from . import layouts, splits
+from .dataspec import DataSpec, SourceSpec
+from .errors import DataError, Notes, Skipped
+from .sources import decode
 
 logger = logging.getLogger(__name__)
 
@@ -57,22 +57,17 @@ def _convert(row: dict, layout: tuple[str, str], tags: layouts.Tags, notes: Note
     return out
 
 
-def _read(source: str, config, split: str, limit, args, skipped: Skipped, notes: Notes):
+def _read(source: SourceSpec, spec: DataSpec, skipped: Skipped, notes: Notes):
     """(rows, places) of one SFT split; the layout from its first row, as for preference data."""
-    src = open_source(source, config, split)
-    tags = layouts.Tags.of(getattr(args, "column_map", None))
+    src = source.open()
+    tags = layouts.Tags.of(source.options.column_map)
     layout, rows, where = None, [], []
-    def bad(place, problem):
-        if not args.skip_bad_rows:
-            raise DataError(f"{place}: {problem}; {FIX_SKIP}")
-        skipped.add(place, str(problem))
-
-    for batch in src.batches(limit):
+    for batch in src.batches(source.limit):
         for item, place in zip(batch.items, batch.where, strict=True):
             try:
                 row = decode(item)
             except DataError as e:
-                bad(place, e)
+                spec.policy.row(place, e, skipped)
                 continue
             if layout is None:
                 layout = _layout(row)
@@ -86,43 +81,27 @@ def _read(source: str, config, split: str, limit, args, skipped: Skipped, notes:
                     raise DataError(f"not the layout of the first row ({layout[0]}, column {layout[1]!r})")
                 rows.append(_convert(row, layout, tags, notes, place))
             except DataError as e:
-                bad(place, e)
+                spec.policy.row(place, e, skipped)
                 continue
             where.append(place)
     return rows, where
 
 
-def _hash(row: dict) -> bytes:
-    import xxhash
-
-    return xxhash.xxh3_128_digest(json.dumps(row, ensure_ascii=False, sort_keys=True).encode("utf-8", "surrogatepass"))
-
-
-def load_sft(args) -> data.Pairs:
-    """Train (and eval) SFT datasets from the script arguments, with the split rules of preference data."""
+def load_sft(spec) -> splits.Split:
+    """Train (and eval) SFT datasets from a DataSpec (or script arguments), with the split rules of preference data."""
+    spec = DataSpec.of(spec)
     skipped, notes = Skipped(), Notes()
-    source = open_source(args.dataset_name, args.dataset_config, args.dataset_train_split)
-    spec = data.eval_spec(args, source)
-    logger.info("%s: %s", args.dataset_name, spec.note)
-    rows, where = _read(args.dataset_name, args.dataset_config, args.dataset_train_split, args.max_train_samples,
-                        args, skipped, notes)
+    evals = splits.eval_spec(spec, spec.train.open())
+    logger.info("%s: %s", spec.train.name, evals.note)
+    rows, where = _read(spec.train, spec, skipped, notes)
     eval_rows = eval_where = None
-    if spec.source is not None:
-        eval_rows, eval_where = _read(spec.source, args.dataset_config, spec.split, None, args, skipped, notes)
-    plan = data.plan_splits(args, spec, [_hash(r) for r in rows],
-                            [_hash(r) for r in eval_rows] if eval_rows is not None else None, where, eval_where)
-    data.check_eval_left(plan, spec)
+    if evals.source is not None:
+        eval_rows, eval_where = _read(spec.eval_source(evals.source, evals.split), spec, skipped, notes)
+    train, evalset, plan = splits.split_rows(spec, evals, rows, where, eval_rows, eval_where, splits.row_hash)
     for src, i, problem in plan.removed:
         logger.info("%s: %s", (where if src == "train" or plan.eval_from_train else eval_where)[i], problem)
-    pool = rows if plan.eval_from_train else eval_rows
-    train = data._to_dataset([rows[i] for i in plan.train], f"{args.dataset_name} [{args.dataset_train_split}]")
-    if args.dataset_shuffle_seed is not None:
-        train = train.shuffle(seed=args.dataset_shuffle_seed)
-    evalset = None
-    if plan.eval is not None:
-        evalset = data._to_dataset([pool[i] for i in plan.eval], f"{args.dataset_name} [eval]")
     if notes.counts:
         logger.info("SFT data: rows changed by rule: %s", notes.line())
     if plan.removed:
-        logger.info("SFT data: %d eval rows also in train removed (dedup %s)", len(plan.removed), args.dedup)
-    return data.Pairs(train, evalset, skipped, notes)
+        logger.info("SFT data: %d eval rows also in train removed (dedup %s)", len(plan.removed), spec.dedup)
+    return splits.Split(train, evalset, skipped, notes)

@@ -17,7 +17,7 @@ r"""Choose max_length, max_prompt_length and the batch shape from the token leng
     # another tokenizer and prompt limit than the recipe's
     python scripts/analyze_dataset.py data/my_pairs.jsonl --tokenizer path/to/tokenizer --max_prompt_length 1024
 
-Tokenisation is training's own (`fastdpo.data.tokenize_pairs`: chat template, implicit prompts, EOS, the
+Tokenisation is training's own (`fastdpo.tokens.tokenize_pairs`: chat template, implicit prompts, EOS, the
 prompt/answer split), so the lengths are the ones training sees. Markdown tables go to stdout, progress to
 stderr. Definitions of every number: fastdpo/lengths.py.
 """
@@ -103,103 +103,127 @@ def settings(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    import random
-
-    import numpy as np
-
-    from fastdpo import data, errors, lengths, models, tokcache
+    from fastdpo import errors, lengths, tokens
+    from fastdpo.dataspec import DataSpec
 
     recipe, script_args, training_args, model_args = settings(args)
-    tokenizer_name = model_args.model_name_or_path
-    try:
-        tokenizer = models.load_tokenizer(tokenizer_name, script_args.chat_template_path, model_args.model_revision)
-    except OSError as e:
-        raise SystemExit(f"cannot load tokenizer {tokenizer_name!r}: {e}\nPass --tokenizer a local folder (or a Hub "
-                         "id once online; gated models need HF_TOKEN in .env)") from None
-    if not tokenizer.is_fast:
-        logger.warning("%s is a slow (Python) tokenizer: expect tens of pairs/s, not thousands", tokenizer_name)
-    templated = bool(tokenizer.chat_template)
-    logger.info("data: %s", data.layout_note(templated))
+    spec = DataSpec.of(script_args, max_length=training_args.max_length)
+    tokenizer = load_tokenizer(model_args, script_args)
+    logger.info("data: %s", tokens.layout_note(tokens.templated(tokenizer)))
     samples = None if args.samples == "all" else int(args.samples)
     start = time.perf_counter()
-    # Training's token cache for these settings: read it when it exists; with --samples all, fill it (the
-    # training run with this recipe then starts from it).
-    try:
-        entry = tokcache.train_entry(script_args, tokenizer, training_args.max_length, script_args.max_prompt_length,
-                                     args.num_proc or training_args.dataset_num_proc, build=samples is None)
-    except OSError as e:  # the Hub unreachable, or a folder datasets cannot read
-        raise data.DataError(f"cannot read {script_args.dataset_name!r}: {e}; use a local file, or set "
-                             "HF_HUB_OFFLINE=1 with a cached copy") from None
-    if entry is not None:
-        skipped = entry.skipped()
-        notes, refusal = entry.notes(), entry.meta.get("refusal")
-        layout = tokcache.describe_layout(entry.meta["layout"])
-        table = entry.rows()
-        keep = np.arange(table.num_rows)
-        if samples is not None and samples < table.num_rows:
-            keep = np.sort(np.asarray(random.Random(args.seed).sample(range(table.num_rows), samples)))
-        col = lambda name: table.column(name).to_numpy()[keep].astype(np.int64)  # noqa: E731
-        lens = lengths.Lengths(col("prompt_len"), col("chosen_len"), col("rejected_len"))
-        n_rows = entry.meta["items"]
-        seconds = entry.meta["seconds"] if entry.built else 0.0
-        logger.info("%s %d pairs (%s)", "tokenised" if entry.built else "lengths from training's token cache:",
-                    len(lens), entry.path)
-    else:
-        try:
-            sample = lengths.load_sample(script_args, samples, args.seed, templated)
-        except OSError as e:
-            raise data.DataError(f"cannot read {script_args.dataset_name!r}: {e}; use a local file, or set "
-                                 "HF_HUB_OFFLINE=1 with a cached copy") from None
-        skipped, notes, refusal, n_rows = sample.skipped, sample.notes, sample.refusal, sample.num_rows
-        layout = sample.layout.describe() if sample.layout is not None else "none"
-        loaded = time.perf_counter()
-        # A sample is small: one process, whose fast tokenizer already encodes a batch on every core.
-        lens = lengths.measure(sample.pairs, tokenizer, args.num_proc)
-        seconds = time.perf_counter() - loaded
-    logger.info("layout %s", layout)
+    got = measured(args, spec, tokenizer, samples, args.num_proc or training_args.dataset_num_proc)
+    logger.info("layout %s", got["layout"])
+    skipped, refusal = got["skipped"], got["refusal"]
     problems = errors.by_problem(skipped)
     for g in problems:
         logger.warning("%d row(s) that training %s: %s (first: %s)", g["count"],
-                       "skips (--skip_bad_rows)" if script_args.skip_bad_rows else "refuses", g["problem"],
+                       "skips (--skip_bad_rows)" if spec.skip_bad_rows else "refuses", g["problem"],
                        ", ".join(g["first"]))
-    if notes.counts:
-        logger.info("rows changed or left out by rule (training does the same): %s", notes.line())
+    if got["notes"].counts:
+        logger.info("rows changed or left out by rule (training does the same): %s", got["notes"].line())
     if refusal:
         logger.warning("training would refuse this data: %s", refusal)
-    refused = refusal or (skipped and not script_args.skip_bad_rows)
+    refused = refusal or spec.policy.refuses(skipped)
     if refused and args.strict:
-        raise data.DataError(refusal or f"{skipped[0]['where']}: {skipped[0]['problem']}; {data.FIX_SKIP}")
+        raise errors.DataError(refusal) if refusal else spec.policy.refusal(skipped[0]["where"], skipped[0]["problem"])
+    lens, seconds = got["lengths"], got["seconds"]
     pairs_per_s = len(lens) / max(seconds, 1e-9) if seconds else None
     logger.info("%d pairs measured in %.1f s (tokenising %.1f s)", len(lens), time.perf_counter() - start, seconds)
 
     batch = training_args.per_device_train_batch_size
     result = {
-        "dataset": script_args.dataset_name,
-        "split": script_args.dataset_train_split,
-        "num_rows": n_rows,
+        "dataset": spec.train.name,
+        "split": spec.train.split,
+        "num_rows": got["num_rows"],
         "num_samples": len(lens),
-        "layout": layout,
+        "layout": got["layout"],
         "bad_rows": len(skipped),
         "bad_rows_by_problem": problems,
         "training_refuses": bool(refused),
         "refusal": refusal,
-        "notes": notes.as_dict(),
+        "notes": got["notes"].as_dict(),
         "seed": args.seed,
-        "tokenizer": tokenizer_name,
+        "tokenizer": model_args.model_name_or_path,
         "recipe": recipe,
         "coverage_target": args.coverage,
-        "max_length": training_args.max_length,
-        "max_prompt_length": script_args.max_prompt_length,
+        "max_length": spec.max_length,
+        "max_prompt_length": spec.max_prompt_length,
         "per_device_train_batch_size": batch,
         "pad_to_multiple_of": training_args.pad_to_multiple_of,
         "batching": f"seeded random micro-batches of {batch} pairs, padded to the longest row as TRL's collator",
         "tokenize_seconds": round(seconds, 2),
         "pairs_per_second": round(pairs_per_s, 1) if pairs_per_s else None,
-        "from_cache": entry is not None and not entry.built,
-        **lengths.analyze(lens, coverage=args.coverage, max_length=training_args.max_length,
-                          max_prompt_length=script_args.max_prompt_length, batch_size=batch,
+        "from_cache": got["from_cache"],
+        **lengths.analyze(lens, coverage=args.coverage, max_length=spec.max_length,
+                          max_prompt_length=spec.max_prompt_length, batch_size=batch,
                           pad_to_multiple_of=training_args.pad_to_multiple_of, seed=args.seed),
     }
+    write(args, result, lens)
+    return result
+
+
+def load_tokenizer(model_args, script_args):
+    """The recipe's tokenizer with its chat template, or an exit naming the fix."""
+    from fastdpo import models
+
+    name = model_args.model_name_or_path
+    try:
+        tokenizer = models.load_tokenizer(name, script_args.chat_template_path, model_args.model_revision)
+    except OSError as e:
+        raise SystemExit(f"cannot load tokenizer {name!r}: {e}\nPass --tokenizer a local folder (or a Hub "
+                         "id once online; gated models need HF_TOKEN in .env)") from None
+    if not tokenizer.is_fast:
+        logger.warning("%s is a slow (Python) tokenizer: expect tens of pairs/s, not thousands", name)
+    return tokenizer
+
+
+def measured(args, spec, tokenizer, samples: int | None, num_proc: int | None) -> dict:
+    """Token lengths of the train split and what training would make of its rows: from training's token cache when
+    it holds these settings (with --samples all, filled now: the training run then starts from it), else from a
+    seeded sample read with training's code."""
+    import random
+
+    import numpy as np
+
+    from fastdpo import errors, lengths, report, tokcache, tokens
+
+    def unreadable(e):
+        return errors.DataError(f"cannot read {spec.train.name!r}: {e}; use a local file, or set HF_HUB_OFFLINE=1 "
+                                "with a cached copy")
+
+    try:
+        entry = tokcache.train_entry(spec, tokenizer, num_proc, build=samples is None)
+    except OSError as e:  # the Hub unreachable, or a folder datasets cannot read
+        raise unreadable(e) from None
+    if entry is None:
+        try:
+            sample = lengths.load_sample(spec, samples, args.seed, tokens.templated(tokenizer))
+        except OSError as e:
+            raise unreadable(e) from None
+        loaded = time.perf_counter()
+        # A sample is small: one process, whose fast tokenizer already encodes a batch on every core.
+        lens = lengths.measure(sample.pairs, tokenizer, args.num_proc)
+        return {"lengths": lens, "seconds": time.perf_counter() - loaded, "skipped": sample.skipped,
+                "notes": sample.notes, "refusal": sample.refusal, "num_rows": sample.num_rows,
+                "layout": sample.layout.describe() if sample.layout is not None else "none", "from_cache": False}
+    table = entry.rows()
+    keep = np.arange(table.num_rows)
+    if samples is not None and samples < table.num_rows:
+        keep = np.sort(np.asarray(random.Random(args.seed).sample(range(table.num_rows), samples)))
+    col = lambda name: table.column(name).to_numpy()[keep].astype(np.int64)  # noqa: E731
+    lens = lengths.Lengths(col("prompt_len"), col("chosen_len"), col("rejected_len"))
+    logger.info("%s %d pairs (%s)", "tokenised" if entry.built else "lengths from training's token cache:",
+                len(lens), entry.path)
+    return {"lengths": lens, "seconds": entry.meta["seconds"] if entry.built else 0.0, "skipped": entry.skipped(),
+            "notes": entry.notes(), "refusal": entry.meta.get("refusal"), "num_rows": entry.meta["items"],
+            "layout": report.describe_layout(entry.meta["layout"]), "from_cache": not entry.built}
+
+
+def write(args, result: dict, lens) -> None:
+    """The markdown tables to stdout; the JSON and the plot where asked."""
+    from fastdpo import lengths
+
     print(lengths.markdown(result), end="")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -209,7 +233,6 @@ def main(argv: list[str] | None = None) -> dict:
         Path(args.plot).parent.mkdir(parents=True, exist_ok=True)
         lengths.plot(result, lens.total, args.plot)
         logger.info("wrote %s", args.plot)
-    return result
 
 
 if __name__ == "__main__":
@@ -219,7 +242,7 @@ if __name__ == "__main__":
         import datasets
 
         datasets.disable_progress_bars()  # no carriage-return bars in log files
-    from fastdpo.data import DataError
+    from fastdpo.errors import DataError
 
     try:
         main()

@@ -134,7 +134,7 @@ def matmul_peak(device: str = "cpu", size: int = 2048, seconds: float = 2.0) -> 
 def synthetic_pairs(profile: str, n: int, scale: int, vocab: int, seed: int = 0) -> list[dict]:
     import numpy as np
 
-    from fastdpo.data import truncate_pair
+    from fastdpo.tokens import truncate_pair
 
     spec = PROFILES[profile]
     rng = np.random.default_rng(seed)

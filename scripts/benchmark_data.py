@@ -149,7 +149,7 @@ def child(opts) -> None:
     rank = int(os.environ.get("RANK", "0"))
     if opts.child == "ours":
         from fastdpo import models, tokcache
-        from fastdpo.config import ScriptArguments
+        from fastdpo.dataspec import DataSpec, SourceSpec
         from fastdpo.trainer import DPOTrainer  # train_dpo.py imports it before the data stage
     else:
         import types
@@ -163,8 +163,9 @@ def child(opts) -> None:
     start = time.perf_counter()  # the data stage: tokenizer, reading, tokenising, caching (imports are before)
     if opts.child == "ours":
         tok = models.load_tokenizer(opts.tokenizer)
-        args = ScriptArguments(dataset_name=opts.data, dataset_test_split="none", max_prompt_length=MAX_PROMPT_LENGTH)
-        prep = tokcache.prepare(args, tok, MAX_LENGTH, MAX_PROMPT_LENGTH, opts.num_proc)
+        spec = DataSpec(SourceSpec(opts.data), test_split="none", max_length=MAX_LENGTH,
+                        max_prompt_length=MAX_PROMPT_LENGTH)
+        prep = tokcache.prepare(spec, tok, opts.num_proc)
         pairs, cache = len(prep.train), prep.report["cache"]
     else:
         tok = AutoTokenizer.from_pretrained(opts.tokenizer)
@@ -217,11 +218,11 @@ sys.path.insert(0, {str(ROOT)!r})
 from datasets import Dataset
 from trl import DPOTrainer
 from fastdpo import models, tokcache
-from fastdpo.config import ScriptArguments
+from fastdpo.dataspec import DataSpec, SourceSpec
 tok = models.load_tokenizer({str(opts.tokenizer_path)!r})
-args = ScriptArguments(dataset_name={str(opts.data_path)!r}, dataset_test_split="none",
-                       max_prompt_length={MAX_PROMPT_LENGTH})
-entry = tokcache.train_entry(args, tok, {MAX_LENGTH}, {MAX_PROMPT_LENGTH}, build=False)
+spec = DataSpec(SourceSpec({str(opts.data_path)!r}), test_split="none", max_length={MAX_LENGTH},
+                max_prompt_length={MAX_PROMPT_LENGTH})
+entry = tokcache.train_entry(spec, tok, build=False)
 status = entry.rows().column("status").to_pylist()[:{n}]
 ours = entry.tokens().select(range({n}))
 rows = [json.loads(l) for _, l in zip(range({n}), open({str(opts.data_path)!r}))]

@@ -26,7 +26,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 
 import torch
 
-from fastdpo import data, evaluation, tiny
+from fastdpo import data, evaluation, tiny, tokens
+from fastdpo.errors import DataError
 
 
 def parse(argv=None):
@@ -72,7 +73,7 @@ def main(args) -> dict:
         raise SystemExit(f"--ref {args.ref} has a different vocabulary ({len(ref.tokenizer)} vs "
                          f"{len(policy.tokenizer)} tokens): the reference must be the model DPO started from")
 
-    print(f"data: {data.layout_note(bool(policy.tokenizer.chat_template))}", file=sys.stderr)
+    print(f"data: {tokens.layout_note(tokens.templated(policy.tokenizer))}", file=sys.stderr)
     pairs = evaluation.load_eval_pairs(args.dataset_name, args.split, args.column_map, args.max_pairs,
                                        args.dataset_config, policy.tokenizer, args.ranked_pairs, args.judged_pairs)
     tokenized, counts = data.tokenize_dataset(pairs, policy.tokenizer, args.max_length, args.max_prompt_length,
@@ -109,5 +110,5 @@ if __name__ == "__main__":
     logging.basicConfig(level=logging.WARNING)
     try:
         main(parse())
-    except data.DataError as e:
+    except DataError as e:
         sys.exit(f"error: {e}")

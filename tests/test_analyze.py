@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from fastdpo import data, lengths, tiny
+from fastdpo import data, errors, lengths, tiny
 from fastdpo.config import ScriptArguments
 
 from .conftest import PYTHON, REPO, run
@@ -219,7 +219,7 @@ def test_lengths_equal_training_collator(layout, max_length, max_prompt_length, 
     p, c, r, status = lengths.truncate(lens, max_length, max_prompt_length)
     kept = status != 2
     if not kept.any():
-        with pytest.raises(data.DataError, match="every pair was dropped"):
+        with pytest.raises(errors.DataError, match="every pair was dropped"):
             training_rows(script_args, tiny_tokenizer, max_length, max_prompt_length)
         return
     chosen_rows, rejected_rows, counts = training_rows(script_args, tiny_tokenizer, max_length, max_prompt_length)
@@ -317,9 +317,9 @@ def test_bad_input_reported_as_training_refuses_it(text, expected, word_tokenize
     assert out["num_samples"] == 1 and out["bad_rows"] == 1 and out["training_refuses"]
     first = out["bad_rows_by_problem"][0]
     assert re.search(expected, f"{first['first'][0]}: {first['problem']}")
-    with pytest.raises(data.DataError, match=expected):
+    with pytest.raises(errors.DataError, match=expected):
         cli([str(path), "--recipe", "recipes/tiny.yaml", "--tokenizer", word_tokenizer, "--strict"])
-    with pytest.raises(data.DataError, match=expected):  # training's own loader says the same
+    with pytest.raises(errors.DataError, match=expected):  # training's own loader says the same
         data.load_pairs(ScriptArguments(dataset_name=str(path)))
 
 
@@ -345,7 +345,7 @@ def test_bad_flags_exit_2(flags, capsys):
 
 
 def test_missing_file_and_unknown_recipe_key(tmp_path):
-    with pytest.raises(data.DataError, match="no such file"):
+    with pytest.raises(errors.DataError, match="no such file"):
         cli(["./no/such.jsonl", "--recipe", "recipes/tiny.yaml"])
     bad = tmp_path / "r.yaml"
     bad.write_text((REPO / "recipes" / "tiny.yaml").read_text() + "warmup_ratio: 0.1\n")

@@ -9,8 +9,9 @@ import types
 import pytest
 from datasets import Dataset
 
-from fastdpo import data, sources, tiny
+from fastdpo import checks, data, errors, layouts, sources, tiny, tokens
 from fastdpo.config import ScriptArguments
+from fastdpo.dataspec import DataSpec
 
 STANDARD = [{"prompt": f"Question {i}?", "chosen": f" Good answer {i}.", "rejected": f" Bad {i}."} for i in range(10)]
 CONVERSATIONAL = tiny.preference_rows("train", 10)
@@ -58,7 +59,7 @@ def test_folder_goes_through_load_dataset_with_splits(tmp_path):
 def test_implicit_prompt_hh_rlhf_transcripts():
     row = {"chosen": "\n\nHuman: Hi there\n\nAssistant: Hello! How can I help?",
            "rejected": "\n\nHuman: Hi there\n\nAssistant: Go away."}
-    out = data.normalize_row(row, None)
+    out = checks.normalize_row(row, None)
     assert out["prompt"] == [{"role": "user", "content": "Hi there"}]
     assert out["chosen"] == [{"role": "assistant", "content": "Hello! How can I help?"}]
     assert out["rejected"] == [{"role": "assistant", "content": "Go away."}]
@@ -67,8 +68,8 @@ def test_implicit_prompt_hh_rlhf_transcripts():
 def test_implicit_prompt_multi_turn_messages_and_text():
     conv = CONVERSATIONAL[0]
     row = {"chosen": conv["prompt"] + conv["chosen"], "rejected": conv["prompt"] + conv["rejected"]}
-    assert data.normalize_row(row, None) == conv
-    out = data.normalize_row({"chosen": "Q: sky colour? It is blue", "rejected": "Q: sky colour? It is green"}, None)
+    assert checks.normalize_row(row, None) == conv
+    out = checks.normalize_row({"chosen": "Q: sky colour? It is blue", "rejected": "Q: sky colour? It is green"}, None)
     # TRL's extract_prompt: the first differing character, the space before it going to the answers
     assert out == {"prompt": "Q: sky colour? It is", "chosen": " blue", "rejected": " green"}
 
@@ -76,11 +77,11 @@ def test_implicit_prompt_multi_turn_messages_and_text():
 def test_column_map_orca_layout():
     row = {"system": "Be brief.", "question": "2+2?", "chosen": "4", "rejected": "5"}
     cmap = {"system": "system", "prompt": "question", "chosen": "chosen", "rejected": "rejected"}
-    out = data.normalize_row(row, cmap)
+    out = checks.normalize_row(row, cmap)
     assert out["prompt"] == [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+2?"}]
     assert out["chosen"] == [{"role": "assistant", "content": "4"}]
     # an empty system prompt (common in orca) adds no system turn
-    out = data.normalize_row({**row, "system": ""}, cmap)
+    out = checks.normalize_row({**row, "system": ""}, cmap)
     assert out["prompt"] == [{"role": "user", "content": "2+2?"}]
 
 
@@ -92,6 +93,22 @@ def test_subset_fraction_eval_and_seed():
     p3 = data.load_pairs(args(dataset_name=tiny.DATASET_ID, max_train_samples=100, dataset_test_split="0.1",
                               dataset_seed=7))
     assert p3.eval.to_list() != p1.eval.to_list()
+
+
+def test_the_data_spec_reads_every_data_field_of_the_script_arguments():
+    """Training builds its DataSpec from the recipe's arguments; evaluation, the analyzer and SFT pass one."""
+    from fastdpo.dataspec import SourceSpec
+
+    a = args(dataset_name="d.jsonl", dataset_config="c", dataset_train_split="tr", dataset_test_split="0.2",
+             eval_dataset_name="e.jsonl", max_train_samples=9, max_eval_samples=3, dataset_seed=1,
+             dataset_shuffle_seed=2, column_map='{"prompt": "q"}', ranked_pairs="best_vs_worst", judged_pairs=True,
+             max_prompt_length=32, skip_bad_rows=True, dedup="all")
+    want = DataSpec(SourceSpec("d.jsonl", "c", "tr", layouts.Options({"prompt": "q"}, "best_vs_worst", True), 9),
+                    test_split="0.2", eval_name="e.jsonl", max_eval_samples=3, dedup="all", seed=1, shuffle_seed=2,
+                    max_length=64, max_prompt_length=32, skip_bad_rows=True)
+    assert DataSpec.of(a, max_length=64) == want and DataSpec.of(want) is want
+    assert want.eval_source("e.jsonl", "test") == SourceSpec("e.jsonl", "c", "test", want.train.options, None)
+    assert DataSpec.of(args()) == DataSpec(SourceSpec(tiny.DATASET_ID))  # the defaults agree
 
 
 def test_named_split_on_single_file_holds_out_a_fraction(tmp_path, caplog):
@@ -122,7 +139,7 @@ def test_bad_rows_name_file_line_and_fix(tmp_path, text, expected):
     path.write_text('\n' + text if "malformed" not in expected else text)  # a blank line must not shift numbers
     if "malformed" not in expected:
         expected = expected.replace(":1:", ":2:").replace(":2: missing", ":3: missing")
-    with pytest.raises(data.DataError) as e:
+    with pytest.raises(errors.DataError) as e:
         data.load_pairs(args(dataset_name=str(path)))
     msg = str(e.value)
     assert f"{path}{expected}" in msg
@@ -133,10 +150,10 @@ def test_bad_rows_name_file_line_and_fix(tmp_path, text, expected):
 def test_a_file_with_no_pair_layout_names_what_is_missing(tmp_path):
     path = tmp_path / "d.jsonl"
     path.write_text('{"prompt": "a", "chosen": "b"}\n')
-    with pytest.raises(data.DataError, match=rf"{path}:1: missing column 'rejected'; columns present: "):
+    with pytest.raises(errors.DataError, match=rf"{path}:1: missing column 'rejected'; columns present: "):
         data.load_pairs(args(dataset_name=str(path)))
     path.write_text('{"question": "a", "good": "b", "bad": "c"}\n')
-    with pytest.raises(data.DataError, match=rf"{path}:1: no preference layout found in columns \['bad', 'good', "
+    with pytest.raises(errors.DataError, match=rf"{path}:1: no preference layout found in columns \['bad', 'good', "
                                              r"'question'\].*set column_map"):
         data.load_pairs(args(dataset_name=str(path)))
 
@@ -164,17 +181,17 @@ def test_skip_bad_rows_counts_and_lists_them(tmp_path):
 
 
 def test_missing_file_and_unsupported_type(tmp_path):
-    with pytest.raises(data.DataError, match="no such file"):
+    with pytest.raises(errors.DataError, match="no such file"):
         data.load_pairs(args(dataset_name=str(tmp_path / "nope.jsonl")))
     (tmp_path / "d.txt").write_text("x")
-    with pytest.raises(data.DataError, match="unsupported file type"):
+    with pytest.raises(errors.DataError, match="unsupported file type"):
         data.load_pairs(args(dataset_name=str(tmp_path / "d.txt")))
 
 
 def test_parquet_row_numbers(tmp_path):
     rows = STANDARD[:3] + [{"prompt": "p", "chosen": None, "rejected": "x"}]
     Dataset.from_list(rows).to_parquet(tmp_path / "d.parquet")
-    with pytest.raises(data.DataError, match=r"d\.parquet row 4: field 'chosen' is missing or null"):
+    with pytest.raises(errors.DataError, match=r"d\.parquet row 4: field 'chosen' is missing or null"):
         data.load_pairs(args(dataset_name=str(tmp_path / "d.parquet")))
 
 
@@ -201,11 +218,11 @@ def test_tokens_identical_to_trl(rows, tiny_tokenizer):
 
 def test_truncation_keeps_prompt_end_and_bos():
     bos = 1
-    p, c, r, s = data.truncate_pair([1, 10, 11, 12, 13, 14], [20, 21, 22], [30], max_length=6, max_prompt_length=4,
+    p, c, r, s = tokens.truncate_pair([1, 10, 11, 12, 13, 14], [20, 21, 22], [30], max_length=6, max_prompt_length=4,
                                     bos_id=bos)
     assert (p, c, r, s) == ([1, 12, 13, 14], [20, 21], [30], "truncated")
-    assert data.truncate_pair([5, 6], [7], [8], 10, 4) == ([5, 6], [7], [8], "ok")
-    assert data.truncate_pair([5, 6, 7], [8], [9], 3, None)[3] == "dropped"
+    assert tokens.truncate_pair([5, 6], [7], [8], 10, 4) == ([5, 6], [7], [8], "ok")
+    assert tokens.truncate_pair([5, 6, 7], [8], [9], 3, None)[3] == "dropped"
 
 
 def test_tokenize_dataset_counts_truncated_and_dropped(tiny_tokenizer):
@@ -233,7 +250,7 @@ def test_invalid_utf8_and_malformed_json_are_row_errors_with_their_line(tmp_path
     good = json.dumps(STANDARD[0]).encode()
     path = tmp_path / "d.jsonl"
     path.write_bytes(good + b'\n{"prompt": "caf\xe9", "chosen": "a", "rejected": "b"}\n{"prompt": \n' + good + b"\n")
-    with pytest.raises(data.DataError, match=rf"{path}:2: invalid UTF-8 \(byte 0xe9 at byte 16 of the line\)"):
+    with pytest.raises(errors.DataError, match=rf"{path}:2: invalid UTF-8 \(byte 0xe9 at byte 16 of the line\)"):
         data.load_pairs(args(dataset_name=str(path)))
     pairs = data.load_pairs(args(dataset_name=str(path), skip_bad_rows=True, dedup="none"))
     assert len(pairs.train) == 2
@@ -268,7 +285,7 @@ def test_chat_role_problems_are_row_errors(tmp_path, prompt, problem):
     rows = [CONVERSATIONAL[0], {"prompt": prompt, "chosen": [msg("assistant", "a")],
                                 "rejected": [msg("assistant", "b")]}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    with pytest.raises(data.DataError, match=re.escape(f"{path}:2: {problem}")):
+    with pytest.raises(errors.DataError, match=re.escape(f"{path}:2: {problem}")):
         data.load_pairs(args(dataset_name=str(path)))
     pairs = data.load_pairs(args(dataset_name=str(path), skip_bad_rows=True))
     assert len(pairs.train) == 1 and pairs.skipped.rows[0]["problem"].startswith(problem)
@@ -294,8 +311,8 @@ def test_roles_are_checked_before_a_strict_template_renders(tmp_path, tiny_token
     rows.insert(5, {"prompt": [msg("user", "one"), msg("user", "two")], "chosen": [msg("assistant", "a")],
                     "rejected": [msg("assistant", "b")]})
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    prep = tokcache.prepare(args(dataset_name=str(path), skip_bad_rows=True, dataset_test_split="none"), strict, 128,
-                            None, cache_dir=tmp_path / "cache")
+    spec = DataSpec.of(args(dataset_name=str(path), skip_bad_rows=True, dataset_test_split="none"), max_length=128)
+    prep = tokcache.prepare(spec, strict, cache_dir=tmp_path / "cache")
     assert len(prep.train) == 9
     assert [r["where"] for r in prep.listings["skipped_rows.jsonl"]] == [f"{path}:4"]
     assert prep.report["notes"]["merged_turns"]["first"] == [f"{path}:6"]
@@ -309,7 +326,7 @@ def test_csv_rows_keep_their_real_line_numbers(tmp_path):
     assert pairs.train.to_list() == [{"prompt": "Q1", "chosen": "a long\nanswer", "rejected": "no"},
                                      {"prompt": "Q3", "chosen": "yes", "rejected": "no,\nnever"}]
     path.write_text('prompt,chosen,rejected\nQ1,a,b\nQ2,a,b,c\n')
-    with pytest.raises(data.DataError, match=rf"{path}:3: 4 fields where the header has 3"):
+    with pytest.raises(errors.DataError, match=rf"{path}:3: 4 fields where the header has 3"):
         data.load_pairs(args(dataset_name=str(path)))
 
 
@@ -322,7 +339,7 @@ def test_save_to_disk_folder(tmp_path):
         tmp_path / "dict")
     pairs = data.load_pairs(args(dataset_name=str(tmp_path / "dict"), dataset_test_split="test", dedup="none"))
     assert (len(pairs.train), len(pairs.eval)) == (10, 2)
-    with pytest.raises(data.DataError, match=r"has no split 'valid' \(saved splits: \['test', 'train'\]\)"):
+    with pytest.raises(errors.DataError, match=r"has no split 'valid' \(saved splits: \['test', 'train'\]\)"):
         data.load_pairs(args(dataset_name=str(tmp_path / "dict"), dataset_train_split="valid"))
 
 
@@ -352,7 +369,7 @@ def test_duplicates_are_counted_and_eval_rows_in_train_dropped(tmp_path):
     assert (len(pairs.train), len(pairs.eval)) == (6, 3)
     pairs = data.load_pairs(args(dataset_name=str(tmp_path), dataset_test_split="test", dedup="none"))
     assert (len(pairs.train), len(pairs.eval)) == (7, 4)
-    with pytest.raises(data.DataError, match="dedup='some'"):
+    with pytest.raises(errors.DataError, match="dedup='some'"):
         data.load_pairs(args(dataset_name=str(tmp_path), dataset_test_split="test", dedup="some"))
 
 
@@ -380,5 +397,5 @@ def test_implicit_prompt_without_chat_template_trains_as_raw_text(tmp_path, tiny
         assert ours[key] == theirs[key], key
     assert isinstance(data.load_pairs(args(dataset_name=str(path)), tiny_tokenizer).train[0]["prompt"], list)
     conv = write_jsonl(tmp_path / "conv.jsonl", CONVERSATIONAL)
-    with pytest.raises(data.TemplateMissing, match=rf"{conv}:1: .*no chat template; set chat_template_path"):
+    with pytest.raises(errors.TemplateMissing, match=rf"{conv}:1: .*no chat template; set chat_template_path"):
         data.load_pairs(args(dataset_name=str(conv)), base)

@@ -14,8 +14,9 @@ from pathlib import Path
 import pytest
 from datasets import Dataset
 
-from fastdpo import data, layouts, lengths, sources, tokcache
+from fastdpo import checks, data, errors, layouts, lengths, sources, tokcache
 from fastdpo.config import ScriptArguments
+from fastdpo.dataspec import DataSpec, SourceSpec
 
 from .conftest import PYTHON, REPO, read_json, run
 from .layout_shapes import CONVERSATIONS, OPTIONS, WRITERS, hh_rlhf_rows
@@ -32,7 +33,12 @@ def write_jsonl(path: Path, rows) -> Path:
 
 def prepared(path, tok, cache, **kw):
     a = ScriptArguments(dataset_name=str(path), dataset_test_split="none", **kw)
-    return tokcache.prepare(a, tok, None, None, cache_dir=cache)
+    return tokcache.prepare(DataSpec.of(a), tok, cache_dir=cache)
+
+
+def read_pairs(path, **options):
+    """The pairs of one source through the pipeline's in-memory source stage (a chat template assumed)."""
+    return checks.read_pairs(SourceSpec(str(path), options=layouts.Options(**options)), True)
 
 
 def ids(ds):
@@ -92,7 +98,7 @@ def test_h4_prompt_that_matches_no_shared_user_turn_is_a_row_error_naming_both(t
     rows = [WRITERS["h4 text prompt (last user turn)"](c) for c in CONVERSATIONS]
     rows[1]["prompt"] = "Something else entirely"
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    with pytest.raises(data.DataError, match=rf"{path}:2: field 'prompt' \('Something else entirely'\) matches "
+    with pytest.raises(errors.DataError, match=rf"{path}:2: field 'prompt' \('Something else entirely'\) matches "
                                              r"none of the user turns the 'chosen' conversations share "
                                              r"\('Name a colour.'\)"):
         prepared(path, tiny_tokenizer, tmp_path / "cache")
@@ -104,7 +110,7 @@ def test_hh_rlhf_shape_trains_with_no_flag_oddities_counted(tiny_tokenizer, tmp_
     assert got.report["accounting"]["trained"] == 8  # every row
     notes = got.report["notes"]
     assert notes["empty_answer"]["first"] == [f"{path}:3"] and notes["merged_turns"]["first"] == [f"{path}:5"]
-    rows, _ = data.read_pairs(str(path), layouts.Options(), True)
+    rows, _ = read_pairs(path)
     empty = rows.pairs[2]
     assert empty["chosen"] == [{"role": "assistant", "content": ""}]  # trained as the end of turn alone
     assert rows.pairs[4]["prompt"][1] == {"role": "assistant", "content": "Yes.\n\nWhat do you need?"}
@@ -127,13 +133,13 @@ def test_a_text_column_left_unread_where_no_prompt_was_found_is_refused(tiny_tok
     # The MedicalGPT mistake with a column detection does not know: the prompt would be silently dropped.
     rows = [{"context": "Tell me about the weather today", "chosen": "It is sunny.", "rejected": "Go away."}]
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    with pytest.raises(data.DataError, match=rf"{path}:1: column 'context' holds text that this layout does not "
+    with pytest.raises(errors.DataError, match=rf"{path}:1: column 'context' holds text that this layout does not "
                                              r"read.*set column_map '\{\"prompt\": \"context\"\}'"):
         prepared(path, tiny_tokenizer, tmp_path / "cache")
     # short text escapes the row check, not the dataset check: prompts come out empty for most pairs
     rows = [{"topic": f"t{i}", "chosen": f"Yes {i}", "rejected": f"No {i}"} for i in range(4)]
     path = write_jsonl(tmp_path / "e.jsonl", rows)
-    with pytest.raises(data.DataError, match=r"4 of 4 pairs have an empty prompt .* column\(s\) \['topic'\] hold "
+    with pytest.raises(errors.DataError, match=r"4 of 4 pairs have an empty prompt .* column\(s\) \['topic'\] hold "
                                              r"text that is not read"):
         prepared(path, tiny_tokenizer, tmp_path / "cache")
     out = analyze([str(path), "--recipe", "recipes/tiny.yaml"])  # the analyzer reports it and exits 0
@@ -144,7 +150,7 @@ def test_typed_parts_other_than_text_are_row_errors_naming_the_part(tiny_tokeniz
     rows = [WRITERS["conversational typed parts"](c) for c in CONVERSATIONS]
     rows[2]["prompt"][0]["content"].append({"type": "image_url", "image_url": {"url": "x.png"}})
     path = write_jsonl(tmp_path / "d.jsonl", rows)
-    with pytest.raises(data.DataError, match=rf"{path}:3: field 'prompt' message 1 content part 2 is of type "
+    with pytest.raises(errors.DataError, match=rf"{path}:3: field 'prompt' message 1 content part 2 is of type "
                                              r"'image_url': a text model trains on text parts only"):
         prepared(path, tiny_tokenizer, tmp_path / "cache")
 
@@ -154,7 +160,7 @@ def test_ranked_and_judged_data_are_refused_naming_the_option_then_converted(tin
               for i in range(3)]
     ranked.append({"instruction": "Q", "input": "", "history": [], "output": ["same", "same"]})
     path = write_jsonl(tmp_path / "r.jsonl", ranked)
-    with pytest.raises(data.DataError, match=r"ranked data: column 'output' holds replies ranked best first .*set "
+    with pytest.raises(errors.DataError, match=r"ranked data: column 'output' holds replies ranked best first .*set "
                                              r"ranked_pairs: best_vs_worst"):
         prepared(path, tiny_tokenizer, tmp_path / "cache")
     worst = prepared(path, tiny_tokenizer, tmp_path / "cache", ranked_pairs="best_vs_worst")
@@ -167,13 +173,13 @@ def test_ranked_and_judged_data_are_refused_naming_the_option_then_converted(tin
     judged = [{"question": f"Q{i}", "agent_response": f"A{i}", "base_response": f"B{i}", "grade": g}
               for i, g in enumerate(["agent", "base", "tie", None, "agent"])]
     path = write_jsonl(tmp_path / "j.jsonl", judged)
-    with pytest.raises(data.DataError, match=r"judged pairs: columns 'agent_response' and 'base_response' .*Set "
+    with pytest.raises(errors.DataError, match=r"judged pairs: columns 'agent_response' and 'base_response' .*Set "
                                              r"judged_pairs: true"):
         prepared(path, tiny_tokenizer, tmp_path / "cache")
     got = prepared(path, tiny_tokenizer, tmp_path / "cache", judged_pairs=True)
     assert got.report["accounting"]["trained"] == 3
     assert {k: v["count"] for k, v in got.report["notes"].items()} == {"tie": 1, "unlabelled": 1}
-    rows, _ = data.read_pairs(str(path), layouts.Options(judged_pairs=True), True)
+    rows, _ = read_pairs(path, judged_pairs=True)
     assert rows.pairs[1]["chosen"] == [{"role": "assistant", "content": "B1"}]  # base won row 2
 
 
@@ -298,7 +304,7 @@ def test_real_file_trains_token_identical_to_its_conversations_in_trls_layout(na
 def test_real_layouts_without_their_option_say_which_option(tiny_tokenizer, tmp_path):
     for name, option in (("llamafactory-oaast_rm_zh.json.gz", "ranked_pairs"),
                          ("fastchat-pr3596-arena_hard_gpt-4o.jsonl.gz", "judged_pairs")):
-        with pytest.raises(data.DataError, match=option):
+        with pytest.raises(errors.DataError, match=option):
             prepared(REAL / name, tiny_tokenizer, tmp_path / "cache")
 
 
@@ -339,7 +345,7 @@ def test_detection_reads_the_first_row_that_fits(tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", [{"oops": 1}] + [WRITERS["openai"](c) for c in CONVERSATIONS])
     layout, _ = layouts.detect_source(sources.open_source(str(path)).batches())
     assert layout.name == "openai" and layout.first_place == f"{path}:2"
-    with pytest.raises(data.DataError, match=rf"{path}:1: missing column 'preferred_output' \(chosen\).*layout is "
+    with pytest.raises(errors.DataError, match=rf"{path}:1: missing column 'preferred_output' \(chosen\).*layout is "
                                              rf"openai \(detected from {path}:2\)"):
         data.load_pairs(ScriptArguments(dataset_name=str(path)))
     sample = lengths.load_sample(ScriptArguments(dataset_name=str(path)), None)
@@ -353,8 +359,7 @@ def test_nectar_ultrafeedback_and_arena_shapes(tiny_tokenizer, tmp_path):
                "answers": [{"answer": "Green.", "model": "m2", "rank": 2.0}, {"answer": "Blue.", "model": "m1",
                                                                               "rank": 1.0},
                            {"answer": "No.", "model": "m3", "rank": 3.0}]}]
-    rows, layout = data.read_pairs(str(write_jsonl(tmp_path / "n.jsonl", nectar)),
-                                   layouts.Options(ranked_pairs="best_vs_worst"), True)
+    rows, layout = read_pairs(write_jsonl(tmp_path / "n.jsonl", nectar), ranked_pairs="best_vs_worst")
     assert layout.name == "ranked" and rows.pairs == [{"prompt": [{"role": "user", "content": "Name a colour."}],
                                                        "chosen": [{"role": "assistant", "content": "Blue."}],
                                                        "rejected": [{"role": "assistant", "content": "No."}]}]
@@ -363,14 +368,12 @@ def test_nectar_ultrafeedback_and_arena_shapes(tiny_tokenizer, tmp_path):
                            {"response": "Go away.", "overall_score": 2.5}]},
           {"source": "evol", "instruction": "Say bye.", "completions": [{"response": "Bye!", "overall_score": 5.0},
                                                                         {"response": "Ciao.", "overall_score": 5.0}]}]
-    rows, layout = data.read_pairs(str(write_jsonl(tmp_path / "uf.jsonl", uf)),
-                                   layouts.Options(ranked_pairs="best_vs_rest"), True)
+    rows, layout = read_pairs(write_jsonl(tmp_path / "uf.jsonl", uf), ranked_pairs="best_vs_rest")
     assert [p["rejected"][0]["content"] for p in rows.pairs] == ["Go away."]  # the equal-score rival is no pair
     assert rows.notes.counts == {"ranked_tie": 1, "tie": 1} and rows.no_pair[0]["where"].endswith(":2")
     conv = lambda a: [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": a}]  # noqa: E731
     arena = [{"question_id": "q", "model_a": "x", "model_b": "y", "winner": w, "conversation_a": conv("4"),
               "conversation_b": conv("5"), "turn": 1} for w in ("model_a", "model_b", "tie (bothbad)")]
-    rows, layout = data.read_pairs(str(write_jsonl(tmp_path / "a.jsonl", arena)), layouts.Options(judged_pairs=True),
-                                   True)
+    rows, layout = read_pairs(write_jsonl(tmp_path / "a.jsonl", arena), judged_pairs=True)
     assert layout.name == "judged" and [p["chosen"][0]["content"] for p in rows.pairs] == ["4", "5"]
     assert rows.pairs[0]["prompt"] == [{"role": "user", "content": "2+2?"}] and rows.notes.counts == {"tie": 1}

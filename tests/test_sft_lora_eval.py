@@ -61,7 +61,7 @@ def test_loss_types_match_trl():
 
 
 def test_sft_layouts_and_errors(tmp_path):
-    from fastdpo import data, sft
+    from fastdpo import errors, sft
     from fastdpo.config import ScriptArguments
 
     msgs = tmp_path / "m.jsonl"
@@ -76,7 +76,7 @@ def test_sft_layouts_and_errors(tmp_path):
     got = sft.load_sft(ScriptArguments(dataset_name=str(msgs), dataset_test_split="0.1"))
     assert (len(got.train), len(got.eval)) == (18, 2) and got.train.column_names == ["messages"]
     assert sft.load_sft(ScriptArguments(dataset_name=str(pc))).train.column_names == ["prompt", "completion"]
-    with pytest.raises(data.DataError, match="bad.jsonl:1: SFT needs a `messages` column"):
+    with pytest.raises(errors.DataError, match="bad.jsonl:1: SFT needs a `messages` column"):
         sft.load_sft(ScriptArguments(dataset_name=str(bad)))
 
 

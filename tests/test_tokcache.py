@@ -1,5 +1,5 @@
-"""fastdpo.tokcache: tokenise once, memory-map after; any changed input rebuilds; bad or unwritable caches never
-stop a run; every row accounted for; the local main process builds while the other ranks wait.
+"""fastdpo.tokcache and tokbuild: tokenise once, memory-map after; any changed input rebuilds; bad or unwritable
+caches never stop a run; every row accounted for; the local main process builds while the other ranks wait.
 
     .venv/bin/python -m pytest tests/test_tokcache.py          # ~1 minute on 2 cores (the torchrun test ~20 s)
 """
@@ -14,8 +14,9 @@ from pathlib import Path
 import pyarrow as pa
 import pytest
 
-from fastdpo import data, errors, tiny, tokcache
+from fastdpo import data, errors, tiny, tokbuild, tokcache
 from fastdpo.config import ScriptArguments
+from fastdpo.dataspec import DataSpec
 
 from .conftest import PYTHON, REPO, run
 
@@ -25,7 +26,8 @@ def args(path, **kw):
 
 
 def prepare(a, tok, cache, max_length=128, max_prompt_length=None, num_proc=None):
-    return tokcache.prepare(a, tok, max_length, max_prompt_length, num_proc, cache)
+    spec = DataSpec.of(a, max_length=max_length, max_prompt_length=max_prompt_length)
+    return tokcache.prepare(spec, tok, num_proc, cache)
 
 
 def ids(ds):
@@ -142,14 +144,14 @@ def test_every_row_is_accounted_for(tmp_path, tiny_tokenizer):
     assert prep.report["accounting_line"].startswith("40 rows read = 31 trained + 4 eval + 1 skipped + 1 without a "
                                                      "pair + 1 dropped")
     # the cached entry holds the skipped row: without --skip_bad_rows it fails exactly as a fresh read does
-    with pytest.raises(data.DataError, match=rf"{train}:4: malformed JSON .*--skip_bad_rows true"):
+    with pytest.raises(errors.DataError, match=rf"{train}:4: malformed JSON .*--skip_bad_rows true"):
         prepare(args(tmp_path, dataset_test_split="test"), tiny_tokenizer, tmp_path / "cache")
 
 
 def test_worker_pool_gives_the_rows_of_one_process(rows_file, tiny_tokenizer, tmp_path, monkeypatch, caplog):
     monkeypatch.setattr(tokcache, "SMALL_SOURCE_BYTES", 0)  # a pool even for this small file, on any machine
-    monkeypatch.setattr(tokcache, "POOL_MIN_CPUS", 1)
-    monkeypatch.setattr(tokcache, "PROGRESS_SECONDS", 0.0)
+    monkeypatch.setattr(tokbuild, "POOL_MIN_CPUS", 1)
+    monkeypatch.setattr(tokbuild, "PROGRESS_SECONDS", 0.0)
     caplog.set_level(logging.INFO)
     pool = prepare(args(rows_file), tiny_tokenizer, tmp_path / "a", num_proc=2)
     one = prepare(args(rows_file), tiny_tokenizer, tmp_path / "b", num_proc=1)
@@ -157,6 +159,15 @@ def test_worker_pool_gives_the_rows_of_one_process(rows_file, tiny_tokenizer, tm
     metas = [json.loads((_entry(p) / "meta.json").read_text()) for p in (pool, one)]
     assert [m["workers"] for m in metas] == [2, 1]
     assert f"tokenising {rows_file}: " in caplog.text and "pairs/s, eta " in caplog.text  # the progress line
+
+
+def test_the_key_covers_the_code_of_every_data_stage():
+    """An edit to any stage's code makes new keys: the digest reads every module of the pipeline (each file of the
+    layouts package) and nothing else."""
+    pkg = REPO / "fastdpo"
+    stages = {pkg / f"{m}.py" for m in ("errors", "files", "sources", "dataspec", "checks", "tokens", "splits",
+                                         "tokbuild", "tokcache", "report")} | set((pkg / "layouts").glob("*.py"))
+    assert set(tokcache.code_files()) == stages
 
 
 def test_cache_is_memory_mapped_int32(rows_file, tiny_tokenizer, tmp_path):

@@ -38,6 +38,7 @@ source's layout from its first rows). A new family is a module with `detect` and
 
 from .assemble import assemble
 from .column_map import MAP_KEYS, check_column_map
+from .column_map import parse as parse_column_map
 from .detect import DETECT_ROWS, FAMILIES, detect, detect_rows, detect_source
 from .judged import JUDGE_WORDS, LABEL_COLUMNS, TIE_LABELS
 from .layout import Layout, NeedsOption, Options, get_path, has_path
@@ -68,5 +69,5 @@ __all__ = [
     "MAP_KEYS", "MERGE_SEPARATOR", "PART_TEXT_KEYS", "QUESTION_COLUMNS", "RANKED", "ROLES", "ROLE_KEYS", "ROLE_NAMES",
     "TAG_KEYS", "TAG_ROLES", "TIE_LABELS", "Layout", "NeedsOption", "Options", "Tags", "any_text", "assemble",
     "check_column_map", "detect", "detect_rows", "detect_source", "get_path", "has_path", "hh_messages", "holds_text",
-    "is_message", "is_messages", "merge_runs", "message_extras", "to_messages",
+    "is_message", "is_messages", "merge_runs", "message_extras", "parse_column_map", "to_messages",
 ]

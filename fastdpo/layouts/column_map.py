@@ -4,6 +4,8 @@ content_tag, user_tag, assistant_tag, system_tag, observation_tag, function_tag)
 
 from __future__ import annotations
 
+import json
+
 from ..errors import DataError
 from . import pairs
 from .layout import Layout, get_path, has_path
@@ -27,6 +29,22 @@ def check_column_map(cmap) -> str | None:
         if not isinstance(v, str) or not v:
             return f"column_map {k!r}: expected a column name (or a tag) as a string, got {v!r}"
     return None
+
+
+def parse(value) -> dict | None:
+    """column_map as a recipe or a flag gives it (JSON text, or the object itself) -> the object, or None. A bad one
+    stops with the problem and an example, as the recipe parser does."""
+    if isinstance(value, str):
+        try:
+            value = json.loads(value)
+        except json.JSONDecodeError as e:
+            raise SystemExit(f"column_map is not a JSON object ({e}); example: "
+                             '\'{"prompt": "question", "chosen": "good", "rejected": "bad"}\'') from None
+    if value is not None:
+        problem = check_column_map(value)
+        if problem:
+            raise SystemExit(problem)
+    return value
 
 
 def detect(row: dict, cmap: dict, tags: Tags, where: str) -> Layout:
