@@ -32,6 +32,7 @@ from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 from trl import get_peft_config  # noqa: E402
 
 from fastdpo import checkpoints, models, ranks, runlock, tokcache, watchdog  # noqa: E402
+from fastdpo.exits import exits  # noqa: E402
 from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
 from fastdpo.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback  # noqa: E402
 from fastdpo.trainer import DPOTrainer  # noqa: E402
@@ -161,5 +162,5 @@ def main(script_args, training_args, model_args):
 
 
 if __name__ == "__main__":
-    with ranks.exits():  # exit codes and failure notes for scripts/_launch.sh (fastdpo/ranks.py)
+    with exits():  # exit codes and failure notes for scripts/_launch.sh (fastdpo/exits.py)
         main(*cfg.parse_args())

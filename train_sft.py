@@ -28,6 +28,7 @@ cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the envi
 from trl import SFTConfig, SFTTrainer, get_peft_config  # noqa: E402
 
 from fastdpo import checkpoints, models, ranks, runlock, sft, watchdog  # noqa: E402
+from fastdpo.exits import exits  # noqa: E402
 from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
 from fastdpo.preemption import PREEMPTED_EXIT_CODE, PreemptionCallback  # noqa: E402
 
@@ -105,5 +106,5 @@ def main(script_args, training_args, model_args):
 
 
 if __name__ == "__main__":
-    with ranks.exits():  # exit codes and failure notes for scripts/_launch.sh (fastdpo/ranks.py)
+    with exits():  # exit codes and failure notes for scripts/_launch.sh (fastdpo/exits.py)
         main(*cfg.parse_args(trainer_config=SFTConfig, default_recipe=cfg.DEFAULT_SFT_RECIPE))

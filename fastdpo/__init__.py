@@ -21,8 +21,9 @@ evaluation  preference accuracy, margins, KL and generations for scripts/evaluat
 preemption  SIGUSR1/SIGTERM -> checkpoint and exit 75 (Slurm requeue)
 checkpoints complete-checkpoint markers, resume choice, run identity (a changed rerun is refused)
 logs        one plain progress line per logging step
-ranks       which process writes (caches per node, output_dir per run), waits with deadlines, exit codes, failure notes
-watchdog    a stalled rank dumps its stacks and exits 70 (retried)
+ranks       which process this is and which one writes (caches per node, output_dir per run), exit codes, failure notes
+watchdog    a stalled rank dumps its stacks and exits 70 (retried); waits for another process, with deadlines
 runlock     one run per output_dir (a lock that works on NFS/Lustre, stale ones taken over)
 failures    after a failed attempt: who failed first, of what, retry or not (scripts/_launch.sh)
+exits       the entry points' way out: each exception -> its exit code and failure note
 """

@@ -262,13 +262,13 @@ def read_marker(path: Path) -> dict:
 
 def mark_complete(path: Path, step: int, run_settings: dict) -> None:
     """Flush every file of the checkpoint to disk, then write the marker that makes it resumable."""
-    files = {}
+    sizes = {}
     for p in sorted(path.rglob("*")):
         if p.is_file() and p.name != MARKER and not p.name.startswith(Path(MARKER).stem + ".tmp"):
             files.fsync(p)  # a node crash (not only a killed process) must not leave a marker over unwritten data
-            files[str(p.relative_to(path))] = p.stat().st_size
+            sizes[str(p.relative_to(path))] = p.stat().st_size
     files.write_json(path / MARKER, {"step": step, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                      "files": files, "settings": run_settings})
+                                      "files": sizes, "settings": run_settings})
 
 
 def remove_checkpoint(path: Path) -> None:

@@ -27,9 +27,9 @@ import sys
 import time
 from pathlib import Path
 
+from .ranks import REPEATS
+
 SEP = "\x1f"
-DETERMINISTIC = {"data error": "a data error", "configuration error": "a configuration error",
-                 "output_dir in use": "output_dir is in use by another run"}
 # torch elastic's ChildFailedError report: one block per failed local rank.
 _REPORT = re.compile(r"time\s*:\s*(\d{4}-\d\d-\d\d_\d\d:\d\d:\d\d)\s*\n\s*host\s*:\s*(\S+)\s*\n\s*rank\s*:\s*(\d+) "
                      r"\(local_rank: (\d+)\)\s*\n\s*exitcode\s*:\s*(-?\d+)")
@@ -78,8 +78,8 @@ def _who(n: dict) -> str:
 def first_failure(found_notes: list[dict], found_reports: list[dict]) -> tuple[str, str | None]:
     """(`rank R (local L) on HOST <what>`, the deterministic reason or None)."""
     for n in found_notes:
-        if n.get("kind") in DETERMINISTIC:
-            return f"{_who(n)}: {n.get('message', '')}", DETERMINISTIC[n["kind"]]
+        if n.get("kind") in REPEATS:
+            return f"{_who(n)}: {n.get('message', '')}", REPEATS[n["kind"]]
     noted = {n["rank"] for n in found_notes}
     # (time to the second, priority, text): a signal first (its peers' collective errors follow from it), then a
     # stall the watchdog found itself, then an exception, then a bare exit code.
@@ -112,7 +112,7 @@ def resume_point(folder: Path) -> str | None:
         out = Path((Path(folder) / "output_dir").read_text().strip())
     except OSError:
         return None
-    from .checkpoints import checkpoint_dirs, incomplete_reason
+    from .checkpoints import checkpoint_dirs, incomplete_reason  # heavy: torch and transformers, ~5 s
 
     complete = [p for p in checkpoint_dirs(out) if incomplete_reason(p) is None]
     return complete[-1].name if complete else None

@@ -28,10 +28,12 @@ import torch
 import torch.distributed as dist
 from transformers import TrainerCallback
 
+from . import ranks
+
 logger = logging.getLogger("fastdpo")
 
-# sysexits' EX_TEMPFAIL, "try again later": not a crash, and not a finished run.
-PREEMPTED_EXIT_CODE = 75
+# sysexits' EX_TEMPFAIL, "try again later": not a crash, and not a finished run (fastdpo.ranks' table).
+PREEMPTED_EXIT_CODE = ranks.PREEMPTED
 SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
 _signalled: str | None = None  # name of the signal the handler got; read by work before the Trainer's loop

@@ -35,7 +35,9 @@ import threading
 import time
 from pathlib import Path
 
-from . import ranks
+import torch.distributed as dist
+
+from . import ranks, watchdog
 
 logger = logging.getLogger("fastdpo")
 
@@ -143,7 +145,7 @@ _held: list[RunLock] = []
 
 
 def release_all() -> None:
-    """Release the locks this process holds (before an exit that skips atexit, e.g. the watchdog's os._exit)."""
+    """Release the locks this process holds (before an exit that skips atexit: the watchdog's os._exit runs it)."""
     for lock in list(_held):
         lock.release()
 
@@ -217,6 +219,7 @@ class RunLock:
         logger.info("output_dir %s: locked for this run (%s)", self.out, self.path.name)
         ranks.note_output_dir(self.out)
         atexit.register(self.release)
+        watchdog.before_exit(release_all)
         _held.append(self)
         threading.Thread(target=self._heartbeat, name="fastdpo-runlock", daemon=True).start()
 
@@ -245,8 +248,6 @@ class RunLock:
 
 def acquire(out, save_on_each_node: bool = False) -> RunLock | None:
     """Take output_dir's lock in its writer; every rank raises Locked (same message) when it is held."""
-    import torch.distributed as dist
-
     lock, problem = None, None
     if ranks.writes("run", save_on_each_node):
         lock = RunLock(out)

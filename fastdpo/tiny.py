@@ -12,9 +12,10 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 from pathlib import Path
 
-from . import files
+from . import files, ranks, watchdog
 
 MODEL_ID = "embedded:tiny-llama"
 DATASET_ID = "embedded:tiny-prefs"
@@ -116,8 +117,8 @@ def _corpus() -> list[str]:
 
 def build_tokenizer():
     """Byte-level BPE: every UTF-8 string encodes (unknown characters fall back to bytes)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import PreTrainedTokenizerFast
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # heavy: only on the first build
+    from transformers import PreTrainedTokenizerFast  # heavy: only on the first build
 
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
@@ -136,8 +137,8 @@ def build_tokenizer():
 
 
 def build_model(vocab_size: int, pad_id: int, bos_id: int, eos_id: int):
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    import torch  # heavy: only on the first build
+    from transformers import LlamaConfig, LlamaForCausalLM  # heavy: only on the first build
 
     config = LlamaConfig(
         vocab_size=vocab_size, hidden_size=64, intermediate_size=192, num_hidden_layers=2,
@@ -160,7 +161,7 @@ def _save_weights(model, folder: Path) -> None:
     `save_pretrained` writes the weights and the config on global rank 0 only, so any other process (node 2's local
     main, or a losing rank) got a folder with just the tokenizer ("Unrecognized model ... Should have a model_type
     key"). Tied weights are left out, as save_pretrained does; loading ties them back."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save_file  # heavy: imports torch, only on the first build
 
     folder.mkdir(parents=True)
     model.config.architectures = [type(model).__name__]
@@ -184,17 +185,13 @@ def materialize_model() -> str:
 
     Each node's local main process builds it (fastdpo.ranks) while the other ranks wait; jobs sharing the cache
     each build into their own temporary folder and rename it into place, so nobody reads a half-written one."""
-    from . import ranks
-
     path = files.cache_root() / f"tiny-llama-v{VERSION}"
     if _complete(path):
         return str(path)
     if not ranks.writes("node"):
-        return ranks.wait_for(lambda: str(path) if _complete(path) else None, f"the embedded tiny model {path}",
-                              ranks.writer_name("node"))
+        return watchdog.wait_for(lambda: str(path) if _complete(path) else None, f"the embedded tiny model {path}",
+                                 ranks.writer_name("node"))
     tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
-    import shutil
-
     shutil.rmtree(tmp, ignore_errors=True)
     _write(tmp)
     if path.exists() and not _complete(path):  # left half-written by an older version: keep it aside, not in use

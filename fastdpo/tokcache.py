@@ -377,14 +377,15 @@ class Cache:
             return _wait(lambda: self.find(key), f"{source.label} ({self.root / key})")
         from filelock import FileLock, Timeout
 
-        lock = FileLock(str(self.root / f"{key}.lock"), timeout=ranks.wait_timeout())
+        lock = FileLock(str(self.root / f"{key}.lock"), timeout=watchdog.wait_timeout())
         try:
             held = lock.acquire()  # another job on this node (or a shared disk) may be at it
         except Timeout:
-            raise ranks.WaitTimeout(
-                f"{ranks.describe()}: waited {ranks.wait_timeout():.0f} s for {lock.lock_file} (another job building "
-                f"the token cache of {source.label}); if that job is only slow, raise FASTDPO_WAIT_TIMEOUT") from None
-        with held, watchdog.phase(f"tokenising {source.label}", bound=ranks.wait_timeout()):
+            raise watchdog.WaitTimeout(
+                f"{ranks.describe()}: waited {watchdog.wait_timeout():.0f} s for {lock.lock_file} (another job "
+                f"building the token cache of {source.label}); if that job is only slow, raise FASTDPO_WAIT_TIMEOUT"
+            ) from None
+        with held, watchdog.phase(f"tokenising {source.label}", bound=watchdog.wait_timeout()):
             found = self.find(key)
             if found is not None:
                 return found
@@ -447,7 +448,7 @@ class Cache:
 
 def _wait(check, what: str, poll: float = 1.0):
     """Poll until the local main process has written what this rank needs (no collective), up to a deadline."""
-    return ranks.wait_for(check, f"the token cache {what}", ranks.writer_name("node"), poll=poll)
+    return watchdog.wait_for(check, f"the token cache {what}", ranks.writer_name("node"), poll=poll)
 
 
 # ----------------------------------------------------------------------------------------------- preparing
@@ -473,7 +474,9 @@ def code_digest() -> str:
     reusing ones an older rule made, without relying on someone remembering to bump FORMAT."""
     h = hashlib.sha256()
     for module in (errors, files, sources, layouts, data):
-        h.update(Path(module.__file__).read_bytes())
+        path = Path(module.__file__)
+        for part in sorted(path.parent.glob("*.py")) if path.name == "__init__.py" else [path]:  # a package: all
+            h.update(part.read_bytes())
     return h.hexdigest()[:16]
 
 

@@ -9,19 +9,25 @@ measures time since the last progress:
 - before the first step ends (loading, tokenising, the probe, the reference pass, the first step itself), around an
   evaluation or a checkpoint save, and after training (final save, final evaluation), the bound is
   FASTDPO_STALL_GRACE; the reference pass (one beat per chunk), evaluation (per prediction step) and waits for
-  another process (fastdpo.ranks.wait_for, its own deadline) report progress.
+  another process (`wait_for`, its own deadline) report progress.
 
 When the bound passes, the rank logs why, every Python thread's stack (faulthandler), which rank is the likely
 cause (each rank publishes a heartbeat with its step and where its main thread is to the process group's store:
 a rank whose heartbeat stopped is stopped or dead; a rank whose main thread is not inside a collective is stuck in
 its own code), tells the other ranks through the store (they dump their stacks and stop too), leaves a failure note
-(fastdpo.ranks.note_failure) and exits 70, which scripts/_launch.sh retries from the last complete checkpoint.
-The process group's timeout is set to FASTDPO_STALL_GRACE, so a collective never waits longer than the watchdog.
+(fastdpo.ranks.note_failure), runs what was registered with `before_exit` (the output_dir lock's release) and exits
+70, which scripts/_launch.sh retries from the last complete checkpoint. The process group's timeout is set to
+FASTDPO_STALL_GRACE, so a collective never waits longer than the watchdog.
 
     watchdog.start()                        # after torch.distributed is initialised (train_dpo.py does it)
     trainer.add_callback(watchdog.Callback())
     watchdog.beat("reference chunk 3/40")   # anywhere that makes progress
     with watchdog.phase("tokenising x", bound=3600): ...   # a long stretch without beats
+    path = watchdog.wait_for(find, "the token cache entry for data/x.jsonl", "the local main process")
+
+`wait_for` polls `find()` until it returns something, logs who it waits for every 30 s, and raises `WaitTimeout`
+naming what it waited for and for whom after FASTDPO_WAIT_TIMEOUT seconds (default 4 hours: longer than any cache
+build this repo does on its recipes), instead of hanging forever when the writer died.
 """
 
 from __future__ import annotations
@@ -35,8 +41,10 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 from datetime import timedelta
 
+import torch.distributed as dist
 from transformers import TrainerCallback
 
 from . import ranks
@@ -52,6 +60,16 @@ KEY = "fastdpo/watchdog"
 # hooks run DDP's and ZeRO's gradient reductions).
 WAITING = ("torch/distributed/", "torch/nn/parallel/distributed.py", "deepspeed/comm/", "torch/autograd/",
            "torch/_tensor.py")
+WAIT_TIMEOUT = 4 * 3600.0  # FASTDPO_WAIT_TIMEOUT: how long `wait_for` waits for another process
+WAIT_LOG_SECONDS = 30.0
+
+_before_exit: list[Callable[[], None]] = []  # run when the watchdog ends the process (os._exit skips atexit)
+
+
+def before_exit(fn: Callable[[], None]) -> None:
+    """Run `fn` before the watchdog ends the process (once per function, in the order registered)."""
+    if fn not in _before_exit:
+        _before_exit.append(fn)
 
 
 def _env(name: str, default: float) -> float:
@@ -85,8 +103,6 @@ class Watchdog:
 
     @staticmethod
     def _store():
-        import torch.distributed as dist
-
         if not (dist.is_available() and dist.is_initialized()):
             return None
         try:
@@ -231,9 +247,8 @@ class Watchdog:
                              "node, may be the stuck one)", me)
         ranks.note_failure(ranks.STALLED, f"{reason}; likely cause: {cause}" if not told else
                            f"stopped: {reason}", self.step)
-        from . import runlock
-
-        runlock.release_all()  # os._exit skips atexit: the next attempt should find output_dir free
+        for fn in _before_exit:  # os._exit skips atexit: the next attempt should find output_dir free
+            fn()
         sys.stdout.flush()
         os._exit(ranks.STALLED)
 
@@ -249,8 +264,6 @@ def start() -> Watchdog | None:
     floor, grace = _env("FASTDPO_STALL_TIMEOUT", FLOOR), _env("FASTDPO_STALL_GRACE", GRACE)
     grace = max(grace, floor)
     _dog = Watchdog(floor, grace)
-    import torch.distributed as dist
-
     if dist.is_available() and dist.is_initialized():
         try:  # a collective gives up no later than the watchdog (NCCL and gloo alike)
             dist.distributed_c10d._set_pg_timeout(timedelta(seconds=grace))
@@ -347,3 +360,36 @@ class Callback(TrainerCallback):
 def last_step() -> int | None:
     """The last optimizer step this rank finished (None without a watchdog)."""
     return _dog.step if _dog is not None else None
+
+
+# ------------------------------------------------------------------------------ waiting for another process
+
+
+class WaitTimeout(RuntimeError):
+    """Another process did not produce what this one waits for within the deadline."""
+
+
+def wait_timeout() -> float:
+    return float(os.environ.get("FASTDPO_WAIT_TIMEOUT", WAIT_TIMEOUT))
+
+
+def wait_for(check, what: str, who: str, timeout: float | None = None, poll: float = 1.0):
+    """Poll `check()` until it returns something other than None; raise WaitTimeout after `timeout` seconds."""
+    timeout = wait_timeout() if timeout is None else timeout
+    start = last = time.monotonic()
+    with phase(f"waiting for {who} to write {what}", bound=timeout + 60):
+        while True:
+            found = check()
+            if found is not None:
+                return found
+            now = time.monotonic()
+            if now - start >= timeout:
+                raise WaitTimeout(
+                    f"{ranks.describe()}: waited {now - start:.0f} s for {who} to write {what}; it did not. Look in "
+                    f"the log for that process's error (it may have crashed or hung). If it is only slow, raise "
+                    f"FASTDPO_WAIT_TIMEOUT (now {timeout:.0f} s)")
+            if now - last >= WAIT_LOG_SECONDS:
+                last = now
+                logger.info("%s: waiting %.0f s (of %.0f) for %s to write %s", ranks.describe(), now - start,
+                            timeout, who, what)
+            time.sleep(poll)

@@ -1,0 +1,72 @@
+"""Preference layouts: how a source holds its pairs, detected once from its first row, and every row converted to
+TRL's preference form {"prompt", "chosen", "rejected"}: three strings, or three lists of {"role", "content"} messages.
+
+    layout          columns (first row decides)                                  the prompt is
+    standard        prompt, chosen, rejected: strings                            `prompt`
+    conversational  prompt, chosen, rejected: message lists (answers only)       `prompt`
+    h4              prompt (text or messages) + chosen/rejected as whole          the conversations' shared turns;
+                    conversations (HuggingFaceH4/ultrafeedback_binarized)         `prompt` must match one user turn
+    implicit        chosen, rejected only: whole transcripts, text or messages   their shared prefix (hh-rlhf)
+                    (also chosen_messages/rejected_messages)
+    sharegpt        conversations or messages ({from, value} or {role,           `conversations`
+                    content}) + chosen/rejected as a message, a list or a string
+    openai          input.messages + preferred_output / non_preferred_output     `input.messages`
+    question        question or instruction (+ input, history, system) +         a user turn (after history/system)
+                    chosen/rejected or response_chosen/response_rejected (orca)
+    ranked          instruction/prompt + replies ranked best first, or scored    as question; needs ranked_pairs
+                    (LLaMA-Factory ranking, Nectar, UltraFeedback completions)
+    judged          question + two answers + a winner label (ties)               as question; needs judged_pairs
+
+Message content may be a list of typed parts ([{"type": "text", "text"|"value": ...}]): text parts are joined, any
+other part is a row error naming it. Role names of sharegpt (human, gpt, observation, function_call) map to TRL's.
+The rule every layout keeps: the same conversation gives the same pair, so the same token ids, whatever layout holds
+it (tests/test_layouts.py writes one set of conversations in every layout).
+
+Oddities with a rule (counted, first places listed): two turns of one role in a row merge into one (blank line
+between); an empty answer is a pair (the answer is the end of turn alone); chosen identical to rejected gives no
+pair. Structural problems (missing fields, wrong types, unknown roles) are row errors with the row's place.
+`column_map` reaches what detection cannot: dotted paths (`input.messages`), message keys and role names, with
+LLaMA-Factory's dataset_info.json tag names (role_tag, content_tag, user_tag, assistant_tag, system_tag,
+observation_tag, function_tag).
+
+The package, one module a question: `messages` (role names, tags, typed parts, merged runs), `layout` (the detected
+Layout and its reading of a row), the families `pairs`, `ranked`, `judged` (each: detect a row's layout, convert a
+row), `column_map` (the recipe's names), `assemble` (one pair from its parts, with the rules above), `detect` (a
+source's layout from its first rows). A new family is a module with `detect` and `convert`, listed in
+`detect.FAMILIES`.
+"""
+
+from .assemble import assemble
+from .column_map import MAP_KEYS, check_column_map
+from .detect import DETECT_ROWS, FAMILIES, detect, detect_rows, detect_source
+from .judged import JUDGE_WORDS, LABEL_COLUMNS, TIE_LABELS
+from .layout import Layout, NeedsOption, Options, get_path, has_path
+from .messages import (
+    CONTENT_KEYS,
+    MERGE_SEPARATOR,
+    PART_TEXT_KEYS,
+    ROLE_KEYS,
+    ROLE_NAMES,
+    ROLES,
+    TAG_KEYS,
+    TAG_ROLES,
+    Tags,
+    any_text,
+    hh_messages,
+    holds_text,
+    is_message,
+    is_messages,
+    merge_runs,
+    message_extras,
+    to_messages,
+)
+from .pairs import ANSWER_COLUMNS, CONVERSATION_COLUMNS, QUESTION_COLUMNS
+from .ranked import RANKED
+
+__all__ = [
+    "ANSWER_COLUMNS", "CONTENT_KEYS", "CONVERSATION_COLUMNS", "DETECT_ROWS", "FAMILIES", "JUDGE_WORDS", "LABEL_COLUMNS",
+    "MAP_KEYS", "MERGE_SEPARATOR", "PART_TEXT_KEYS", "QUESTION_COLUMNS", "RANKED", "ROLES", "ROLE_KEYS", "ROLE_NAMES",
+    "TAG_KEYS", "TAG_ROLES", "TIE_LABELS", "Layout", "NeedsOption", "Options", "Tags", "any_text", "assemble",
+    "check_column_map", "detect", "detect_rows", "detect_source", "get_path", "has_path", "hh_messages", "holds_text",
+    "is_message", "is_messages", "merge_runs", "message_extras", "to_messages",
+]
