@@ -97,9 +97,9 @@ def plan_splits(spec: DataSpec, evals: EvalSpec, train_hashes: list[bytes], eval
     n = len(train_hashes)
     train, held, from_train = list(range(n)), None, False
     if evals.fraction is not None and n and n - max(1, math.floor(n * evals.fraction)) < 1:
-        logger.warning("%s: %d pair%s too few to hold out %g for eval: training without evaluation (set "
+        logger.warning("%s: %d pair%s too few to hold out %g%% for eval: training without evaluation (set "
                        "eval_dataset_name to evaluate on another file)", spec.train.label, n,
-                       " is" if n == 1 else "s are", evals.fraction)
+                       " is" if n == 1 else "s are", 100 * evals.fraction)
     elif evals.fraction is not None:
         order = list(range(n))
         random.Random(spec.seed).shuffle(order)
