@@ -204,7 +204,7 @@ def measured(args, spec, tokenizer, samples: int | None, num_proc: int | None) -
 
     import numpy as np
 
-    from fastdpo import errors, lengths, report, tokcache, tokens
+    from fastdpo import errors, lengths, tokcache, tokens
 
     def unreadable(e):
         return errors.DataError(f"cannot read {spec.train.name!r}: {e}; use a local file, or set HF_HUB_OFFLINE=1 "
