@@ -34,7 +34,7 @@ def layout_note(templated: bool) -> str:
         return ("chat template: messages rendered through it, with each row's tools; text prompts and answers become "
                 "messages (one user turn, one assistant turn), Human/Assistant transcripts too; only TRL's own text "
                 "layout (prompt, chosen, rejected as text) is tokenised raw, as TRL does")
-    return ("no chat template: text pairs tokenised raw (prompt + answer + EOS), as TRL does for text; "
+    return ("no chat template: plain-text rows tokenised as raw text (prompt + answer + EOS), as TRL does; "
             "implicit-prompt transcripts split by TRL's extract_prompt (as stock TRL does)")
 
 
