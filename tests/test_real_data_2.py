@@ -204,6 +204,27 @@ def test_bad_tools_values_are_row_errors_naming_the_column(tmp_path):
     assert "tools" not in layout.convert({**row, "tools": ""})[0][0]  # LLaMA-Factory's "no tools"
 
 
+def test_chat_template_kwargs_reach_the_template_as_trl_passes_them(tiny_model_path, tmp_path):
+    """A row's chat_template_kwargs are template variables for its prompt and both answers; null means none (TRL
+    would fail on it); a JSON string of an object is read as the object."""
+    template = tmp_path / "t.jinja"
+    template.write_text("{%- if note is defined %}[{{ note }}]{% endif -%}\n" + TEMPLATE.read_text())
+    tok = models.load_tokenizer(tiny_model_path, str(template))
+    convs = read_rows(FIXTURES / "msswift_rejected_messages.expected.jsonl")
+    kwargs = [{"note": "think step by step"}, None, json.dumps({"note": "be brief"})]
+    source = tmp_path / "d.jsonl"
+    source.write_text("".join(json.dumps({**c, "chat_template_kwargs": k}) + "\n" for c, k in zip(convs, kwargs,
+                                                                                                  strict=True)))
+    expected = [{**c, "chat_template_kwargs": json.loads(k) if isinstance(k, str) else k} if k else c
+                for c, k in zip(convs, kwargs, strict=True)]
+    got, _ = checks.read_pairs(SourceSpec(str(source)), True)
+    assert got.pairs == expected
+    prep = tokcache.prepare(DataSpec(SourceSpec(str(source)), test_split="none"), tok, cache_dir=tmp_path / "c")
+    reference = trl_reference.prepared(expected, tok, False, str(tmp_path))
+    assert ids(prep.train) == reference
+    assert tok.decode(prep.train[0]["prompt_ids"]).startswith("[think step by step]")
+
+
 # ------------------------------------------------------------------------------------ one rule, any path
 
 
