@@ -24,14 +24,18 @@ import logging
 import sys
 from pathlib import Path
 
-from fastdpo import config as cfg
+from fastdpo import cli
+
+cli.stop_on_ctrl_c()  # first: a Ctrl-C during the imports below stops with one line, not a traceback
+
+from fastdpo import config as cfg  # noqa: E402
 
 cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the environment
 
 from transformers.trainer_utils import IntervalStrategy  # noqa: E402
 from trl import get_peft_config  # noqa: E402
 
-from fastdpo import checkpoints, models, ranks, report, runlock, tokcache, watchdog  # noqa: E402
+from fastdpo import checkpoints, memory, models, ranks, report, runlock, tokcache, watchdog  # noqa: E402
 from fastdpo.dataspec import DataSpec  # noqa: E402
 from fastdpo.exits import exits  # noqa: E402
 from fastdpo.logs import setup_logging, use_plain_progress  # noqa: E402
@@ -48,28 +52,15 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
-def check_hub_access(repo_id: str) -> None:
-    """Fail in seconds, not after hours of training, when the push at the end cannot work."""
-    from huggingface_hub import constants, whoami
-
-    if constants.HF_HUB_OFFLINE:
-        raise SystemExit("push_to_hub is set but HF_HUB_OFFLINE=1: unset it, or pass --push_to_hub false")
-    try:
-        user = whoami()["name"]
-    except Exception as e:  # no token, a refused token, or no network: all mean the final push would fail
-        raise SystemExit(f"push_to_hub is set but the Hub check failed ({type(e).__name__}): put a write token "
-                         "in .env as HF_TOKEN=..., check the network, or pass --push_to_hub false") from None
-    logger.info("will push to %s as %s", repo_id, user)
-
-
 def main(script_args, training_args, model_args):
     is_main = ranks.writes("run", training_args.save_on_each_node)
-    preemption = PreemptionCallback()  # SIGUSR1/SIGTERM: checkpoint and stop (Slurm; scripts/dpo_train.sh requeues)
+    preemption = PreemptionCallback()  # SIGUSR1/SIGTERM/Ctrl-C: checkpoint and stop (Slurm: the job requeues)
     setup_logging(is_main)
     cfg.redact_logs()
     watchdog.start()  # a stalled rank dumps its stacks and exits 70 (scripts/_launch.sh retries it)
     if training_args.push_to_hub:
-        check_hub_access(training_args.hub_model_id or training_args.output_dir)
+        cli.check_hub_access(training_args.hub_model_id or training_args.output_dir)
+    memory.check_at_start(training_args, model_args)  # on CUDA: a run that cannot fit its GPUs stops here
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runlock.acquire(out, training_args.save_on_each_node)  # one run per output_dir; a second one stops here
@@ -158,4 +149,4 @@ def main(script_args, training_args, model_args):
 
 if __name__ == "__main__":
     with exits():  # exit codes and failure notes for scripts/_launch.sh (fastdpo/exits.py)
-        main(*cfg.parse_args())
+        main(*cli.parse_training(__doc__))  # --help, --help-all, --config=FILE (fastdpo/cli.py)

@@ -21,7 +21,11 @@ import logging
 import sys
 from pathlib import Path
 
-from fastdpo import config as cfg
+from fastdpo import cli
+
+cli.stop_on_ctrl_c()  # first: a Ctrl-C during the imports below stops with one line, not a traceback
+
+from fastdpo import config as cfg  # noqa: E402
 
 cfg.load_env()  # before TRL/transformers read HF_TOKEN or WANDB_* from the environment
 
@@ -38,10 +42,12 @@ logger = logging.getLogger("fastdpo")
 
 def main(script_args, training_args, model_args):
     is_main = ranks.writes("run", training_args.save_on_each_node)
-    preemption = PreemptionCallback()  # SIGUSR1/SIGTERM: checkpoint and stop, like train_dpo.py
+    preemption = PreemptionCallback()  # SIGUSR1/SIGTERM/Ctrl-C: checkpoint and stop, like train_dpo.py
     setup_logging(is_main)
     cfg.redact_logs()
     watchdog.start()  # a stalled rank dumps its stacks and exits 70 (scripts/_launch.sh retries it)
+    if training_args.push_to_hub:  # a push that cannot work fails now, not after training
+        cli.check_hub_access(training_args.hub_model_id or training_args.output_dir)
     out = Path(training_args.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runlock.acquire(out, training_args.save_on_each_node)  # one run per output_dir; a second one stops here
@@ -108,4 +114,4 @@ def main(script_args, training_args, model_args):
 
 if __name__ == "__main__":
     with exits():  # exit codes and failure notes for scripts/_launch.sh (fastdpo/exits.py)
-        main(*cfg.parse_args(trainer_config=SFTConfig, default_recipe=cfg.DEFAULT_SFT_RECIPE))
+        main(*cli.parse_training(__doc__, trainer_config=SFTConfig, default_recipe=cfg.DEFAULT_SFT_RECIPE))

@@ -12,6 +12,8 @@ import warnings
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
+from .cli import argument_error
+
 # peft imports bitsandbytes, whose CPU backend warns on every run that an optional 4-bit kernel package is
 # missing. Nothing here runs 4-bit on CPU (models.load_model refuses it), so the line is noise.
 logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
@@ -285,6 +287,7 @@ def parse_args(argv: list[str] | None = None, trainer_config=DPOConfig, default_
     if not Path(recipe).is_file():
         raise SystemExit(f"recipe not found: {recipe} (recipes live in recipes/, e.g. --config recipes/tiny.yaml)")
     parser = TrlParser((_script_arguments_for(trainer_config), trainer_config, ModelConfig))
+    parser.error = argument_error  # one line naming the flag, value and what is expected; no usage dump
     try:
         script_args, training_args, model_args, from_recipe, from_cli = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True

@@ -1,16 +1,73 @@
-"""Logs for humans tailing a file: one plain line per logging step, progress bars only on terminals."""
+"""Logs for humans tailing a file: one plain line per logging step, progress bars only on terminals, and none of the
+library lines a user cannot act on (`QUIET`: each named by its logger and message, with the reason)."""
 
 from __future__ import annotations
 
 import datetime
 import logging
 import math
+import re
 import sys
 import time
+import warnings
 
+import torch
 from transformers import PrinterCallback, ProgressCallback, TrainerCallback
 
 logger = logging.getLogger("fastdpo")
+
+
+def _no_cuda() -> bool:
+    return not torch.cuda.is_available()
+
+
+# (logger, the message's start, when, why it is dropped). Only these records go: the same loggers' other lines stay.
+QUIET = (
+    ("DeepSpeed", "Setting accelerator to CPU", _no_cuda,
+     "DeepSpeed says so whenever it is imported on a machine without CUDA, where CPU is the only choice; with CUDA "
+     "present the line means CUDA was not found, a real problem, and it is kept"),
+    ("trl.trainer.dpo_trainer", "`padding_free=True` is temporarily unavailable", None,
+     "TRL 1.16 dropped padding_free and says to set it false; fastdpo implements it (fastdpo/trainer.py), and where "
+     "it falls back to TRL's padded path it logs why ('padding_free: using the stock padded path because ...')"),
+    ("transformers.trainer", "There were missing keys in the checkpoint model loaded: ['lm_head.weight'].", None,
+     "a model with tied embeddings saves the shared matrix once, as embed_tokens; on resume the Trainer loads with "
+     "strict=False and lists lm_head.weight as missing although the tie gives it the loaded values (a resumed run "
+     "ends bit-identical to an uninterrupted one: tests/test_train.py, tests/test_first_hour.py). An untied model "
+     "saves lm_head.weight, so the line cannot hide a real loss there"),
+)
+
+
+# Python warnings, by message and category: (regex at the message's start, category, why).
+QUIET_WARNINGS = (
+    (r"`is_gradient_checkpointing` is deprecated", FutureWarning,
+     "transformers 5.23 renamed it is_activation_checkpointing; TRL 1.16 (trl/models/utils.py) still reads the old "
+     "name where it turns recomputation off around its reference pass (the stock path); drop this when TRL moves"),
+)
+
+
+class _Drop(logging.Filter):
+    def __init__(self, start: str, when):
+        super().__init__()
+        self.start, self.when = start, when
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # accelerate's logger adapter (TRL's loggers) puts "[RANK n] " before the message
+        message = re.sub(r"^\[RANK \d+\] ", "", record.getMessage())
+        return not (message.startswith(self.start) and (self.when is None or self.when()))
+
+
+def quiet() -> None:
+    """Drop the QUIET records and warnings: a filter on each named logger, so their other records are untouched.
+    Run at import (below): DeepSpeed and transformers may log these while the arguments are still being parsed."""
+    for name, start, when, _ in QUIET:
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _Drop) and f.start == start for f in log.filters):
+            log.addFilter(_Drop(start, when))
+    for message, category, _ in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)
+
+
+quiet()
 
 
 def setup_logging(is_main: bool) -> None:

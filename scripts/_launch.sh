@@ -158,6 +158,15 @@ print(f"python:  {sys.version.split()[0]} ({sys.executable})")
 print("libs:    " + "  ".join(f"{p} {version(p)}" for p in ("torch", "trl", "transformers", "accelerate", "deepspeed")))
 PY
 
+# Will the run fit its GPUs? fastdpo/memory.py's estimate for the recipe (and any flag overriding it), BACKEND and
+# GPU count against this node's GPU memory, before the job holds every GPU to load the model. Prints one line when
+# it fits, the estimate and the fixes when it does not; FASTDPO_SKIP_MEMORY_CHECK=1 skips it.
+memory_check() {
+  python -m fastdpo.memory --check --recipe "$RECIPE" --backend "$BACKEND" --gpus $((NNODES * GPUS_PER_NODE)) \
+    $([[ $ENTRY == train_sft.py ]] && echo --sft) "$@"
+}
+memory_check "$@" || exit 1
+
 # Log lines reach logs/ as they happen (Python block-buffers stdout when it is a file).
 export PYTHONUNBUFFERED=1
 
@@ -166,12 +175,17 @@ launcher=()
 [[ -n ${SLURM_CPUS_PER_TASK:-} ]] && launcher+=(--cpus-per-task="$SLURM_CPUS_PER_TASK")
 # USR1 and TERM are ignored in the launcher (an ignore survives exec) and handled by the training processes
 # (fastdpo/preemption.py): a launcher that died of USR1 would take the ranks down with it, and torchrun on
-# SIGTERM kills its workers 30 s later whatever Slurm's KillWait (TORCHELASTIC_SIGNALS_TO_HANDLE leaves
-# SIGTERM out of the signals it handles; torch >= 2.6). Single quotes: each node's own shell expands them.
+# SIGTERM kills its workers 30 s later whatever Slurm's KillWait. torchrun installs handlers for the signals its
+# --signals_to_handle names (default SIGTERM,SIGINT,SIGHUP,SIGQUIT), which would replace the ignore: the list
+# leaves SIGTERM out. Both names are set: torch's process context reads TORCHELASTIC_SIGNALS_TO_HANDLE, and torch
+# 2.13's launcher overwrites it from that option, whose default comes from PET_SIGNALS_TO_HANDLE (with the first
+# name alone, torch 2.13 still forwards SIGTERM and SIGKILLs the ranks 30 s later: tests/test_first_hour.py shows it).
+# SIGINT stays torchrun's: it passes one SIGINT to each rank (their own sessions), which saves and stops as a
+# Ctrl-C does. Single quotes: each node's own shell expands them.
 srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 "${launcher[@]}" \
   bash -c 'getent hosts "$MAIN_HOST" >/dev/null || { echo "error: node $(hostname) cannot resolve the main host $MAIN_HOST" >&2; exit 1; }
            echo "launcher: node ${SLURMD_NODENAME:-$(hostname)}, machine rank $SLURM_NODEID of $SLURM_NNODES"
-           trap "" USR1 TERM; export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
+           trap "" USR1 TERM; export TORCHELASTIC_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT PET_SIGNALS_TO_HANDLE=SIGINT,SIGHUP,SIGQUIT
            exec accelerate launch --machine_rank "$SLURM_NODEID" "$@"' launch \
     --config_file "$ACCELERATE_CONFIG" \
     --num_machines "$NNODES" --num_processes $((NNODES * GPUS_PER_NODE)) \

@@ -8,6 +8,8 @@
 #   tail -f logs/dpo-instruct-<jobid>.out
 # Knobs (environment): RECIPE, GPUS_PER_NODE (default: the GPUs Slurm allocated), ACCELERATE_ARGS,
 #   BACKEND: zero2 (default, DeepSpeed ZeRO-2), zero3 (DeepSpeed ZeRO-3) or fsdp2 (PyTorch FSDP2); see README.
+# Before srun the job checks that the run fits the GPUs' memory (fastdpo/memory.py) and stops with the fix if it does
+#   not; FASTDPO_SKIP_MEMORY_CHECK=1 skips that check.
 # Failures: RETRIES (crash and stall requeues per job, default 3; preemption requeues are unlimited),
 #   FASTDPO_STALL_TIMEOUT / FASTDPO_STALL_GRACE (stall watchdog bounds in seconds, default 600 / 1800).
 # Only the default RECIPE and the job name differ from the other script; the rest is scripts/_launch.sh.

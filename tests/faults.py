@@ -2,6 +2,7 @@
 
     python tests/faults.py kill-in-save:8 train_dpo.py --output_dir ...   # SIGKILL while checkpoint-8 is written
     python tests/faults.py term-at-step:3 train_dpo.py --output_dir ...   # SIGTERM to itself at the end of step 3
+    python tests/faults.py int-at-step:3 train_dpo.py --output_dir ...    # Ctrl-C (SIGINT) at the end of step 3
     FASTDPO_FAULT=kill-at-step:5@1 PYTHONPATH=tests/fault_site torchrun ... train_dpo.py   # rank 1 only, any launcher
 
 Waiting for a folder to appear and then killing races the save (a tiny model saves in milliseconds); this
@@ -63,6 +64,50 @@ def signal_at_step(step: int, signum: int) -> None:
     CallbackHandler.on_step_end = signal_then_continue
 
 
+def interrupt_at_step(step: int, times: int = 1, target: str = "self") -> None:
+    """Ctrl-C as step <step> ends: SIGINT to itself (`times` of them, back to back: a user pressing twice), or to
+    the launcher that started this rank (torchrun and accelerate give their ranks sessions of their own, so a
+    Ctrl-C in the terminal reaches only the launcher, which passes it on)."""
+    from transformers.trainer_callback import CallbackHandler
+
+    on_step_end = CallbackHandler.on_step_end
+
+    def interrupt_then_continue(self, args, state, control):
+        if state.global_step == step:
+            pid = os.getppid() if target == "launcher" else os.getpid()
+            for _ in range(times):
+                os.kill(pid, signal.SIGINT)
+        return on_step_end(self, args, state, control)
+
+    CallbackHandler.on_step_end = interrupt_then_continue
+
+
+def interrupt_at_load(_: int) -> None:
+    """Ctrl-C while the tokenizer loads, before any training step (the step number is unused)."""
+    from transformers import AutoTokenizer
+
+    load = AutoTokenizer.from_pretrained.__func__
+
+    def interrupt_then_load(cls, *args, **kwargs):
+        os.kill(os.getpid(), signal.SIGINT)
+        return load(cls, *args, **kwargs)
+
+    AutoTokenizer.from_pretrained = classmethod(interrupt_then_load)
+
+
+def interrupt_at_import(_: int) -> None:
+    """Ctrl-C while the entry point imports TRL (seconds of imports, before anything is read or written)."""
+
+    class InterruptOnTrl:
+        def find_spec(self, name, path=None, target=None):
+            if name == "trl":
+                sys.meta_path.remove(self)
+                os.kill(os.getpid(), signal.SIGINT)
+            return None  # the normal finders import it
+
+    sys.meta_path.insert(0, InterruptOnTrl())
+
+
 def hang_in_step(step: int) -> None:
     """Stuck and alive as step <step> + 1 begins (a stuck filesystem read, a spinning kernel): the main thread sleeps
     in the training loop, outside any collective, while the other ranks wait for it in theirs."""
@@ -83,7 +128,10 @@ def hang_in_step(step: int) -> None:
 
 FAULTS = {"kill-in-save": kill_in_save, "term-at-step": term_at_step,
           "kill-at-step": lambda step: signal_at_step(step, signal.SIGKILL),
-          "stop-at-step": lambda step: signal_at_step(step, signal.SIGSTOP), "hang-in-step": hang_in_step}
+          "stop-at-step": lambda step: signal_at_step(step, signal.SIGSTOP), "hang-in-step": hang_in_step,
+          "int-at-step": interrupt_at_step, "int-twice-at-step": lambda step: interrupt_at_step(step, times=2),
+          "int-launcher-at-step": lambda step: interrupt_at_step(step, target="launcher"),
+          "int-at-load": interrupt_at_load, "int-at-import": interrupt_at_import}
 
 
 def from_environment() -> None:
