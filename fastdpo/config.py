@@ -32,7 +32,7 @@ from trl import ModelConfig, TrlParser  # noqa: E402
 from .credentials import check_secrets  # noqa: E402
 from .credentials import load_env as load_env  # noqa: E402  (re-exported: the entry points call cfg.load_env)
 from .credentials import redact_logs as redact_logs  # noqa: E402
-from .layouts import check_column_map  # noqa: E402
+from .layouts import check_column_map, parse_codes  # noqa: E402
 from .recipes import DEFAULT_RECIPE, RENAMED, Where, argument_error, explain_unknown  # noqa: E402
 from .recipes import DEFAULT_SFT_RECIPE as DEFAULT_SFT_RECIPE  # noqa: E402
 from .recipes import describe as describe  # noqa: E402
@@ -188,8 +188,6 @@ class ScriptArguments:
             if problem:
                 raise SystemExit(problem)
         if isinstance(self.judged_codes, str):
-            from .layouts import parse_codes
-
             self.judged_codes = parse_codes(self.judged_codes)
 
 
