@@ -75,8 +75,8 @@ def setup_logging(is_main: bool) -> None:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s", datefmt="%H:%M:%S",
         level=logging.INFO if is_main else logging.WARNING, stream=sys.stdout, force=True,
     )
-    import datasets
-    import transformers
+    import datasets  # heavy: logs sits below every module, and the light tools (memory, failures) never set up logging
+    import transformers  # heavy, as datasets above
 
     transformers.utils.logging.set_verbosity_warning()
     datasets.utils.logging.set_verbosity_warning()

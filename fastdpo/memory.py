@@ -314,7 +314,7 @@ def _hub_config(model: str, revision: str | None) -> dict:
     """config.json of a Hub model: from the Hub cache, else one request (no retries: a check must not spend a minute
     on a network that is down; the training that follows reports that properly)."""
     from huggingface_hub import constants, get_session, hf_hub_url, try_to_load_from_cache  # only Hub ids need it
-    from huggingface_hub.utils import build_hf_headers
+    from huggingface_hub.utils import build_hf_headers  # only Hub ids need it
 
     cached = try_to_load_from_cache(model, "config.json", revision=revision)
     if isinstance(cached, str):

@@ -19,7 +19,12 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from . import files, tiny
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datasets import DatasetDict, load_dataset, load_from_disk
+from datasets.data_files import DataFilesDict, get_data_patterns
+
+from . import files, frameworks, tiny
 from .errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -167,9 +172,6 @@ def _csv(path: Path):
 
 
 def _parquet(path: Path):
-    import pyarrow as pa
-    import pyarrow.parquet as pq
-
     size = path.stat().st_size
     source = pa.BufferReader(gzip.decompress(path.read_bytes())) if path.suffix == ".gz" else str(path)
     pf = pq.ParquetFile(source)
@@ -257,8 +259,6 @@ class HubSource(Source):
 
     def dataset(self):
         if self._ds is None:
-            from datasets import load_dataset
-
             try:
                 self._ds = load_dataset(self.name, self.config, split=self.split)
             except ValueError as e:
@@ -278,7 +278,8 @@ class HubSource(Source):
 
     def fingerprint(self, memo_dir=None):
         # datasets' own fingerprint of the prepared split: its builder config, data files and their revision
-        return {"hub": self.name, "config": self.config, "split": self.split, "dataset": self.dataset()._fingerprint}
+        return {"hub": self.name, "config": self.config, "split": self.split,
+                "dataset": frameworks.fingerprint(self.dataset())}
 
 
 class SavedSource(HubSource):
@@ -286,8 +287,6 @@ class SavedSource(HubSource):
 
     def dataset(self):
         if self._ds is None:
-            from datasets import DatasetDict, load_from_disk
-
             ds = load_from_disk(self.name)
             if isinstance(ds, DatasetDict):
                 if self.split not in ds:
@@ -310,8 +309,6 @@ METADATA_FILES = ("dataset_info.json", "dataset_infos.json")  # Hub-style metada
 
 def _folder(path: Path, config: str | None, split: str) -> Source:
     """A local folder: split names from file names as `load_dataset` does, every supported file type read whole."""
-    from datasets.data_files import DataFilesDict, get_data_patterns
-
     if any((path / name).is_file() for name in SAVED_MARKERS):
         return SavedSource(str(path), config, split)
     try:
