@@ -92,7 +92,31 @@ def parse_training(doc: str | None, **parse_kwargs):
         _print(short_help(doc, (cfg.ScriptArguments, trainer_config, cfg.ModelConfig), SFT_GROUPS if sft else
                           DPO_GROUPS, parse_kwargs.get("default_recipe", cfg.DEFAULT_RECIPE)))
         raise SystemExit(0)
-    return cfg.parse_args(argv, **parse_kwargs)
+    script_args, training_args, model_args = cfg.parse_args(argv, **parse_kwargs)
+    recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else parse_kwargs.get(
+        "default_recipe", cfg.DEFAULT_RECIPE)
+    check_sources(script_args, model_args, argv, recipe)
+    return script_args, training_args, model_args
+
+
+def check_sources(script_args, model_args, argv: list[str], recipe) -> None:
+    """The model and data a run names, each an embedded name, a local path or a Hub id this machine can read: one
+    line per problem with its place and fix, in seconds, before any model or data loads (fastdpo.hub)."""
+    from . import hub  # imported here: this module stays standard-library at import (huggingface_hub, datasets)
+
+    def need(key, kind, revision=None):
+        value = getattr(model_args if kind == hub.MODEL else script_args, key, None)
+        return hub.Need(key, value, kind, revision, place_of(key, argv, recipe))
+
+    hub.check([need("model_name_or_path", hub.MODEL, model_args.model_revision), need("dataset_name", hub.DATASET),
+               need("eval_dataset_name", hub.DATASET)])
+
+
+def place_of(key: str, argv: list[str], recipe) -> str:
+    """Where `key` got its value: the flag, the recipe's line, or the default the recipe leaves."""
+    if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv):
+        return f"command line (--{key})"
+    return recipe_line(recipe, key) or f"default (not set in {_shown(recipe)})"
 
 
 def _print(text: str) -> None:
@@ -187,28 +211,32 @@ def argument_error(message: str) -> None:
 def _recipe_line(key: str) -> str:
     argv = sys.argv[1:]
     recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else "the recipe"
+    return recipe_line(recipe, key) or recipe
+
+
+def recipe_line(recipe: str | Path, key: str) -> str | None:
+    """`recipe.yaml:N`, the line that sets `key` at the top level of the recipe, or None."""
     try:
         for i, line in enumerate(Path(recipe).read_text().splitlines(), start=1):
-            if re.match(rf"\s*{re.escape(key)}\s*:", line):
-                return f"{recipe}:{i}"
+            if re.match(rf"{re.escape(key)}\s*:", line):
+                return f"{_shown(recipe)}:{i}"
     except OSError:
         pass
-    return recipe
+    return None
+
+
+def _shown(path: str | Path) -> str:
+    """A path inside the checkout relative to it (recipes/tiny.yaml), others as given."""
+    path = Path(path)
+    return str(path.relative_to(REPO)) if path.is_absolute() and path.is_relative_to(REPO) else str(path)
 
 
 def check_hub_access(repo_id: str) -> None:
     """Fail in seconds, not after hours of training, when the push at the end cannot work (both training scripts
     call this before reading any data)."""
-    from huggingface_hub import constants, whoami  # imported here: this module stays standard-library at import
+    from . import hub  # imported here: this module stays standard-library at import
 
-    if constants.HF_HUB_OFFLINE:
-        raise SystemExit("push_to_hub is set but HF_HUB_OFFLINE=1: unset it, or pass --push_to_hub false")
-    try:
-        user = whoami()["name"]
-    except Exception as e:  # no token, a refused token, or no network: all mean the final push would fail
-        raise SystemExit(f"push_to_hub is set but the Hub check failed ({type(e).__name__}): put a write token "
-                         "in .env as HF_TOKEN=..., check the network, or pass --push_to_hub false") from None
-    logger.info("will push to %s as %s", repo_id, user)
+    logger.info("will push to %s as %s", repo_id, hub.check_push(repo_id))
 
 
 # ------------------------------------------------------------------------------------------- the fastdpo command
