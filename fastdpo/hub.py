@@ -76,7 +76,7 @@ class Need:
     kind: str = MODEL  # MODEL, TOKENIZER or DATASET
     revision: str | None = None
     place: str | None = None  # where it was given: "command line (--key)", "recipe.yaml:3"
-    also: str | None = None  # another fix, said after the kind's usual one ("or --recipe recipes/tiny.yaml ...")
+    also: str | None = None  # said after the usual fix: "with --tokenizer, or --recipe recipes/tiny.yaml ..."
 
 
 def check(needs) -> None:
@@ -130,7 +130,7 @@ def _not_of_kind(need: Need, path: Path) -> str | None:
 
 
 def _also(need: Need, fix: str) -> str:
-    return f"{fix}, {need.also}" if need.also else fix
+    return f"{fix} {need.also}" if need.also else fix
 
 
 def _fix(need: Need) -> str:
