@@ -37,6 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from fastdpo import cli
 
 cli.stop_on_ctrl_c()  # a Ctrl-C during the imports below stops with one line, not a traceback
+cli.quiet_imports()
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
