@@ -158,6 +158,23 @@ class ScriptArguments:
         metadata={"help": "Two answers and a judge's winner label (FastChat judgments, Chatbot Arena) -> pairs: the "
                   "winner is chosen, the other rejected; ties and unlabelled rows give no pair and are counted."},
     )
+    annotators: str | None = field(
+        default=None,
+        metadata={"help": "Judged data with several annotator columns (PandaLM's annotator1..3) -> one verdict: "
+                  "majority (more than half of the raters; a majority for a tie, or none, gives no pair, counted).",
+                  "choices": ["majority"]},
+    )
+    judged_label: str | None = field(
+        default=None,
+        metadata={"help": "Judged data with two label columns (PKU-SafeRLHF: better_response_id, safer_response_id): "
+                  "the one that makes chosen."},
+    )
+    judged_codes: str | None = field(
+        default=None,
+        metadata={"help": "Judged data with a number label whose codes are not known: a JSON object from each value "
+                  'to the answer column it picks or "tie", e.g. \'{"1": "response1", "2": "response2", "0": '
+                  '"tie"}\'.'},
+    )
     max_prompt_length: int | None = field(
         default=None,
         metadata={"help": "Cut longer prompts to their last N tokens (TRL 1.16 removed this option)."},
@@ -203,6 +220,10 @@ class ScriptArguments:
             problem = check_column_map(self.column_map)
             if problem:
                 raise SystemExit(problem)
+        if isinstance(self.judged_codes, str):
+            from .layouts import parse_codes
+
+            self.judged_codes = parse_codes(self.judged_codes)
 
 
 def _script_arguments_for(trainer_config) -> type:

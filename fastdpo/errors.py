@@ -70,10 +70,11 @@ NOTE_TEXT = {
     "no_preference": "chosen identical to rejected: no preference, no pair",
     "tie": "a tie (judged, or replies of equal rank): no pair",
     "unlabelled": "no winner label: no pair",
+    "split": "annotators without a majority verdict: no pair",
     "too_few_answers": "fewer than two ranked answers: no pair",
     "ranked_tie": "a ranked reply tied with the best (same rank or text): that pair left out",
 }
-NO_PAIR = ("no_preference", "tie", "unlabelled", "too_few_answers")
+NO_PAIR = ("no_preference", "tie", "unlabelled", "split", "too_few_answers")
 
 
 @dataclass

@@ -337,7 +337,7 @@ def _data_lines(result: dict) -> list[str]:
         "",
     ]
     if result.get("layout"):
-        lines += [f"Layout {result['layout']}.", ""]
+        lines += [f"Layout {result['layout']['description']}.", ""]
     if result.get("bad_rows_by_problem"):
         verb = "refuses (the first stops it)" if result.get("training_refuses") else "skips (--skip_bad_rows)"
         lines += [f"Rows training {verb}, by problem:", "", "| rows | problem | first places |", "|---:|---|---|"]

@@ -20,6 +20,8 @@ def describe_layout(meta: dict) -> str:
     """A cache entry's layout as the log line shows it (meta.json's "layout")."""
     if not meta.get("name"):
         return "none (no readable row)"
+    if meta.get("description"):  # Layout.report()'s own words
+        return meta["description"]
     cols = ", ".join(f"{k} <- {v}" for k, v in meta["columns"].items())
     unused = f"; not read: {', '.join(meta['unused_columns'])}" if meta.get("unused_columns") else ""
     keys = (f"; message keys not read: {', '.join(meta['unused_message_keys'])}"

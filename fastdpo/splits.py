@@ -18,6 +18,7 @@ import numpy as np
 import xxhash
 from datasets import Dataset
 
+from . import tokens
 from .dataspec import DataSpec
 from .errors import DataError, Notes, Skipped
 from .sources import Source
@@ -95,7 +96,11 @@ def plan_splits(spec: DataSpec, evals: EvalSpec, train_hashes: list[bytes], eval
     drops repeats within each split (the first stays); "none" keeps everything. Repeats are counted either way."""
     n = len(train_hashes)
     train, held, from_train = list(range(n)), None, False
-    if evals.fraction is not None:
+    if evals.fraction is not None and n and n - max(1, math.floor(n * evals.fraction)) < 1:
+        logger.warning("%s: %d pair%s too few to hold out %g%% for eval: training without evaluation (set "
+                       "eval_dataset_name to evaluate on another file)", spec.train.label, n,
+                       " is" if n == 1 else "s are", 100 * evals.fraction)
+    elif evals.fraction is not None:
         order = list(range(n))
         random.Random(spec.seed).shuffle(order)
         chosen = set(order[: max(1, math.floor(n * evals.fraction))])
@@ -152,8 +157,11 @@ def _digest(obj) -> bytes:
 
 
 def pair_hash(row: dict) -> bytes:
-    """16 bytes identifying a normalised pair (duplicates, eval rows that also occur in train)."""
-    return _digest([row["prompt"], row["chosen"], row["rejected"]])
+    """16 bytes identifying a normalised pair (duplicates, eval rows that also occur in train); pairs that differ
+    only in their tools or chat template keywords are different pairs."""
+    extras = [row.get(k) for k in tokens.EXTRAS]
+    return _digest([row["prompt"], row["chosen"], row["rejected"]] + (extras if any(x is not None for x in extras)
+                                                                       else []))
 
 
 def row_hash(row: dict) -> bytes:
@@ -169,7 +177,7 @@ def shuffle_order(n: int, seed: int) -> np.ndarray:
 def to_dataset(rows: list[dict], what: str) -> Dataset:
     if not rows:
         raise DataError(f"{what}: no usable rows")
-    return Dataset.from_list(rows)
+    return Dataset.from_list(tokens.storable(rows))  # tools and calls as JSON text (fastdpo.tokens)
 
 
 @dataclass

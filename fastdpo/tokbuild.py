@@ -62,8 +62,8 @@ def _work(batch: sources.RawBatch):
     kinds = {"messages": conv, "text": len(pairs) - conv}
     if not pairs:
         return None, None, bad, got, kinds
-    full, cut, status = tokens.tokenize_truncated({k: [r[k] for r in pairs] for k in ("prompt", "chosen", "rejected")},
-                                                  job.tokenizer, job.encode, job.max_length, job.max_prompt_length)
+    full, cut, status = tokens.tokenize_truncated(tokens.columns(pairs), job.tokenizer, job.encode, job.max_length,
+                                                  job.max_prompt_length, where, job.layout.columns.get("tools"))
     keep = [i for i, s in enumerate(status) if s != "dropped"]
     ids = pa.record_batch([pa.array([cut[k][i] for i in keep], IDS) for k in TOKENS_SCHEMA.names],
                           schema=TOKENS_SCHEMA)

@@ -60,13 +60,20 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max_length", type=int, help="max_length to compare (default: the recipe's)")
     p.add_argument("--max_prompt_length", type=int, help="max_prompt_length in effect (default: the recipe's)")
     p.add_argument("--per_device_train_batch_size", type=int, help="pairs per micro-batch (default: the recipe's)")
-    p.add_argument("--skip_bad_rows", action="store_true", help="as training's flag: bad rows are skipped, not refused "
-                   "(the analyzer reports them either way)")
+    p.add_argument("--skip_bad_rows", nargs="?", const=True, type=str_to_bool, help="true: as training's flag, bad "
+                   "rows are skipped, not refused (the analyzer reports them either way)")
     p.add_argument("--strict", action="store_true", help="exit 2 when training would refuse the data (a bad row "
                    "without --skip_bad_rows, or prompts that come out empty); default: report it and exit 0")
     p.add_argument("--ranked_pairs", choices=["best_vs_worst", "best_vs_rest"], help="ranked replies -> pairs "
                    "(overrides the recipe; see train_dpo.py --help)")
-    p.add_argument("--judged_pairs", action="store_true", help="judged answers -> pairs: winner chosen")
+    p.add_argument("--judged_pairs", nargs="?", const=True, type=str_to_bool, help="true: judged answers -> pairs, "
+                   "winner chosen (overrides the recipe)")
+    p.add_argument("--annotators", choices=["majority"], help="several annotator columns -> one verdict (overrides "
+                   "the recipe)")
+    p.add_argument("--judged_label", help="the label column to use where judged data has several (overrides the "
+                   "recipe)")
+    p.add_argument("--judged_codes", help="JSON: what each value of a number label means, e.g. "
+                   "'{\"1\": \"response1\", \"2\": \"response2\", \"0\": \"tie\"}' (overrides the recipe)")
     p.add_argument("--json", help="write the result as JSON here")
     p.add_argument("--plot", help="write a PNG histogram + CDF here")
     args = p.parse_args(argv)
@@ -75,6 +82,15 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     if not 0 < args.coverage <= 1:
         p.error(f"--coverage must lie in (0, 1], e.g. 0.9; got {args.coverage}")
     return args
+
+
+def str_to_bool(value: str) -> bool:
+    """A flag's value as training's parser reads it: --judged_pairs, --judged_pairs true, --judged_pairs false."""
+    if value.lower() in ("true", "yes", "1", "t", "y"):
+        return True
+    if value.lower() in ("false", "no", "0", "f", "n"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {value!r}")
 
 
 def settings(args: argparse.Namespace):
@@ -86,15 +102,16 @@ def settings(args: argparse.Namespace):
         "dataset_name": args.dataset, "dataset_train_split": args.split, "model_name_or_path": args.tokenizer,
         "chat_template_path": args.chat_template_path, "column_map": args.column_map, "max_length": args.max_length,
         "max_prompt_length": args.max_prompt_length,
-        "per_device_train_batch_size": args.per_device_train_batch_size,
+        "per_device_train_batch_size": args.per_device_train_batch_size, "annotators": args.annotators,
+        "judged_label": args.judged_label, "judged_codes": args.judged_codes,
     }
     argv = ["--config", recipe]
     for key, value in overrides.items():
         if value is not None:
             argv += [f"--{key}", str(value)]
     for flag in ("skip_bad_rows", "judged_pairs"):
-        if getattr(args, flag):
-            argv += [f"--{flag}", "true"]
+        if getattr(args, flag) is not None:
+            argv += [f"--{flag}", str(getattr(args, flag)).lower()]
     if args.ranked_pairs:
         argv += ["--ranked_pairs", args.ranked_pairs]
     # A GPU recipe (bf16) must still parse on a CPU-only machine; only data settings are used here.
@@ -104,7 +121,7 @@ def settings(args: argparse.Namespace):
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    from fastdpo import errors, lengths, tokens
+    from fastdpo import errors, lengths, report, tokens
     from fastdpo.dataspec import DataSpec
 
     recipe, script_args, training_args, model_args = settings(args)
@@ -115,8 +132,9 @@ def main(argv: list[str] | None = None) -> dict:
     samples = None if args.samples == "all" else int(args.samples)
     start = time.perf_counter()
     got = measured(args, spec, tokenizer, samples, args.num_proc or training_args.dataset_num_proc)
-    logger.info("layout %s", got["layout"])
-    skipped, refusal = got["skipped"], got["refusal"]
+    got["layout"] = {**got["layout"], "description": report.describe_layout(got["layout"])}  # data_report's shape
+    logger.info("layout %s", got["layout"]["description"])
+    skipped, refusal = got["skipped"], got["refusal"] or split_refusal(spec, tokens.templated(tokenizer), samples)
     problems = errors.by_problem(skipped)
     for g in problems:
         logger.warning("%d row(s) that training %s: %s (first: %s)", g["count"],
@@ -219,7 +237,7 @@ def measured(args, spec, tokenizer, samples: int | None, num_proc: int | None) -
 
     import numpy as np
 
-    from fastdpo import errors, lengths, report, tokcache, tokens
+    from fastdpo import errors, lengths, tokcache, tokens
 
     def unreadable(e):
         return errors.DataError(f"cannot read {spec.train.name!r}: {e}; use a local file, or set HF_HUB_OFFLINE=1 "
@@ -239,7 +257,8 @@ def measured(args, spec, tokenizer, samples: int | None, num_proc: int | None) -
         lens = lengths.measure(sample.pairs, tokenizer, args.num_proc)
         return {"lengths": lens, "seconds": time.perf_counter() - loaded, "skipped": sample.skipped,
                 "notes": sample.notes, "refusal": sample.refusal, "num_rows": sample.num_rows,
-                "layout": sample.layout.describe() if sample.layout is not None else "none", "from_cache": False}
+                "layout": sample.layout.report() if sample.layout is not None else {"name": None},
+                "from_cache": False}
     table = entry.rows()
     keep = np.arange(table.num_rows)
     if samples is not None and samples < table.num_rows:
@@ -250,7 +269,44 @@ def measured(args, spec, tokenizer, samples: int | None, num_proc: int | None) -
                 len(lens), entry.path)
     return {"lengths": lens, "seconds": entry.meta["seconds"] if entry.built else 0.0, "skipped": entry.skipped(),
             "notes": entry.notes(), "refusal": entry.meta.get("refusal"), "num_rows": entry.meta["items"],
-            "layout": report.describe_layout(entry.meta["layout"]), "from_cache": not entry.built}
+            "layout": entry.meta["layout"], "from_cache": not entry.built}
+
+
+def split_refusal(spec, templated: bool, samples: int | None) -> str | None:
+    """What training's split stage would refuse (every eval pair also in train), found before training would: the
+    pairs of the train and eval sources hashed as training hashes them (converted, not tokenised). A held-out
+    fraction too small to leave a train pair is training's warning (it trains without eval), logged here too."""
+    from fastdpo import errors, sources, splits
+
+    evals = splits.eval_spec(spec)
+    named = [spec.train] + ([spec.eval_source(evals.source, evals.split)] if evals.source is not None else [])
+    if samples is not None and (evals.source is None or any(isinstance(s.open(), sources.HubSource) for s in named)):
+        return None  # a sample says nothing of the split, and reading a Hub dataset whole is --samples all's choice
+    try:
+        train = _hashes(named[0], templated)
+        held = _hashes(named[1], templated) if evals.source is not None else None
+    except OSError as e:
+        logger.warning("split not checked: cannot read %s (%s)", evals.source or spec.train.name, e)
+        return None
+    plan = splits.plan_splits(spec, evals, train[0], held[0] if held else None, train[1], held[1] if held else None)
+    try:
+        splits.check_eval_left(plan, evals)
+    except errors.DataError as e:
+        return str(e)
+    return None
+
+
+def _hashes(source, templated: bool) -> tuple[list, list]:
+    """(pair hashes, places) of every pair of a source, as training's split sees them (bad rows left out)."""
+    from fastdpo import checks, layouts, splits
+
+    layout, batches = layouts.detect_source(source.open().batches(source.limit), source.options)
+    hashes, where = [], []
+    for batch in batches:
+        got = checks.convert_rows(batch.items, batch.where, layout, templated, [])
+        hashes += [splits.pair_hash(p) for p in got.pairs]
+        where += got.where
+    return hashes, where
 
 
 def write(args, result: dict, lens) -> None:

@@ -272,8 +272,12 @@ def test_conversational_column_map_override(word_tokenizer, tmp_path):
     path = write_jsonl(tmp_path / "d.jsonl", rows)
     out = cli([path, "--recipe", "recipes/tiny.yaml", "--tokenizer", word_tokenizer, "--column_map",
                json.dumps({"prompt": "q", "chosen": "good", "rejected": "bad"})])
-    # standard strings through a column map stay text: EOS appended, k prompt tokens, m + 1 and n + 1 answers
-    assert out["percentiles"]["total"]["max"] == 100 and out["percentiles"]["prompt"]["max"] == 60
+    # text through a column map gets the chat template, as the same rows with a question column detected do
+    renamed = write_jsonl(tmp_path / "q.jsonl", [{"question": r["q"], "chosen": r["good"], "rejected": r["bad"]}
+                                                 for r in rows])
+    same = cli([renamed, "--recipe", "recipes/tiny.yaml", "--tokenizer", word_tokenizer])
+    assert out["percentiles"] == same["percentiles"] and out["layout"]["name"] == same["layout"]["name"] == "question"
+    assert out["percentiles"]["prompt"]["max"] > 60  # k prompt words, and the template's tokens
 
 
 @pytest.mark.slow

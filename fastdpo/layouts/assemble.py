@@ -5,7 +5,7 @@ counted, chosen = rejected no pair) and the role order a chat template can rende
 from __future__ import annotations
 
 from ..errors import DataError, TemplateMissing
-from .messages import hh_messages, merge_runs, starts_with_user
+from .messages import hh_messages, merge_runs, says_something, starts_with_user
 
 
 def assemble(prompt, chosen, rejected, system, templated: bool, names: dict) -> tuple[list[dict], list[str]]:
@@ -25,7 +25,7 @@ def assemble(prompt, chosen, rejected, system, templated: bool, names: dict) -> 
     elif prompt is None:  # implicit text
         prompt, chosen, rejected = split_text(chosen, rejected)
     elif any(isinstance(x, list) for x in (prompt, chosen, rejected)) or system is not None:
-        prompt, chosen, rejected = _as_messages(prompt, chosen, rejected, notes)
+        prompt, chosen, rejected = as_messages(prompt, chosen, rejected, notes)
     return _checked(prompt, chosen, rejected, system, templated, names, notes)
 
 
@@ -66,7 +66,7 @@ def _whole_conversations(prompt, chosen, rejected, names: dict, notes: list):
     return shared, chosen, rejected
 
 
-def _as_messages(prompt, chosen, rejected, notes: list):
+def as_messages(prompt, chosen, rejected, notes: list):
     """A pair with any part in messages (or a system prompt): every part as messages, same-role runs merged."""
     prompt = [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt
     chosen = [{"role": "assistant", "content": chosen}] if isinstance(chosen, str) else chosen
@@ -94,8 +94,11 @@ def _checked(prompt, chosen, rejected, system, templated: bool, names: dict, not
     if isinstance(chosen, list):
         check_roles(prompt, chosen, pn, cn)
         check_roles(prompt, rejected, pn, rn)
-        empty = any(all(not m["content"].strip() for m in a if m["role"] == "assistant") for a in (chosen, rejected))
+        empty = any(not any(says_something(m) for m in a if m["role"] == "assistant") for a in (chosen, rejected))
     else:
+        if system is not None and system.strip():
+            raise DataError(f"a system prompt is given but {cn!r} and {rn!r} are text transcripts, not messages: a "
+                            "system turn needs a chat template and a conversation; write the rows as messages")
         empty = not chosen.strip() or not rejected.strip()
     if empty:
         notes.append("empty_answer")
@@ -131,7 +134,8 @@ class Summary:
 
 def check_roles(prompt: list, answer: list, pname: str, aname: str) -> None:
     """Role order a chat template can render: system first, then user/assistant turns (same-role runs were merged;
-    tool results may follow an assistant turn), the answer starting with the assistant."""
+    tool results follow an assistant turn or another result), the answer starting with the assistant (its text or
+    its tool calls)."""
     conv = [(pname, j + 1, m["role"]) for j, m in enumerate(prompt)] + \
            [(aname, j + 1, m["role"]) for j, m in enumerate(answer)]
     head = 0
@@ -141,6 +145,10 @@ def check_roles(prompt: list, answer: list, pname: str, aname: str) -> None:
         if role in ("system", "developer"):
             raise DataError(f"field {where!r} message {j} is a {role} message after the conversation started")
     body = conv[head:]
+    for (_, _, before), (where, j, role) in zip(body, body[1:], strict=False):
+        if role == "tool" and before not in ("assistant", "tool"):
+            raise DataError(f"field {where!r} message {j} is a tool result after a {before} turn: a tool result "
+                            "follows the assistant turn that called the tool")
     if prompt and body and body[0][0] == pname and body[0][2] == "assistant":
         raise DataError(f"field {pname!r} starts with an assistant message; a conversation starts with the user")
     if answer[0]["role"] != "assistant":

@@ -11,7 +11,8 @@ from . import pairs
 from .layout import Layout, get_path, has_path
 from .messages import TAG_KEYS, Tags, is_messages, role_of, starts_with_user
 
-MAP_KEYS = ("prompt", "messages", "chosen", "rejected", "system")
+MAP_KEYS = ("prompt", "messages", "chosen", "rejected", "system", "tools", "chat_template_kwargs")
+IDENTITY = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected"}  # TRL's own text layout, named as it is
 
 
 def check_column_map(cmap) -> str | None:
@@ -48,20 +49,27 @@ def parse(value) -> dict | None:
 
 
 def detect(row: dict, cmap: dict, tags: Tags, where: str) -> Layout:
-    """The layout column_map names (an explicit-pair layout), checked against the row it was detected from."""
+    """The layout column_map names (an explicit-pair layout), checked against the row it was detected from.
+
+    column_map says where the parts are; how they are rendered is the rule of the detected layouts: text parts get
+    the chat template as a question layout's do (the prompt one user turn, each answer one assistant turn), so a
+    conversation gives the same tokens mapped or detected. Only a map naming TRL's own text layout (prompt,
+    chosen, rejected as they are) keeps it raw, as TRL tokenises it."""
     cols = {k: v for k, v in cmap.items() if k in MAP_KEYS}
     prompt = cols.get("prompt") or cols.get("messages")
     chosen, rejected = cols.get("chosen", "chosen"), cols.get("rejected", "rejected")
     missing = [p for p in (prompt, chosen, rejected, cols.get("system")) if p and not has_path(row, p)]
     if missing:
         raise DataError(f"{where}: missing column(s) {missing} named in column_map; columns present: {sorted(row)}")
-    system = cols.get("system")
+    extra = {k: cols.get(k) for k in ("system", "tools", "chat_template_kwargs")}
     if prompt is None:
-        return Layout("implicit", {"chosen": chosen, "rejected": rejected, "system": system}, tags, mapped=True,
+        return Layout("implicit", {"chosen": chosen, "rejected": rejected, **extra}, tags, mapped=True,
                       first_place=where, converter=pairs.convert)
     value = get_path(row, chosen)
     name = ("h4" if is_messages(value) and starts_with_user([role_of(m) for m in value]) else
             "sharegpt" if cols.get("messages") else
-            "conversational" if isinstance(value, (list, dict)) else "standard")
-    return Layout(name, {"prompt": prompt, "chosen": chosen, "rejected": rejected, "system": system}, tags,
+            "conversational" if isinstance(value, (list, dict)) or not isinstance(get_path(row, prompt), str) else
+            "standard" if {k: cols.get(k, k) for k in IDENTITY} == IDENTITY else "question")
+    part = "question" if name == "question" else "prompt"
+    return Layout(name, {part: prompt, "chosen": chosen, "rejected": rejected, **extra}, tags,
                   mapped=True, first_place=where, converter=pairs.convert)

@@ -7,14 +7,16 @@ import dataclasses
 
 from ..errors import DataError
 from ..sources import decode
-from . import column_map, judged, pairs, ranked
-from .layout import Layout, NeedsOption, Options, get_path, has_path
+from . import column_map, graded, judged, not_pairs, pairs, ranked, swift
+from .layout import OPTIONAL, Layout, NeedsOption, NotPairs, Options, get_path, has_path
 from .messages import Tags, message_extras
 from .pairs import ANSWER_COLUMNS
 
 DETECT_ROWS = 16  # rows looked at for the layout when the first ones are unreadable or not pairs (row errors later)
 NO_OPTIONS = Options()  # no column_map and no conversion option
-FAMILIES = (pairs, ranked, judged)  # tried in this order; each module's detect(row, keys, tags, options, where)
+# Tried in this order; each module's detect(row, keys, tags, options, where). not_pairs last: it names data that is
+# no preference layout at all (KTO, unlabelled pairs) once every layout has declined.
+FAMILIES = (pairs, ranked, graded, judged, swift, not_pairs)
 
 
 def detect(row, options: Options = NO_OPTIONS, where: str = "") -> Layout:
@@ -23,11 +25,28 @@ def detect(row, options: Options = NO_OPTIONS, where: str = "") -> Layout:
         raise DataError(f"{where}: expected an object with the columns of a preference pair, got "
                         f"{type(row).__name__}")
     layout = _detect(row, options, where)
+    columns = dict(layout.columns)
+    for part in OPTIONAL:  # named in the description when the detecting row has them (later rows are read too)
+        col = layout.column_of(row, part)
+        if col and not columns.get(part):
+            columns[part] = col
+    layout = dataclasses.replace(layout, columns=columns)
     extras = set()
-    for col in layout.columns.values():
-        if col and has_path(row, col):
+    for part, col in layout.columns.items():
+        if col and part not in ("tools", "chat_template_kwargs") and has_path(row, col):
             extras |= message_extras(get_path(row, col), layout.tags)
-    return dataclasses.replace(layout, row_columns=tuple(sorted(row)), message_keys=tuple(sorted(extras)))
+    return dataclasses.replace(layout, row_columns=row_columns(row, layout), message_keys=tuple(sorted(extras)))
+
+
+def row_columns(row: dict, layout: Layout) -> tuple:
+    """The row's columns, with the keys of a parent the layout reads only part of (input.messages ->
+    input.parallel_tool_calls, ...), so none of them goes unlisted."""
+    parents = {c.split(".")[0] for c in layout.columns.values() if c and "." in c}
+    out = set(row)
+    for p in parents:
+        if isinstance(row.get(p), dict):
+            out |= {f"{p}.{k}" for k in row[p]}
+    return tuple(sorted(out))
 
 
 def _detect(row: dict, options: Options, where: str) -> Layout:
@@ -66,7 +85,7 @@ def detect_rows(items, places, options: Options = NO_OPTIONS) -> Layout | None:
             continue
         try:
             return detect(row, options, where)
-        except NeedsOption:
+        except (NeedsOption, NotPairs):  # a property of the whole source, not of this row
             raise
         except DataError as e:
             first_error = first_error or e
