@@ -23,6 +23,7 @@ import numpy as np
 import xxhash
 from datasets import Dataset
 
+from . import layouts
 from .checkpoints import MARKER, RUN_FILE, checkpoint_dirs, fingerprint, incomplete_reason, read_marker
 from .dataspec import DataSpec
 
@@ -48,6 +49,19 @@ class Run:
         """The run's data, split rule and lengths as its arguments said (max_length is the trainer's)."""
         args = SimpleNamespace(**self.settings)
         return DataSpec.of(args, **{"max_length": self.settings.get("max_length"), **overrides})
+
+    def other_data(self, name: str, split: str, config: str | None = None, limit: int | None = None,
+                   **options) -> DataSpec:
+        """Another source, every row of one split, read as the run read its own: its column_map, conversion options
+        and skip rule, unless `options` (column_map, ranked_pairs, judged_pairs, ...) say otherwise."""
+        given = {k: v for k, v in options.items() if v is not None}
+        if isinstance(given.get("column_map"), str):
+            given["column_map"] = layouts.parse_column_map(given["column_map"])
+        args = SimpleNamespace(**{**self.settings, "dataset_name": name, "dataset_config": config,
+                                  "dataset_train_split": split, "dataset_test_split": None, "eval_dataset_name": None,
+                                  "max_train_samples": limit, "dedup": "none", "dataset_shuffle_seed": None,
+                                  "mixture": None, **given})
+        return DataSpec.of(args)
 
     def unfinished(self) -> str | None:
         """Why the folder holds no final model to score, with the fix; None when it does."""

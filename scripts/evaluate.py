@@ -143,8 +143,11 @@ def score_model(args) -> dict:
                hub.Need("ref", args.ref, hub.MODEL, place="command line (--ref)"),
                hub.Need("dataset_name", args.dataset_name, hub.DATASET, place="command line (--dataset_name)")])
     policy, ref = load_models(args, args.ref)
-    pairs, tokenized, counts = read_pairs(args, policy.tokenizer, args.max_length, args.max_prompt_length,
-                                          args.column_map)
+    pairs = evaluation.load_eval_pairs(args.dataset_name, args.split, args.column_map, args.max_pairs,
+                                       args.dataset_config, policy.tokenizer, args.ranked_pairs,
+                                       bool(args.judged_pairs))
+    tokenized, counts = data.tokenize_dataset(pairs, policy.tokenizer, args.max_length, args.max_prompt_length,
+                                              name=args.split)
     report = {"model": args.model, "reference": args.ref or f"{policy.base} (adapter disabled)",
               "dataset": args.dataset_name, "split": args.split, "truncated": counts["truncated"],
               "dropped": counts["dropped"]}
@@ -152,14 +155,6 @@ def score_model(args) -> dict:
     print(f"## {args.model} vs {report['reference']} on {args.dataset_name} [{args.split}]\n")
     print(evaluation.markdown(report))
     return report
-
-
-def read_pairs(args, tokenizer, max_length, max_prompt_length, column_map):
-    """--dataset_name's pairs, read and tokenised as training would (bad rows are errors)."""
-    pairs = evaluation.load_eval_pairs(args.dataset_name, args.split, column_map, args.max_pairs, args.dataset_config,
-                                       tokenizer, args.ranked_pairs, bool(args.judged_pairs))
-    tokenized, counts = data.tokenize_dataset(pairs, tokenizer, max_length, max_prompt_length, name=args.split)
-    return pairs, tokenized, counts
 
 
 def scored(args, policy, ref, pairs, tokenized, beta, objective, dataset_name) -> dict:
@@ -277,13 +272,15 @@ def given_pairs(args, run, values, tokenizer, prepared) -> dict:
     """--dataset_name's pairs at the effective lengths; refused when some are pairs the run trained on, unless
     --allow_train_pairs (the count is reported either way)."""
     args.split = args.split or PLAIN["split"]
-    column_map = args.column_map if args.column_map is not None else run.settings.get("column_map")
-    pairs, rows, counts = read_pairs(args, tokenizer, values["max_length"][0], values["max_prompt_length"][0],
-                                     column_map)
+    spec = run.other_data(args.dataset_name, args.split, args.dataset_config, args.max_pairs,
+                          column_map=args.column_map, ranked_pairs=args.ranked_pairs, judged_pairs=args.judged_pairs)
+    pairs = data.load_pairs(spec, tokenizer).train
+    rows, counts = data.tokenize_dataset(pairs, tokenizer, values["max_length"][0], values["max_prompt_length"][0],
+                                         name=args.split)
     check = rows
     if any(values[k][1] == "flag" for k in ("max_length", "max_prompt_length")):  # compare at the run's lengths
-        _, check, _ = read_pairs(args, tokenizer, run.settings.get("max_length"), run.settings.get("max_prompt_length"),
-                                 column_map)
+        check, _ = data.tokenize_dataset(pairs, tokenizer, run.settings.get("max_length"),
+                                         run.settings.get("max_prompt_length"), name=args.split)
     trained = heldout.training_pairs(prepared.train, check)
     if trained and not args.allow_train_pairs:
         raise SystemExit(f"{args.dataset_name} [{args.split}]: {trained} of {len(check)} pairs are pairs {run.folder} "
