@@ -196,18 +196,21 @@ TOKENIZER_ALSO = ("with --tokenizer, or --recipe recipes/tiny.yaml for the embed
 def check_sources(args, recipe: str, script_args, model_args) -> str | None:
     """Exit in seconds, one line each, when the data or the tokenizer cannot be read (fastdpo.hub); the note to show
     when the tokenizer is the embedded one by default."""
-    from fastdpo import cli, hub
+    from fastdpo import cli, errors, hub
 
     def place(flag: str | None, key: str) -> str:
         if flag is not None:
             return f"command line ({flag})" if flag else "command line"
         return cli.recipe_line(recipe, key) or f"default (not set in {recipe})"
 
-    hub.check([hub.Need("dataset" if args.dataset else "dataset_name", script_args.dataset_name, hub.DATASET,
-                        place=place("" if args.dataset else None, "dataset_name")),
-               hub.Need("tokenizer" if args.tokenizer else "model_name_or_path", model_args.model_name_or_path,
-                        hub.TOKENIZER, model_args.model_revision,
-                        place("--tokenizer" if args.tokenizer else None, "model_name_or_path"), TOKENIZER_ALSO)])
+    problems = hub.problems([
+        hub.Need("dataset" if args.dataset else "dataset_name", script_args.dataset_name, hub.DATASET,
+                 place=place("" if args.dataset else None, "dataset_name")),
+        hub.Need("tokenizer" if args.tokenizer else "model_name_or_path", model_args.model_name_or_path, hub.TOKENIZER,
+                 model_args.model_revision, place("--tokenizer" if args.tokenizer else None, "model_name_or_path"),
+                 TOKENIZER_ALSO)])
+    if problems:  # reported as the analyzer reports unreadable data: `error: ...`, exit 2
+        raise errors.DataError("\n".join(problems))
     if args.recipe is None and args.tokenizer is None:
         logger.warning("%s", TINY_NOTE)
         return TINY_NOTE

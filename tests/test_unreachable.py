@@ -76,8 +76,8 @@ def test_train_sft_the_analyzer_evaluate_demo_and_the_command(how, tmp_path):
     assert sft[1].startswith(f"{recipe}:2: eval_dataset_name: fastdpo-test/no-such-sft is neither")
 
     analyzer = fails_fast(["scripts/analyze_dataset.py", "--recipe", "recipes/olmo3_instruct.yaml"], env, lines=2)
-    assert analyzer[0].startswith("recipes/olmo3_instruct.yaml:14: dataset_name: allenai/Dolci-Instruct-DPO is "
-                                  "neither")
+    assert analyzer[0].startswith("error: recipes/olmo3_instruct.yaml:14: dataset_name: allenai/Dolci-Instruct-DPO "
+                                  "is neither")
     assert "with --tokenizer, or --recipe recipes/tiny.yaml for the embedded tiny tokenizer" in analyzer[1]
 
     ev = fails_fast(["scripts/evaluate.py", "models/my-sft", "--ref", "fastdpo-test/no-such-sft", "--dataset_name",
