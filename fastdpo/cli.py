@@ -3,7 +3,7 @@
     fastdpo train [--config recipes/x.yaml] [--flag value ...]      # = python train_dpo.py ...
     fastdpo sft ...                                                 # = python train_sft.py ...
     fastdpo analyze [data.jsonl] [--recipe recipes/x.yaml] ...      # = python scripts/analyze_dataset.py ...
-    fastdpo evaluate MODEL [...]                                    # = python scripts/evaluate.py ...
+    fastdpo evaluate OUTPUT_DIR [...]                               # = python scripts/evaluate.py ...
 
 Each command runs the checkout's own script (an editable install, `pip install -e .`, points here), so the two
 spellings are one code path with the same flags. `--help` shows the script's own options and the most-used
@@ -32,7 +32,7 @@ COMMANDS = {
     "train": ("train_dpo.py", "DPO training from a YAML recipe plus flags"),
     "sft": ("train_sft.py", "supervised fine-tuning, the stage before DPO (same recipes and flags)"),
     "analyze": ("scripts/analyze_dataset.py", "token lengths of a dataset: choose max_length and the batch"),
-    "evaluate": ("scripts/evaluate.py", "score a trained model on preference pairs (accuracy, margins, KL)"),
+    "evaluate": ("scripts/evaluate.py", "score a run on the pairs it held out (loss, accuracy, margins, KL)"),
 }
 _invoked_as: str | None = None  # "fastdpo train" when main() runs the script; the help's usage line says so
 
