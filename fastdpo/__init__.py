@@ -1,8 +1,12 @@
 """fastdpo: the reusable pieces behind train_dpo.py, train_sft.py and scripts/.
 
-config      recipe + command line -> (ScriptArguments, DPOConfig, ModelConfig); secrets from .env
+config      recipe + command line -> (ScriptArguments, DPOConfig, ModelConfig): the entry points' one door
+  recipes   where each key came from (recipe line, flag), unknown and renamed keys
+  settings  values that cannot work, refused before any data or model is loaded
+  credentials  secrets from .env, masked in logs, refused in arguments
 errors      row errors with their place, the skip-or-fail policy, notes (merged turns, empty answers, no-pair rows)
 files       atomic writes and content digests
+frameworks  every private name of TRL, transformers, accelerate, torch and datasets fastdpo uses, in one place
 dataspec    what a data run reads and how: the spec training, SFT, evaluation and the analyzer pass the data stages
 sources     every data source streamed in batches, with file:line for each row
 layouts     the preference layouts users bring, detected once per source, each row -> TRL's preference form
@@ -18,7 +22,7 @@ memory      per-GPU memory of weights, gradients, optimizer states and activatio
 models      model/tokenizer loading (`embedded:tiny-llama` resolves to the offline tiny model)
 tiny        the embedded tiny model, tokenizer and datasets
 trainer     TRL's DPOTrainer taking pre-tokenised pairs, plus the fast path:
-  packing   padding-free rows of chosen/rejected sequences
+  packing   padding-free rows of chosen/rejected sequences; the packing schemes the probe chooses from
   segattn   per-sequence causal sdpa inside packed rows
   batching  token-budget micro-batches with the stock per-pair loss weights
   refcache  reference log-probs computed once, in resumable chunks, cached on disk

@@ -23,9 +23,10 @@ import pyarrow.compute as pc
 from accelerate.data_loader import SeedableRandomSampler
 from torch.utils.data import DataLoader, Dataset, Sampler
 
+from . import frameworks
 from .packing import computed_tokens, unit_lengths
 
-# transformers' group_by_length and batch_rebalance are refused when the recipe is parsed (fastdpo.config,
+# transformers' group_by_length and batch_rebalance are refused when the recipe is parsed (fastdpo.settings,
 # UNSUPPORTED_ORDERS says why); here too, so no caller gets another order than it asked for.
 ORDERS = ("random", "sequential")
 
@@ -33,8 +34,7 @@ ORDERS = ("random", "sequential")
 def sequence_lengths(dataset, max_length: int | None, truncation_mode: str = "keep_start") -> np.ndarray:
     """[pairs, 3]: lengths of the chosen and rejected sequences after truncation, and the prefix they share at
     least (the prompt, when truncation keeps it whole in both). Read from Arrow (no Python lists)."""
-    ds = dataset.flatten_indices() if getattr(dataset, "_indices", None) is not None else dataset
-    table = ds.data
+    table = frameworks.flat(dataset).data
     p = pc.list_value_length(table.column("prompt_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
     c = pc.list_value_length(table.column("chosen_ids")).to_numpy(zero_copy_only=False).astype(np.int64)
     r = pc.list_value_length(table.column("rejected_ids")).to_numpy(zero_copy_only=False).astype(np.int64)

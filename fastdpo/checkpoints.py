@@ -34,10 +34,15 @@ import time
 from dataclasses import fields
 from pathlib import Path
 
+import pyarrow as pa
+import torch
+import torch.distributed as dist
 from safetensors import SafetensorError
 from transformers import TrainerCallback
 
-from . import files, ranks
+from . import files, frameworks, ranks
+from .models import resolve
+from .refcache import token_hash
 
 logger = logging.getLogger("fastdpo")
 
@@ -149,13 +154,9 @@ def fingerprint(dataset) -> str:
     """Content hash of a dataset: the token ids for tokenised pairs (refcache.token_hash, seconds for millions of
     tokens), otherwise the Arrow table itself; plus the row count, for humans."""
     if "prompt_ids" in dataset.column_names:
-        from .refcache import token_hash
-
         digest = token_hash(dataset)
     else:
-        import pyarrow as pa
-
-        ds = dataset.flatten_indices() if getattr(dataset, "_indices", None) is not None else dataset
+        ds = frameworks.flat(dataset)
         h = hashlib.blake2b(digest_size=16)
         sink = pa.BufferOutputStream()
         with pa.ipc.new_stream(sink, ds.data.table.schema) as writer:
@@ -169,15 +170,13 @@ def model_fingerprint(name_or_path: str) -> str | None:
     """A local model folder's content, sampled: every weight file's size, its first MiB (the safetensors header)
     and 16 blocks spread over it, plus config.json. Retraining the folder in place (an earlier stage rerun with
     other settings) changes it; reading ~2 MiB per file keeps it fast for a 7B model. None for a Hub id."""
-    from .models import resolve
-
     path = Path(resolve(name_or_path)).expanduser()
     if not path.is_dir():
         return None
     h = hashlib.blake2b(digest_size=16)
-    files = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin", ".pt")
-                                                                 or p.name in ("config.json", "adapter_config.json")))
-    for p in files:
+    weights = sorted(p for p in path.iterdir() if p.is_file() and (p.suffix in (".safetensors", ".bin", ".pt")
+                                                                   or p.name in ("config.json", "adapter_config.json")))
+    for p in weights:
         size = p.stat().st_size
         h.update(f"{p.name}:{size}".encode())
         with open(p, "rb") as f:
@@ -185,7 +184,7 @@ def model_fingerprint(name_or_path: str) -> str | None:
             for i in range(1, 17):
                 f.seek(size * i // 17)
                 h.update(f.read(2**16))
-    return f"{h.hexdigest()[:16]} ({len(files)} files)"
+    return f"{h.hexdigest()[:16]} ({len(weights)} files)"
 
 
 def _fmt(value) -> str:
@@ -244,10 +243,10 @@ def incomplete_reason(path: Path) -> str | None:
         return (f"no {MARKER} (written last, when every rank has finished writing): the save was interrupted "
                 "(killed, out of time or out of disk)")
     try:
-        files = json.loads(marker.read_text())["files"]
+        listed = json.loads(marker.read_text())["files"]
     except (OSError, ValueError, KeyError, TypeError) as e:
         return f"{MARKER} is unreadable ({e})"
-    for name, size in files.items():
+    for name, size in listed.items():
         p = path / name
         if not p.is_file():
             return f"{name} is missing (listed in {MARKER})"
@@ -268,7 +267,7 @@ def mark_complete(path: Path, step: int, run_settings: dict) -> None:
             files.fsync(p)  # a node crash (not only a killed process) must not leave a marker over unwritten data
             sizes[str(p.relative_to(path))] = p.stat().st_size
     files.write_json(path / MARKER, {"step": step, "written": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-                                      "files": sizes, "settings": run_settings})
+                                     "files": sizes, "settings": run_settings})
 
 
 def remove_checkpoint(path: Path) -> None:
@@ -302,8 +301,6 @@ def _writes(args) -> bool:
 
 
 def _dist():
-    import torch.distributed as dist
-
     return dist if dist.is_available() and dist.is_initialized() else None
 
 
@@ -359,8 +356,6 @@ def _save_fsdp_full(trainer, folder: Path) -> None:
     accelerate upcasts trainable parameters to fp32 for FSDP2's mixed precision (they are the master copy), so the
     gathered weights are fp32: cast back to the loaded dtype (bf16 for the OLMo recipes), as ZeRO saves them.
     """
-    import torch
-
     trainer.accelerator.state.fsdp_plugin.set_state_dict_type("FULL_STATE_DICT")
     state = trainer.accelerator.get_state_dict(trainer.model)
     dtype = getattr(trainer.accelerator.unwrap_model(trainer.model).config, "dtype", None)
@@ -368,7 +363,7 @@ def _save_fsdp_full(trainer, folder: Path) -> None:
         dtype = getattr(torch, dtype, None)
     if isinstance(dtype, torch.dtype) and dtype.is_floating_point:
         state = {k: v.to(dtype) if v.is_floating_point() else v for k, v in state.items()}
-    trainer._save(str(folder), state_dict=state)
+    frameworks.save_weights(trainer, str(folder), state)
 
 
 class Run:
@@ -468,7 +463,7 @@ class Run:
             if step >= self.args.max_steps:
                 logger.info("%s is at step %d of max_steps %d: resuming it without a training step", self.checkpoint,
                             step, self.args.max_steps)
-                trainer._run_epoch = lambda *args, **kwargs: None
+                frameworks.skip_training_loop(trainer)
 
     def check_space(self, model, use_peft: bool, merge_adapter: bool) -> None:
         """Fail before training when output_dir's disk cannot hold the final model (a run that saves no

@@ -109,21 +109,16 @@ def parse_training(doc: str | None, **parse_kwargs):
 def check_sources(script_args, model_args, argv: list[str], recipe) -> None:
     """The model and data a run names, each an embedded name, a local path or a Hub id this machine can read: one
     line per problem with its place and fix, in seconds, before any model or data loads (fastdpo.hub)."""
-    from . import hub  # imported here: this module stays standard-library at import (huggingface_hub, datasets)
+    from . import hub, recipes  # imported here: this module stays standard-library at import
+
+    where = recipes.Where(str(recipe), argv)
 
     def need(key, kind, revision=None):
         value = getattr(model_args if kind == hub.MODEL else script_args, key, None)
-        return hub.Need(key, value, kind, revision, place_of(key, argv, recipe))
+        return hub.Need(key, value, kind, revision, where(key))
 
     hub.check([need("model_name_or_path", hub.MODEL, model_args.model_revision), need("dataset_name", hub.DATASET),
                need("eval_dataset_name", hub.DATASET)])
-
-
-def place_of(key: str, argv: list[str], recipe) -> str:
-    """Where `key` got its value: the flag, the recipe's line, or the default the recipe leaves."""
-    if any(a == f"--{key}" or a.startswith(f"--{key}=") for a in argv):
-        return f"command line (--{key})"
-    return recipe_line(recipe, key) or f"default (not set in {_shown(recipe)})"
 
 
 def _print(text: str) -> None:
@@ -185,57 +180,6 @@ def short_help(doc: str | None, configs, groups, default_recipe) -> str:
         lines.append("")
     lines.append(f"All {len(found)} options, with their full help: {prog} --help-all")
     return "\n".join(lines)
-
-
-EXPECTED = {"float": "a number, e.g. 1e-6", "int": "a whole number", "string_to_bool": "true or false"}
-
-
-def argument_error(message: str) -> None:
-    """argparse's error, as one line with the flag, the value, where it was given and what is expected: the
-    training scripts' parser gets this as its `error` (instead of 170 lines of usage, then the error)."""
-    flag = re.match(r"argument (--?[\w.-]+)", message)
-    flag = flag.group(1) if flag else None
-    where = "command line"
-    if flag and not any(a == flag or a.startswith(flag + "=") for a in sys.argv[1:]):
-        where, flag = _recipe_line(flag.lstrip("-")), flag.lstrip("-")  # a recipe value: name the key as written
-    bad = re.search(r"invalid (\w+) value: '(.*)'$", message)
-    if bad:
-        text = f"{flag} {bad.group(2)!r}: expected {EXPECTED.get(bad.group(1), bad.group(1))}"
-    elif "Truthy value expected" in message:
-        value = re.search(r"got (.*?) but expected", message)
-        text = f"{flag} {value.group(1)!r}: expected true or false" if value else message
-    elif "invalid choice" in message:
-        value, options = re.search(r"invalid choice: '?(.*?)'? \(choose from (.*)\)", message).groups()
-        text = f"{flag} {value!r}: expected one of {options}"
-    elif "expected one argument" in message:
-        text = f"{flag} needs a value ({flag} VALUE)"
-    else:
-        text = message
-    sys.stderr.write(f"{where}: {text}\n")
-    raise SystemExit(2)
-
-
-def _recipe_line(key: str) -> str:
-    argv = sys.argv[1:]
-    recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else "the recipe"
-    return recipe_line(recipe, key) or recipe
-
-
-def recipe_line(recipe: str | Path, key: str) -> str | None:
-    """`recipe.yaml:N`, the line that sets `key` at the top level of the recipe, or None."""
-    try:
-        for i, line in enumerate(Path(recipe).read_text().splitlines(), start=1):
-            if re.match(rf"{re.escape(key)}\s*:", line):
-                return f"{_shown(recipe)}:{i}"
-    except OSError:
-        pass
-    return None
-
-
-def _shown(path: str | Path) -> str:
-    """A path inside the checkout relative to it (recipes/tiny.yaml), others as given."""
-    path = Path(path)
-    return str(path.relative_to(REPO)) if path.is_absolute() and path.is_relative_to(REPO) else str(path)
 
 
 def check_hub_access(repo_id: str) -> None:

@@ -100,6 +100,17 @@ def problems(needs) -> list[str]:
     return bad
 
 
+def local_problem(name: str | None, kind: str) -> str | None:
+    """The problem with a name that must be a local path (see `local_path`) and is not one of its kind; None for a
+    good one and for a name that may be a Hub id or an embedded name (the checks made when a recipe is parsed,
+    without the Hub)."""
+    need = Need("", name, kind)
+    path = local_path(name)
+    if path is None:
+        return None
+    return missing_local(name, kind) if not path.exists() else _not_of_kind(need, path)
+
+
 def _problem(need: Need) -> str | None:
     path = local_path(need.name)
     if path is not None:

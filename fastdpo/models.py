@@ -5,7 +5,11 @@ from __future__ import annotations
 from pathlib import Path
 
 import torch
+from accelerate import PartialState
+from torch.distributed.tensor import DTensor
 from transformers import AutoModelForCausalLM, AutoTokenizer
+from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+from trl import get_quantization_config
 
 from . import tiny
 
@@ -38,8 +42,6 @@ def torch_dtype(name: str | None):
 
 def load_model(model_args, training_args):
     """Load the policy; the reference model is built by TRL from the same path (or is the adapter-free base)."""
-    from trl import get_quantization_config
-
     quantization = get_quantization_config(model_args)
     if quantization is not None and not torch.cuda.is_available():
         raise SystemExit("load_in_4bit/load_in_8bit (QLoRA) needs a CUDA GPU (bitsandbytes); on CPU use "
@@ -50,8 +52,6 @@ def load_model(model_args, training_args):
         attn_implementation=model_args.attn_implementation,
     )
     if quantization is not None:
-        from accelerate import PartialState
-
         # each process puts its quantised copy on its own GPU
         kwargs.update(quantization_config=quantization, device_map={"": PartialState().local_process_index})
     model = AutoModelForCausalLM.from_pretrained(resolve(model_args.model_name_or_path), **kwargs)
@@ -78,15 +78,12 @@ def save_merged(model, tokenizer, out, adapter_dir=None) -> None:
 
 
 def _sharded(model) -> bool:
-    from torch.distributed.tensor import DTensor
-
     # ds_id: a ZeRO-3 partitioned parameter; DTensor: an FSDP2 shard
     return any(hasattr(p, "ds_id") or isinstance(p, DTensor) for p in model.parameters())
 
 
 def _base_with_adapter(adapter_dir):
-    from peft import PeftConfig, PeftModel
-    from transformers.integrations.deepspeed import is_deepspeed_zero3_enabled, unset_hf_deepspeed_config
+    from peft import PeftConfig, PeftModel  # heavy and optional: only to merge a trained adapter
 
     if is_deepspeed_zero3_enabled():
         # from_pretrained would partition the copy over all ranks (zero.Init, a collective) while only this rank

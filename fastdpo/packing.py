@@ -4,9 +4,14 @@ How it stays the same math as TRL's padded path:
   * every sequence attends to itself only (fastdpo.segattn per sequence, or transformers' block-diagonal mask from
     position_ids that restart at 0 with no attention_mask), with each layer's own masking (sliding windows);
   * the first token of every sequence gets label -100, so it is never predicted from the previous sequence's last
-    token (in the padded layout the first token has no predecessor either);
-  * per-token outputs are gathered back into TRL's padded [chosen..., rejected...] layout (`unpack_index`), so TRL's
+    token (in the padded batch the first token has no predecessor either);
+  * per-token outputs are gathered back into TRL's padded [chosen..., rejected...] grid (`unpack_index`), so TRL's
     own `_compute_loss` turns them into per-sequence log-probs, losses and metrics, unchanged.
+
+A packing scheme is one way of laying sequences into rows and running their attention: a `PackedPreferenceCollator`
+with its mode ("dense": the model's own mask; "segments": fastdpo.segattn per sequence; "varlen": one varlen kernel
+call a layer) and whether the prompt is shared. The trainer tries them fastest first; the start-up probe keeps the
+first that is exact on the model (fastdpo.probe).
 
 Prefix sharing (mode "segments" with share_prefix): a pair runs as one unit [chosen sequence | x | rejected tail].
 The chosen sequence and the rejected one agree on their first s tokens (the prompt, and any identical start of
@@ -24,7 +29,6 @@ family; `probe` checks it on the real model before training.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from dataclasses import dataclass
@@ -34,7 +38,7 @@ import numpy as np
 import torch
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 
-from . import segattn
+from . import frameworks, segattn
 
 logger = logging.getLogger("fastdpo")
 
@@ -114,11 +118,11 @@ class PackedPreferenceCollator:
     `segattn.check_torch_varlen` measured on this GPU).
 
     Keys: input_ids / attention_mask / completion_mask (TRL's padded view, never run through the model),
-    packed_input_ids / packed_position_ids / packed_labels ([rows, T], what the model runs), packed_segments (the
-    per-sequence attention layout), packed_token_weight ([rows, T]: how many padded-path tokens each packed token
-    stands for, for the MoE load-balancing loss), unpack_index (padded per-token position -> packed position),
-    loss_weight (sum of the pairs' weights in the optimizer step; 1.0 per pair for eval), ref_chosen_logps /
-    ref_rejected_logps when the dataset carries them.
+    packed_input_ids / packed_position_ids / packed_labels ([rows, T], what the model runs), packed_segments (where
+    each sequence's tokens sit, for its attention), packed_token_weight ([rows, T]: how many padded-path tokens each
+    packed token stands for, for the MoE load-balancing loss), unpack_index (padded per-token position -> packed
+    position), loss_weight (sum of the pairs' weights in the optimizer step; 1.0 per pair for eval),
+    ref_chosen_logps / ref_rejected_logps when the dataset carries them.
     """
 
     pad_token_id: int
@@ -156,67 +160,97 @@ class PackedPreferenceCollator:
             units += [(i, n + i, s)] if s else [(i, None, 0), (n + i, None, 0)]
         sizes = [lengths[c] + (0 if r is None or s >= lengths[r] else lengths[r] - s + 1) for c, r, s in units]
         rows = plan_rows(sizes, self.row_capacity)
-        width = max(sum(sizes[u] for u in row) for row in rows)
-        R = len(rows)
-        p_ids = torch.full((R, width), self.pad_token_id, dtype=ids.dtype)
-        pos = torch.zeros((R, width), dtype=torch.long)
-        labels = torch.full((R, width), -100, dtype=torch.long)
-        token_weight = torch.zeros((R, width), dtype=torch.float32)
-        # Packed position of each token of the padded layout's shifted (predicted-token) grid; the sentinel R*(width-1)
-        # points at an appended zero, like the zeros the fused head returns for unscored tokens.
-        unpack = torch.full((2 * n, max(ids.shape[1] - 1, 0)), R * (width - 1), dtype=torch.long)
-        specs = []  # (pieces, owned_from) per segment, for fastdpo.segattn
-        label_of = lambda q, a, b: ids[q, a:b].masked_fill(comp[q, a:b] == 0, -100)  # noqa: E731
+        packed = _Rows.empty(ids, comp, lengths, len(rows), max(sum(sizes[u] for u in row) for row in rows),
+                             self.pad_token_id)
         for row_i, row in enumerate(rows):
             start = 0
             for u in row:
-                c, r, s = units[u]
-                lc = lengths[c]
-                flat = row_i * width + start  # flat index of the unit's first token
-                shifted = row_i * (width - 1) + start  # its index in the shifted (predicted-token) grid
-                p_ids[row_i, start:start + lc] = ids[c, :lc]
-                pos[row_i, start:start + lc] = torch.arange(lc)
-                lab = label_of(c, 0, lc)
-                lab[0] = -100  # never predicted from the previous unit's last token
-                labels[row_i, start:start + lc] = lab
-                token_weight[row_i, start:start + lc] = 1.0
-                unpack[c, : lc - 1] = shifted + torch.arange(lc - 1)
-                specs.append(([(flat, lc)], 0))
-                if r is not None and s >= lengths[r]:  # the rejected sequence is a prefix of the chosen one
-                    lr = lengths[r]
-                    token_weight[row_i, start:start + lr] = 2.0  # stock runs these tokens twice
-                    unpack[r, : lr - 1] = shifted + torch.arange(lr - 1)
-                elif r is not None:
-                    lr, t0 = lengths[r], start + lc  # at t0: the copy x of token s-1, then rejected tokens s .. lr-1
-                    p_ids[row_i, t0] = ids[r, s - 1]
-                    p_ids[row_i, t0 + 1:t0 + 1 + lr - s] = ids[r, s:lr]
-                    pos[row_i, t0:t0 + 1 + lr - s] = torch.arange(s - 1, lr)
-                    labels[row_i, t0 + 1:t0 + 1 + lr - s] = label_of(r, s, lr)
-                    token_weight[row_i, start:start + s - 1] = 2.0
-                    token_weight[row_i, t0:t0 + 1 + lr - s] = 1.0
-                    unpack[r, : s - 1] = shifted + torch.arange(s - 1)
-                    unpack[r, s - 1: lr - 1] = row_i * (width - 1) + t0 + torch.arange(lr - s)
-                    # the rejected segment: the shared tokens but the last (keys only), then x and the tail
-                    specs.append(([(flat, s - 1), (flat + lc, 1 + lr - s)], s - 1))
+                packed.place(units[u], row_i, start)
                 start += sizes[u]
-            if start < width:
-                # Row padding is its own sequence (positions restart), after every real token: nothing attends to it.
-                pos[row_i, start:] = torch.arange(width - start)
-                specs.append(([(row_i * width + start, width - start)], 0))
-        out["packed_input_ids"] = p_ids
-        out["packed_position_ids"] = pos
-        out["packed_labels"] = labels
-        out["packed_segments"] = (segattn.build_varlen(specs, R, width, self.varlen_kernel, self.varlen_align)
-                                  if self.mode == "varlen" else segattn.build_segments(specs, R, width, self.mode))
-        out["packed_token_weight"] = token_weight
-        out["unpack_index"] = unpack
+            packed.pad(row_i, start)
+        R, width = len(rows), packed.width
+        out["packed_input_ids"] = packed.ids
+        out["packed_position_ids"] = packed.pos
+        out["packed_labels"] = packed.labels
+        out["packed_segments"] = (
+            segattn.build_varlen(packed.specs, R, width, self.varlen_kernel, self.varlen_align)
+            if self.mode == "varlen" else segattn.build_segments(packed.specs, R, width, self.mode))
+        out["packed_token_weight"] = packed.token_weight
+        out["unpack_index"] = packed.unpack
         out["loss_weight"] = torch.tensor(float(n) if weight is None else weight)
         return out
 
 
-def varlen_layouts(common: dict, args) -> list[PackedPreferenceCollator]:
-    """The varlen layouts to try first (with the prompt shared if `args.prefix_sharing`, then without), or [] with
-    the reason logged: torch's varlen_attn needs CUDA and half precision (`bf16` / `fp16` in the training
+@dataclass
+class _Rows:
+    """Packed rows being filled from TRL's padded view (`padded` ids, `comp` its completion mask, `lengths` its
+    sequence lengths): token ids, positions, labels, token weights, where each padded-grid token went, and the
+    segments fastdpo.segattn runs ((pieces, owned_from) each)."""
+
+    padded: torch.Tensor
+    comp: torch.Tensor
+    lengths: list[int]
+    width: int
+    ids: torch.Tensor
+    pos: torch.Tensor
+    labels: torch.Tensor
+    token_weight: torch.Tensor
+    unpack: torch.Tensor
+    specs: list
+
+    @classmethod
+    def empty(cls, padded, comp, lengths, rows: int, width: int, pad_id: int) -> _Rows:
+        # Packed position of each token of the padded batch's shifted (predicted-token) grid; the sentinel
+        # rows*(width-1) points at an appended zero, like the zeros the fused head returns for unscored tokens.
+        unpack = torch.full((padded.shape[0], max(padded.shape[1] - 1, 0)), rows * (width - 1), dtype=torch.long)
+        return cls(padded, comp, lengths, width, torch.full((rows, width), pad_id, dtype=padded.dtype),
+                   torch.zeros((rows, width), dtype=torch.long), torch.full((rows, width), -100, dtype=torch.long),
+                   torch.zeros((rows, width), dtype=torch.float32), unpack, [])
+
+    def _label(self, q: int, a: int, b: int) -> torch.Tensor:
+        return self.padded[q, a:b].masked_fill(self.comp[q, a:b] == 0, -100)
+
+    def place(self, unit: tuple, row_i: int, start: int) -> None:
+        """One unit at `start` of row `row_i`: its chosen (or only) sequence, then the rejected tail it adds."""
+        c, r, s = unit
+        lc, width = self.lengths[c], self.width
+        flat = row_i * width + start  # flat index of the unit's first token
+        shifted = row_i * (width - 1) + start  # its index in the shifted (predicted-token) grid
+        self.ids[row_i, start:start + lc] = self.padded[c, :lc]
+        self.pos[row_i, start:start + lc] = torch.arange(lc)
+        lab = self._label(c, 0, lc)
+        lab[0] = -100  # never predicted from the previous unit's last token
+        self.labels[row_i, start:start + lc] = lab
+        self.token_weight[row_i, start:start + lc] = 1.0
+        self.unpack[c, : lc - 1] = shifted + torch.arange(lc - 1)
+        self.specs.append(([(flat, lc)], 0))
+        if r is not None and s >= self.lengths[r]:  # the rejected sequence is a prefix of the chosen one
+            lr = self.lengths[r]
+            self.token_weight[row_i, start:start + lr] = 2.0  # stock runs these tokens twice
+            self.unpack[r, : lr - 1] = shifted + torch.arange(lr - 1)
+        elif r is not None:
+            lr, t0 = self.lengths[r], start + lc  # at t0: the copy x of token s-1, then rejected tokens s .. lr-1
+            self.ids[row_i, t0] = self.padded[r, s - 1]
+            self.ids[row_i, t0 + 1:t0 + 1 + lr - s] = self.padded[r, s:lr]
+            self.pos[row_i, t0:t0 + 1 + lr - s] = torch.arange(s - 1, lr)
+            self.labels[row_i, t0 + 1:t0 + 1 + lr - s] = self._label(r, s, lr)
+            self.token_weight[row_i, start:start + s - 1] = 2.0
+            self.token_weight[row_i, t0:t0 + 1 + lr - s] = 1.0
+            self.unpack[r, : s - 1] = shifted + torch.arange(s - 1)
+            self.unpack[r, s - 1: lr - 1] = row_i * (width - 1) + t0 + torch.arange(lr - s)
+            # the rejected segment: the shared tokens but the last (keys only), then x and the tail
+            self.specs.append(([(flat, s - 1), (flat + lc, 1 + lr - s)], s - 1))
+
+    def pad(self, row_i: int, end: int) -> None:
+        """Row padding is its own sequence (positions restart), after every real token: nothing attends to it."""
+        if end < self.width:
+            self.pos[row_i, end:] = torch.arange(self.width - end)
+            self.specs.append(([(row_i * self.width + end, self.width - end)], 0))
+
+
+def varlen_schemes(common: dict, args) -> list[PackedPreferenceCollator]:
+    """The varlen packing schemes to try first (with the prompt shared if `args.prefix_sharing`, then without), or []
+    with the reason logged: torch's varlen_attn needs CUDA and half precision (`bf16` / `fp16` in the training
     arguments), and must pass `segattn.check_torch_varlen` on this GPU."""
     dtype = torch.bfloat16 if getattr(args, "bf16", False) else torch.float16 if getattr(args, "fp16", False) else None
     # this rank's device (TrainingArguments.device), so that no rank opens a CUDA context on another rank's GPU
@@ -232,14 +266,14 @@ def varlen_layouts(common: dict, args) -> list[PackedPreferenceCollator]:
             device = torch.device("cuda", torch.cuda.current_device())
         align, reason = segattn.check_torch_varlen(device, dtype)
     if align is None:
-        logger.info("packing: varlen layout skipped: %s", reason)
+        logger.info("packing: varlen scheme skipped: %s", reason)
         return []
     shared = [True, False] if getattr(args, "prefix_sharing", False) else [False]
     return [PackedPreferenceCollator(**common, mode="varlen", share_prefix=s, varlen_align=align) for s in shared]
 
 
 def unpack_outputs(outputs, unpack_index: torch.Tensor) -> SimpleNamespace:
-    """Fused-head outputs of a packed forward -> the padded [2n, L-1] layout TRL's loss code indexes."""
+    """Fused-head outputs of a packed forward -> the padded [2n, L-1] grid TRL's loss code indexes."""
 
     def gather(x):
         if x is None:
@@ -252,35 +286,12 @@ def unpack_outputs(outputs, unpack_index: torch.Tensor) -> SimpleNamespace:
                            loss=outputs.loss, aux_loss=getattr(outputs, "aux_loss", None))
 
 
-@contextlib.contextmanager
-def _load_balancing_over(token_weight: torch.Tensor | None):
-    """TRL's fused head computes the MoE load-balancing loss with `attention_mask`, which a packed forward does not
-    have (every token, row padding included, would count). Weight each packed token by the padded-path tokens it
-    stands for (0 for row padding, 2 for a shared prompt token), so the loss is the padded path's over the same
-    pairs."""
-    if token_weight is None:
-        yield
-        return
-    from transformers.models.mixtral import modeling_mixtral
-
-    original = modeling_mixtral.load_balancing_loss_func
-
-    def weighted(gate_logits, num_experts=None, top_k=2, attention_mask=None):
-        return original(gate_logits, num_experts, top_k, token_weight)
-
-    modeling_mixtral.load_balancing_loss_func = weighted  # TRL imports it from the module at call time
-    try:
-        yield
-    finally:
-        modeling_mixtral.load_balancing_loss_func = original
-
-
 class PackedForward:
     """Stands in for the model inside TRL's `_compute_loss` / `compute_ref_log_probs`.
 
     TRL calls `model(input_ids, attention_mask, ..., labels=..., fused_lm_head=True)` with the padded view; this runs
     the packed rows instead (through the wrapped DDP / DeepSpeed module, so gradient hooks fire as usual) and hands
-    back per-token outputs in the padded layout. Non-fused calls (logits for compute_metrics) run the padded view.
+    back per-token outputs in the padded grid. Non-fused calls (logits for compute_metrics) run the padded view.
     """
 
     def __init__(self, model):
@@ -294,7 +305,7 @@ class PackedForward:
         device = packed_input_ids.device
         seg = packed_segments.to(device)
         base = getattr(self.model, "module", self.model)  # DDP / DeepSpeed wrappers
-        sdpa = getattr(getattr(base, "config", None), "_attn_implementation", None) == "sdpa"
+        sdpa = frameworks.attn_implementation(base) == "sdpa"
         mask = None
         if seg.mode in ("segments", "varlen"):
             if not (sdpa and segattn.install()):
@@ -304,8 +315,12 @@ class PackedForward:
             mask = torch.ones((packed_input_ids.shape[0], 1, 1, 1), dtype=torch.bool, device=device)
         if sdpa and segattn.install():
             kwargs[segattn.SEGMENTS_KWARG] = seg
+        # TRL's fused head computes the MoE load-balancing loss with `attention_mask`, which a packed forward does
+        # not have (every token, row padding included, would count): each packed token is weighted by the
+        # padded-path tokens it stands for (0 for row padding, 2 for a shared prompt token), so the loss is the
+        # padded path's over the same pairs.
         weight = packed_token_weight.to(device) if kwargs.get("output_router_logits") else None
-        with _load_balancing_over(weight):
+        with frameworks.weighted_load_balancing(weight):
             out = self.model(input_ids=packed_input_ids, attention_mask=mask, position_ids=packed_position_ids,
                              labels=packed_labels, fused_lm_head=True, use_cache=False, **kwargs)
         return unpack_outputs(out, unpack_index)

@@ -1,5 +1,5 @@
 """The start-up check: run the real model on probe pairs packed (the way training will) and padded (stock TRL's
-way), and keep a packed layout only if per-token log-probs and gradients agree.
+way), and keep a packing scheme only if per-token log-probs and gradients agree.
 
 The probe pairs are built to reach everything the packed path does: sequences longer than the model's sliding
 window (so every layer type's mask matters), several sequences per row, a row filled exactly to capacity, answers
@@ -7,7 +7,7 @@ that share their first tokens, and a rejected answer that is a prefix of the cho
 cases). Gradients are those of a random weighting of the log-probs with respect to the input embeddings' weight:
 the whole backward, without allocating gradients for every parameter.
 
-In float32 the two layouts agree to ~1e-6, so any masking mistake stands out. In bfloat16 / float16 they differ by
+In float32 the two ways agree to ~1e-6, so any masking mistake stands out. In bfloat16 / float16 they differ by
 rounding as much as a subtle mistake would (a dropped sliding window moved the tiny OLMo 3's log-probs by 2e-2 on
 average, rounding alone by 4e-4), so a half-precision model is probed twice: itself, loosely (a gross failure, e.g.
 a wrapper that ignores position_ids), and through a float32 twin, exactly: the same class and config, with only as
@@ -18,14 +18,13 @@ Under parameter sharding (DeepSpeed ZeRO-3, FSDP) the real model's weights are p
 parameter has 0 elements locally), so only the float32 twin is probed: it is built whole on each rank outside
 deepspeed.zero.Init, and nothing gathers the real weights (which would put the full model on every rank).
 
-Every rank acts on one verdict: each layout's result is all-reduced (rejected anywhere = rejected everywhere), so no
-rank packs while another runs the stock path. An out-of-memory during the probe is not a rejected layout: every rank
+Every rank acts on one verdict: each scheme's result is all-reduced (rejected anywhere = rejected everywhere), so no
+rank packs while another runs the stock path. An out-of-memory during the probe is not a rejected scheme: every rank
 raises `ProbeOutOfMemory` with the fix, since training's own micro-batches are larger than the probe's.
 """
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import logging
 from dataclasses import dataclass
@@ -33,8 +32,9 @@ from dataclasses import dataclass
 import torch
 import torch.distributed as dist
 from trl.trainer.dpo_trainer import DataCollatorForPreference
+from trl.trainer.utils import add_fused_lm_head
 
-from . import segattn
+from . import frameworks, segattn
 from .packing import PackedForward, PackedPreferenceCollator, pair_lengths
 
 logger = logging.getLogger("fastdpo")
@@ -56,7 +56,7 @@ class ProbeResult:
     logps_mean_gap: float = float("nan")
     grad_gap: float = float("nan")  # largest gradient difference relative to the largest gradient
     error: str | None = None
-    oom: bool = False  # the error is an out-of-memory: says nothing about the layout
+    oom: bool = False  # the error is an out-of-memory: says nothing about the scheme
 
     def ok(self, dtype: torch.dtype) -> bool:
         if self.error is not None:
@@ -121,7 +121,8 @@ def random_pairs(vocab: int, seed: int = 0, n: int = 6) -> list[dict]:
     return out
 
 
-def _padded_logps(model, pairs, pad_id, max_length, truncation_mode, **kwargs):
+def padded_logps(model, pairs, pad_id, max_length, truncation_mode, **kwargs):
+    """Per-token log-probs of `pairs` padded, as stock TRL runs them, and which of them are scored."""
     collate = DataCollatorForPreference(pad_token_id=pad_id, max_length=max_length, truncation_mode=truncation_mode)
     batch = collate(pairs)
     device = next(model.parameters()).device
@@ -131,7 +132,8 @@ def _padded_logps(model, pairs, pad_id, max_length, truncation_mode, **kwargs):
     return out.log_probs, batch["completion_mask"][:, 1:].to(device).bool()
 
 
-def _packed_logps(model, pairs, collator, **kwargs):
+def packed_logps(model, pairs, collator, **kwargs):
+    """Per-token log-probs of `pairs` packed by `collator`, in the padded grid."""
     batch = collator(pairs)
     device = next(model.parameters()).device
     batch = {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
@@ -143,9 +145,9 @@ def _packed_logps(model, pairs, collator, **kwargs):
 
 def _gap(model, pairs, collator, with_grad: bool, kwargs: dict) -> tuple[float, float, float]:
     weight = model.get_input_embeddings().weight
-    stock, scored = _padded_logps(model, pairs, collator.pad_token_id, collator.max_length, collator.truncation_mode,
-                                  **kwargs)
-    packed = _packed_logps(model, pairs, collator, **kwargs)
+    stock, scored = padded_logps(model, pairs, collator.pad_token_id, collator.max_length, collator.truncation_mode,
+                                 **kwargs)
+    packed = packed_logps(model, pairs, collator, **kwargs)
     diff = (packed - stock).abs()[scored]
     gaps = (diff.max().item(), diff.float().mean().item())
     if not with_grad:
@@ -160,8 +162,6 @@ def _gap(model, pairs, collator, with_grad: bool, kwargs: dict) -> tuple[float, 
 def float32_twin(model, device=None):
     """A float32, randomly initialised copy of the architecture with the fewest leading layers that include every
     layer type (at least two), on the model's device; None if the model is not a plain causal LM we can rebuild."""
-    from trl.trainer.utils import add_fused_lm_head
-
     base = model.get_base_model() if hasattr(model, "get_base_model") else model  # PEFT wraps the real model
     config = copy.deepcopy(base.config)
     n = getattr(config, "num_hidden_layers", None)
@@ -177,15 +177,15 @@ def float32_twin(model, device=None):
     config.num_hidden_layers = k
     device = device or next(base.parameters()).device
     with torch.device(device):
-        twin = type(base)._from_config(config, dtype=torch.float32,
-                                       attn_implementation=base.config._attn_implementation)
+        twin = frameworks.from_config(type(base), config, dtype=torch.float32,
+                                      attn_implementation=frameworks.attn_implementation(base))
     add_fused_lm_head(twin)
     return twin
 
 
 def probe(model, collator: PackedPreferenceCollator, seed: int = 0, sharded: bool = False, device=None,
           **kwargs) -> ProbeResult:
-    """Packed (as `collator` lays it out) vs padded; the model must carry TRL's fused LM head. kwargs: what training
+    """Packed (by `collator`'s scheme) vs padded; the model must carry TRL's fused LM head. kwargs: what training
     passes the model besides the inputs (output_router_logits for MoE). A half-precision model is also checked
     exactly through its float32 twin; the result returned is the twin's when that fails. sharded: the weights are
     partitioned over the ranks, so only the twin (built on `device`) is run."""
@@ -209,28 +209,9 @@ def probe(model, collator: PackedPreferenceCollator, seed: int = 0, sharded: boo
     return exact if not exact.ok(torch.float32) else result
 
 
-@contextlib.contextmanager
-def _outside_zero3():
-    """transformers' ZeRO-3 switch off for a moment: the twin is then built whole on this rank (not partitioned by
-    deepspeed.zero.Init, which could only run inside an engine) and TRL's fused head does not try to gather its
-    plain parameters (`ds_status`)."""
-    from transformers.integrations import deepspeed as hf_ds
-
-    ref = hf_ds._hf_deepspeed_config_weak_ref
-    config = ref() if ref is not None else None
-    if config is None:
-        yield
-        return
-    hf_ds.unset_hf_deepspeed_config()
-    try:
-        yield
-    finally:
-        hf_ds.set_hf_deepspeed_config(config)
-
-
 def _twin_probe(model, collator, seed: int, kwargs: dict, device) -> ProbeResult:
     device = torch.device(device) if device is not None else next(model.parameters()).device
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), _outside_zero3():
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), frameworks.outside_zero3():
         try:
             twin = float32_twin(model, device)
         except Exception as e:  # a config we cannot rebuild: the run falls back, saying why
@@ -276,8 +257,9 @@ def _probe(model, collator: PackedPreferenceCollator, seed: int, kwargs: dict) -
 
 
 
-def layout_name(layout: PackedPreferenceCollator) -> str:
-    return layout.mode + (" + prefix sharing" if layout.share_prefix else "")
+def scheme_name(scheme: PackedPreferenceCollator) -> str:
+    """`segments + prefix sharing`: how logs, tests and scripts/gpu_check.py name a packing scheme."""
+    return scheme.mode + (" + prefix sharing" if scheme.share_prefix else "")
 
 
 OK, REJECTED, OOM = 0, 1, 2
@@ -292,27 +274,27 @@ def _agree(status: int, device) -> int:
     return int(t.item())
 
 
-def choose(model, layouts: list[PackedPreferenceCollator], sharded: bool = False, device=None,
+def choose(model, schemes: list[PackedPreferenceCollator], sharded: bool = False, device=None,
            **kwargs) -> PackedPreferenceCollator | None:
-    """The first layout (fastest first) whose probe matches the padded path on this model on every rank, each
-    rejection logged with its gap; None = none does, train the stock padded way. Collective under
-    torch.distributed: every rank must call it with the same layouts. kwargs: as `probe`."""
+    """The first packing scheme (fastest first) whose probe matches the padded path on this model on every rank,
+    each rejection logged with its gap; None = none does, train the stock padded way. Collective under
+    torch.distributed: every rank must call it with the same schemes. kwargs: as `probe`."""
     dtype = torch.float32 if sharded else next(model.parameters()).dtype  # sharded: the float32 twin decides
     device = device or next(model.parameters()).device
-    for layout in layouts:
-        result = probe(model, layout, sharded=sharded, device=device, **kwargs)
+    for scheme in schemes:
+        result = probe(model, scheme, sharded=sharded, device=device, **kwargs)
         mine = OOM if result.oom else OK if result.ok(dtype) else REJECTED
         agreed = _agree(mine, device)
         if agreed == OOM:
             where = result.describe() if mine == OOM else "on another rank"
-            raise ProbeOutOfMemory(f"packing probe: out of memory while checking the {layout_name(layout)} layout "
+            raise ProbeOutOfMemory(f"packing probe: out of memory while checking the {scheme_name(scheme)} scheme "
                                    f"({where}); its probe pairs are smaller than any training micro-batch, so "
                                    f"training would not fit either: {OOM_FIX}")
         if agreed == OK:
-            logger.info("packing probe: %s layout matches the padded path (%s)", layout_name(layout),
+            logger.info("packing probe: %s scheme matches the padded path (%s)", scheme_name(scheme),
                         result.describe())
-            return layout
-        logger.warning("packing probe: %s layout rejected on this model: %s", layout_name(layout),
+            return scheme
+        logger.warning("packing probe: %s scheme rejected on this model: %s", scheme_name(scheme),
                        result.describe() if mine == REJECTED else
                        f"matches here ({result.describe()}) but not on another rank; all ranks keep one path")
     return None

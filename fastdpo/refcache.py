@@ -9,18 +9,21 @@ to the ranks; each computes its share, the shares are exchanged (all-gather), an
 writes the chunk (nodes may not share a filesystem) before the next one starts. So a job killed during the pass
 resumes from its last complete chunk, and SIGUSR1 (Slurm's time-limit warning) stops every rank at the same chunk
 boundary (the flag is all-reduced) with `Preempted`, which train_dpo.py turns into exit 75 and a requeue.
-Layout: <cache>/<key>/chunk-NNNNNN.npy (float32 [pairs, 2]), then ref_logps.arrow once all are done, which is
+On disk: <cache>/<key>/chunk-NNNNNN.npy (float32 [pairs, 2]), then ref_logps.arrow once all are done, which is
 memory-mapped and joined to the dataset as two columns (no Python lists).
 
 A cache never stops training: a truncated or unreadable file is reported with its path, moved aside and
 recomputed; a folder that cannot be written gives one warning and the pass runs without saving.
 
+Everything the pass needs comes in a `ReferencePass` (fastdpo.trainer builds it): the model that runs the forwards,
+the packing scheme, the token budget, TRL's reference log-prob function; `attach` returns the dataset with the two
+columns and the pass's numbers.
+
 The reference is the policy before its first step, so no reference copy is ever loaded (TRL skips it when
-precompute_ref_log_probs is on). Under DeepSpeed ZeRO-1/2 the policy still sits unwrapped on the CPU here;
-it is moved to this rank's device first, which is where DeepSpeed puts it anyway (older TRL failed on exactly
-that cpu-vs-cuda mismatch). Under ZeRO-3 / FSDP2 the weights are sharded and gathered inside every forward, a
-collective: the trainer passes the sharded module (`model`) and `even_forwards`, and a rank with fewer micro-batches
-in a chunk than another runs one-token forwards (outputs discarded) until every rank has run the same number.
+precompute_ref_log_probs is on). Under DeepSpeed ZeRO-1/2 the policy still sits unwrapped on the CPU here; it is
+moved to this rank's device first, which is where DeepSpeed puts it anyway. Under ZeRO-3 / FSDP2 the weights are
+sharded and gathered inside every forward, a collective: with `even_forwards`, a rank with fewer micro-batches in a
+chunk than another runs one-token forwards (outputs discarded) until every rank has run the same number.
 """
 
 from __future__ import annotations
@@ -30,20 +33,24 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import torch
 import torch.distributed as dist
 import trl
+import xxhash
 from accelerate.utils import gather_object
 from datasets import Dataset, concatenate_datasets
 from trl.trainer.utils import hash_module
 
-from . import files, ranks, watchdog
+from . import files, frameworks, ranks, watchdog
 from .batching import sequence_lengths
-from .packing import PackedForward
+from .packing import PackedForward, PackedPreferenceCollator
 from .preemption import Preempted, stop_requested
 
 logger = logging.getLogger(__name__)
@@ -55,12 +62,26 @@ PROGRESS_SECONDS = 30.0
 COLUMNS = ("ref_chosen_logps", "ref_rejected_logps")
 
 
+@dataclass
+class ReferencePass:
+    """What one reference pass runs, and how."""
+
+    model: Any  # runs the forwards: the reference model, the policy, or a DeepSpeed engine around it
+    collator: PackedPreferenceCollator  # the packing scheme the start-up probe chose
+    token_budget: int  # most tokens of one packed micro-batch
+    log_probs: Callable  # (forward, packed inputs) -> (chosen, rejected) sums: TRL's compute_ref_log_probs
+    accelerator: Any
+    max_length: int | None
+    truncation_mode: str = "keep_start"
+    ld_alpha: float | None = None
+    model_hash: str | None = None  # the weights' hash in the cache key; None: TRL's hash_module of `model`
+    even_forwards: bool = False  # sharded weights: every rank runs the same number of forwards
+
+
 def token_hash(dataset) -> str:
     """Hash of the pairs' token ids straight from Arrow buffers: xxh3 over int32 ids (memory speed: about a second
     per billion tokens from a memory-mapped cache, where int32 buffers are hashed without a copy)."""
-    import xxhash
-
-    ds = dataset.flatten_indices() if getattr(dataset, "_indices", None) is not None else dataset
+    ds = frameworks.flat(dataset)
     h = xxhash.xxh3_128()
     h.update(str(len(ds)).encode())
     for name in ("prompt_ids", "chosen_ids", "rejected_ids"):
@@ -76,8 +97,7 @@ def sharded_module_hash(model) -> str:
     """The weights' hash when ZeRO-3 has partitioned them (each parameter has 0 elements on its rank, so TRL's
     `hash_module` would hash nothing and every model of one architecture would share a cache entry): each parameter
     gathered alone (never the whole model on one rank), the same bytes hashed on every rank. Collective."""
-    import deepspeed
-    import xxhash
+    import deepspeed  # heavy and optional: only under ZeRO-3
 
     h = xxhash.xxh3_128()
     for name, p in sorted(model.named_parameters()):
@@ -91,30 +111,24 @@ def sharded_module_hash(model) -> str:
     return h.hexdigest()
 
 
-def cache_key(trainer, dataset, model=None) -> tuple[str, dict]:
-    model = model or trainer.ref_model or trainer.model
-    model = getattr(model, "module", model)  # a DeepSpeed engine: its dtype and config are the module's
-    args = trainer.args
+def cache_key(spec: ReferencePass, dataset) -> tuple[str, dict]:
+    model = getattr(spec.model, "module", spec.model)  # a DeepSpeed engine: its dtype and config are the module's
     parts = {
         "format": FORMAT,
         "trl": trl.__version__,
-        "model": trainer._precompute_model_hash or hash_module(model),
+        "model": spec.model_hash or hash_module(model),
         "tokens": token_hash(dataset),
-        "max_length": args.max_length,
-        "truncation_mode": args.truncation_mode,
-        "ld_alpha": args.ld_alpha,
+        "max_length": spec.max_length,
+        "truncation_mode": spec.truncation_mode,
+        "ld_alpha": spec.ld_alpha,
         "dtype": str(next(model.parameters()).dtype),
-        "attn": getattr(model.config, "_attn_implementation", None),
+        "attn": frameworks.attn_implementation(model),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24], parts
 
 
-def _compute_share(trainer, dataset, indices: list[int], budget: int, model,
-                   even_forwards: bool = False) -> tuple[list, dict]:
-    """(index, chosen, rejected) for this rank's pairs, longest first, packed micro-batches up to `budget` tokens.
-    even_forwards (sharded weights): pad with one-token forwards to the most micro-batches any rank has."""
-    collator = trainer._packed_collator
-    lengths = sequence_lengths(dataset, trainer.args.max_length, trainer.args.truncation_mode)
+def _micro_batches(collator, lengths: np.ndarray, indices: list[int], budget: int) -> list[list[int]]:
+    """Pairs longest first, cut into packed micro-batches of at most `budget` tokens."""
     indices = sorted(indices, key=lambda i: -int(lengths[i, :2].sum()))
     batches, cur = [], []
     for i in indices:
@@ -124,9 +138,21 @@ def _compute_share(trainer, dataset, indices: list[int], budget: int, model,
         cur.append(i)
     if cur:
         batches.append(cur)
-    device = trainer.accelerator.device
+    return batches
+
+
+def _on(device, inputs: dict) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in inputs.items()}
+
+
+def _compute_share(spec: ReferencePass, dataset, indices: list[int]) -> tuple[list, dict]:
+    """(index, chosen, rejected) for this rank's pairs, in packed micro-batches; with even_forwards, padded with
+    one-token forwards to the most micro-batches any rank has."""
+    model, collator, device = spec.model, spec.collator, spec.accelerator.device
+    lengths = sequence_lengths(dataset, spec.max_length, spec.truncation_mode)
+    batches = _micro_batches(collator, lengths, indices, spec.token_budget)
     padding = 0
-    if even_forwards:
+    if spec.even_forwards:
         padding = int(_all_ranks(np.array([len(batches)]), device, dist.ReduceOp.MAX)[0]) - len(batches)
     elif next(model.parameters()).device != device:
         model.to(device)
@@ -139,17 +165,16 @@ def _compute_share(trainer, dataset, indices: list[int], budget: int, model,
             rows = dataset[batch]
             examples = [{k: rows[k][j] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
                         for j in range(len(batch))]
-            inputs = {k: v.to(device) if torch.is_tensor(v) else v for k, v in collator(examples).items()}
+            inputs = _on(device, collator(examples))
             stats["useful"] += int(inputs["attention_mask"].sum())
             stats["computed"] += inputs["packed_input_ids"].numel()
             # TRL's own function: no_grad, autocast, PEFT adapter switching, ld_alpha weighting
-            chosen, rejected = trainer.compute_ref_log_probs(forward, inputs)
+            chosen, rejected = spec.log_probs(forward, inputs)
             out.extend(zip(batch, chosen.float().cpu().tolist(), rejected.float().cpu().tolist(), strict=True))
-        pad = trainer._packed_collator.pad_token_id
+        pad = collator.pad_token_id
         for _ in range(padding):  # the gathers of the other ranks' forwards need this rank's part
-            dummy = collator([{"prompt_ids": [pad], "chosen_ids": [pad], "rejected_ids": [pad]}])
-            trainer.compute_ref_log_probs(forward, {k: v.to(device) if torch.is_tensor(v) else v
-                                                    for k, v in dummy.items()})
+            spec.log_probs(forward, _on(device, collator([{"prompt_ids": [pad], "chosen_ids": [pad],
+                                                            "rejected_ids": [pad]}])))
     finally:
         model.train(was_training)
     return out, stats
@@ -212,105 +237,146 @@ def _with_columns(dataset, ref: Dataset):
     return concatenate_datasets([keep, ref], axis=1)
 
 
-def attach(trainer, dataset, name: str, cache_dir: str | Path | None = None, model=None,
-           even_forwards: bool = False):
-    """`dataset` with ref_chosen_logps / ref_rejected_logps columns, from the cache, resumed, or computed now.
-    model: what runs the reference forwards (default the trainer's reference model, else the policy);
-    even_forwards: every rank must run the same number of forwards (sharded weights)."""
-    acc = trainer.accelerator
-    model = model or trainer.ref_model or trainer.model
-    lead = ranks.writes("node")  # writes, and moves bad files aside, for its node
-    key, parts = cache_key(trainer, dataset, model)
-    folder = (Path(cache_dir) if cache_dir else files.cache_root() / "ref_logps") / key
-    pairs = len(dataset)
-    final = folder / "ref_logps.arrow"
-    ref = _read_final(final, pairs, lead)
-    # Every rank must take the same branch: use the file only if every rank has it.
-    if all(gather_object([ref is not None])):
-        logger.info("%s: reference log-probs from cache %s", name, final)
-        trainer._ref_precompute_stats = {"cached": True, "seconds": 0.0}
-        return _with_columns(dataset, ref)
+@dataclass
+class _Pass:
+    """One pass's place on disk and progress: the values so far, which chunks every rank has, whether to save."""
 
+    name: str
+    folder: Path
+    pairs: int
+    size: int
+    values: np.ndarray
+    have: np.ndarray
+    lead: bool  # this node's local main process: it writes the cache
+    save: bool  # the cache folder takes writes (so far)
+
+    @property
+    def writes(self) -> bool:
+        return self.save and self.lead
+
+    @property
+    def chunks(self) -> int:
+        return len(self.have)
+
+    def rows(self, c: int) -> int:
+        return min(self.size, self.pairs - c * self.size)
+
+
+def _start(name: str, folder: Path, pairs: int, lead: bool, device) -> _Pass:
+    """The chunks saved by an earlier attempt (where every rank has them), or none; warns if nothing can be saved."""
     problem = files.probe_writable(folder) if lead else None
-    save = problem is None
-    if not save:
+    if problem is not None:
         logger.warning("%s: reference cache folder %s cannot be written (%s): computing without saving, so a "
                        "preempted or failed reference pass starts over; set ref_logps_cache_dir or FASTDPO_CACHE "
                        "to a writable folder", name, folder, problem)
     size = chunk_size(pairs)
-    n_chunks = math.ceil(pairs / size)
-    values = np.zeros((pairs, 2), dtype=np.float32)
-    have = np.zeros(n_chunks, dtype=np.int32)
-    for c in range(n_chunks):
-        rows = min(size, pairs - c * size)
-        saved = _read_chunk(folder / f"chunk-{c:06d}.npy", rows, lead) if folder.is_dir() else None
+    run = _Pass(name, folder, pairs, size, np.zeros((pairs, 2), dtype=np.float32),
+                np.zeros(math.ceil(pairs / size), dtype=np.int32), lead, problem is None)
+    for c in range(run.chunks):
+        saved = _read_chunk(folder / f"chunk-{c:06d}.npy", run.rows(c), lead) if folder.is_dir() else None
         if saved is not None:
-            values[c * size: c * size + rows] = saved
-            have[c] = 1
-    have = _all_ranks(have, acc.device, dist.ReduceOp.MIN)  # a chunk counts only where every rank has it
-    if have.any():
-        logger.info("%s: resuming the reference pass: %d of %d chunks saved in %s", name, int(have.sum()), n_chunks,
-                    folder)
-    if save and lead and not (folder / "meta.json").exists():
-        (folder / "meta.json").write_text(json.dumps({"parts": parts, "pairs": pairs, "chunk": size}, indent=1))
+            run.values[c * size: c * size + run.rows(c)] = saved
+            run.have[c] = 1
+    run.have = _all_ranks(run.have, device, dist.ReduceOp.MIN)  # a chunk counts only where every rank has it
+    if run.have.any():
+        logger.info("%s: resuming the reference pass: %d of %d chunks saved in %s", name, int(run.have.sum()),
+                    run.chunks, folder)
+    return run
 
-    lengths = sequence_lengths(dataset, trainer.args.max_length, trainer.args.truncation_mode)[:, :2].sum(axis=1)
-    budget = trainer._ref_token_budget
+
+def _save_chunk(run: _Pass, c: int, chunk: np.ndarray) -> None:
+    try:
+        block = run.values[chunk[0]: chunk[-1] + 1]
+        files.write_atomic(run.folder / f"chunk-{c:06d}.npy", lambda p, v=block: np.save(p, v))
+    except OSError as e:
+        run.save = False
+        logger.warning("%s: cannot write the reference cache in %s (%s); going on without saving", run.name,
+                       run.folder, e)
+
+
+def _progress(run: _Pass, c: int, done: int, seconds: float) -> None:
+    rate = done / seconds
+    left = sum(run.rows(j) for j in range(c + 1, run.chunks) if not run.have[j])
+    logger.info("%s: reference log-probs %s pairs done (chunk %d/%d), %.1f pairs/s, eta %s", run.name, f"{done:,}",
+                c + 1, run.chunks, rate, time.strftime("%H:%M:%S", time.gmtime(left / rate)))
+
+
+def _compute(run: _Pass, spec: ReferencePass, dataset) -> tuple[dict, int]:
+    """Every chunk no rank had saved, dealt longest first over the ranks, saved as it completes; (numbers, pairs
+    computed). Raises Preempted at a chunk boundary when any rank got a signal."""
+    acc = spec.accelerator
+    lengths = sequence_lengths(dataset, spec.max_length, spec.truncation_mode)[:, :2].sum(axis=1)
     start = last = time.perf_counter()
     stats = {"useful": 0, "computed": 0, "even_padding": 0}
     done = 0
-    for c in range(n_chunks):
-        chunk = np.arange(c * size, min((c + 1) * size, pairs))
-        if have[c]:
+    for c in range(run.chunks):
+        chunk = np.arange(c * run.size, min((c + 1) * run.size, run.pairs))
+        if run.have[c]:
             continue
         order = chunk[np.argsort(-lengths[chunk], kind="stable")]  # dealt longest first: balanced ranks
-        share, st = _compute_share(trainer, dataset, order[acc.process_index:: acc.num_processes].tolist(), budget,
-                                   model, even_forwards)
+        share, st = _compute_share(spec, dataset, order[acc.process_index:: acc.num_processes].tolist())
         for k in stats:
             stats[k] += st[k]
         for i, chosen, rejected in gather_object(share):  # every rank gets every (index, chosen, rejected)
-            values[i] = (chosen, rejected)
-        if save and lead:
-            try:
-                block = values[chunk[0]: chunk[-1] + 1]
-                files.write_atomic(folder / f"chunk-{c:06d}.npy", lambda p, v=block: np.save(p, v))
-            except OSError as e:
-                save = False
-                logger.warning("%s: cannot write the reference cache in %s (%s); going on without saving", name,
-                               folder, e)
+            run.values[i] = (chosen, rejected)
+        if run.writes:
+            _save_chunk(run, c, chunk)
         done += len(chunk)
-        watchdog.beat(f"{name}: reference log-probs chunk {c + 1}/{n_chunks}")
+        watchdog.beat(f"{run.name}: reference log-probs chunk {c + 1}/{run.chunks}")
         now = time.perf_counter()
         if now - last >= PROGRESS_SECONDS:
             last = now
-            rate = done / (now - start)
-            left = sum(min(size, pairs - j * size) for j in range(c + 1, n_chunks) if not have[j])
-            logger.info("%s: reference log-probs %s pairs done (chunk %d/%d), %.1f pairs/s, eta %s", name,
-                        f"{done:,}", c + 1, n_chunks, rate, time.strftime("%H:%M:%S", time.gmtime(left / rate)))
+            _progress(run, c, done, now - start)
         # All ranks stop at the same chunk boundary if any got SIGUSR1; the chunk above is already saved.
-        if _all_ranks(np.array([int(stop_requested())]), acc.device, dist.ReduceOp.MAX)[0] and c + 1 < n_chunks:
-            saved_pairs = sum(min(size, pairs - j * size) for j in range(c + 1)) if save else 0
-            raise Preempted(f"{name}: reference pass stopped after chunk {c + 1}/{n_chunks} ({saved_pairs:,} of "
-                            f"{pairs:,} pairs saved in {folder})")
-    seconds = time.perf_counter() - start
-    trainer._ref_precompute_stats = {"cached": False, "seconds": seconds, "resumed_chunks": int(have.sum()), **stats}
+        if _all_ranks(np.array([int(stop_requested())]), acc.device, dist.ReduceOp.MAX)[0] and c + 1 < run.chunks:
+            saved_pairs = sum(run.rows(j) for j in range(c + 1)) if run.save else 0
+            raise Preempted(f"{run.name}: reference pass stopped after chunk {c + 1}/{run.chunks} ({saved_pairs:,} "
+                            f"of {run.pairs:,} pairs saved in {run.folder})")
+    return {"seconds": time.perf_counter() - start, **stats}, done
+
+
+def _write_final(run: _Pass, final: Path) -> None:
+    table = pa.table({COLUMNS[0]: run.values[:, 0], COLUMNS[1]: run.values[:, 1]})
+
+    def write(p):
+        with pa.OSFile(str(p), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
+            w.write_table(table)
+
+    try:
+        files.write_atomic(final, write)
+        logger.info("%s: cached reference log-probs at %s", run.name, final)
+    except OSError as e:
+        logger.warning("%s: cannot write %s (%s); going on without saving", run.name, final, e)
+
+
+def attach(dataset, name: str, spec: ReferencePass, cache_dir: str | Path | None = None) -> tuple[Dataset, dict]:
+    """(`dataset` with ref_chosen_logps / ref_rejected_logps columns, the pass's numbers), from the cache, resumed,
+    or computed now. Numbers: cached, seconds; for a computed pass also resumed_chunks, useful and computed tokens,
+    even_padding (one-token forwards this rank ran to match the others)."""
+    acc = spec.accelerator
+    lead = ranks.writes("node")  # writes, and moves bad files aside, for its node
+    key, parts = cache_key(spec, dataset)
+    folder = (Path(cache_dir) if cache_dir else files.cache_root() / "ref_logps") / key
+    pairs, final = len(dataset), folder / "ref_logps.arrow"
+    ref = _read_final(final, pairs, lead)
+    # Every rank must take the same branch: use the file only if every rank has it.
+    if all(gather_object([ref is not None])):
+        logger.info("%s: reference log-probs from cache %s", name, final)
+        return _with_columns(dataset, ref), {"cached": True, "seconds": 0.0}
+    run = _start(name, folder, pairs, lead, acc.device)
+    if run.writes and not (folder / "meta.json").exists():
+        (folder / "meta.json").write_text(json.dumps({"parts": parts, "pairs": pairs, "chunk": run.size}, indent=1))
+    numbers, done = _compute(run, spec, dataset)
+    stats = {"cached": False, "seconds": numbers.pop("seconds"), "resumed_chunks": int(run.have.sum()), **numbers}
     logger.info("%s: reference log-probs for %d pairs in %.1fs (packed, %d ranks, padding efficiency %.3f%s%s)",
-                name, done, seconds, acc.num_processes, stats["useful"] / max(stats["computed"], 1),
-                f", {int(have.sum())} chunks resumed" if have.any() else "",
+                name, done, stats["seconds"], acc.num_processes, stats["useful"] / max(stats["computed"], 1),
+                f", {int(run.have.sum())} chunks resumed" if run.have.any() else "",
                 f", {stats['even_padding']} one-token forwards on this rank to match the other ranks' count"
                 if stats["even_padding"] else "")
-    table = pa.table({COLUMNS[0]: values[:, 0], COLUMNS[1]: values[:, 1]})
-    if save and lead:
-        try:
-            def write(p):
-                with pa.OSFile(str(p), "wb") as f, pa.ipc.new_stream(f, table.schema) as w:
-                    w.write_table(table)
-            files.write_atomic(final, write)
-            logger.info("%s: cached reference log-probs at %s", name, final)
-        except OSError as e:
-            logger.warning("%s: cannot write %s (%s); going on without saving", name, final, e)
+    if run.writes:
+        _write_final(run, final)
     acc.wait_for_everyone()
     ref = _read_final(final, pairs, False)  # memory-mapped where this node has the file
     if ref is None:  # nothing saved on this node: the two columns in memory (8 bytes a pair)
-        ref = Dataset.from_dict({COLUMNS[0]: values[:, 0], COLUMNS[1]: values[:, 1]})
-    return _with_columns(dataset, ref)
+        ref = Dataset.from_dict({COLUMNS[0]: run.values[:, 0], COLUMNS[1]: run.values[:, 1]})
+    return _with_columns(dataset, ref), stats

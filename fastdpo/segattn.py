@@ -35,6 +35,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from . import frameworks
+
 SEGMENTS_KWARG = "fastdpo_segments"
 # Segments are grouped by length so that one sdpa call runs many of them; a group's padding stays below this
 # fraction of its longest member (padding only costs compute: it sits after the real tokens, so causality hides it).
@@ -161,7 +163,7 @@ def build_segments(specs: list[tuple[list[tuple[int, int]], int]], rows: int, wi
             groups.append(Group(len(batch), q_width, k_width, offset, torch.cat(slots), torch.cat(tokens)))
             i = j
     if (owner != 1).any():
-        raise ValueError("packed layout: every token must belong to exactly one segment")
+        raise ValueError("packed rows: every token must belong to exactly one segment")
     empty = torch.empty(0, dtype=torch.long)
     inverse = torch.empty(rows * width, dtype=torch.long)
     if groups:
@@ -193,12 +195,12 @@ def segments_from_position_ids(position_ids: torch.Tensor, mode: str = "dense") 
 # when a segment has fewer queries than keys decides whether that is right: flash attention 2 (what torch 2.13's
 # varlen_attn calls) aligns it bottom-right (query i of Q sees keys up to i + K - Q: exactly a continuation after
 # the prompt); sdpa's `is_causal` aligns it top-left (query i sees keys up to i). `check_torch_varlen` measures
-# which one the installed kernel does, on random inputs, before any layout uses it; under top-left alignment every
+# which one the installed kernel does, on random inputs, before any scheme uses it; under top-left alignment every
 # segment re-queries its prompt slots (queries = keys) and drops their outputs, as the grouped path's plain form.
 #
 # Only half precision reaches the kernel (flash takes fp16/bf16): float32 queries, the start-up probe's float32
 # twin, run the same cumulative lengths, windows and alignment through `reference_varlen` (a loop of sdpa per
-# segment), so the twin still checks this layout's bookkeeping exactly. CPU tests run the whole layout through that
+# segment), so the twin still checks this scheme's bookkeeping exactly. CPU tests run the whole scheme through that
 # reference (kernel="reference").
 
 HALF = (torch.float16, torch.bfloat16)
@@ -210,7 +212,7 @@ class VarlenSegments:
     """Gather indices and cumulative lengths for one varlen call over every packed sequence.
 
     q_gather / k_gather: flat token index of every query / key row (None: the packed tokens in order, no gather);
-    inverse: flat token -> its row of the kernel's output (None: the same order). specs: what the layout was built
+    inverse: flat token -> its row of the kernel's output (None: the same order). specs: what the indices were built
     from, for the grouped sdpa path where this torch's kernel lacks a feature (a window, a custom scale, dropout).
     """
 
@@ -245,7 +247,7 @@ class VarlenSegments:
 
 def build_varlen(specs: list[tuple[list[tuple[int, int]], int]], rows: int, width: int, kernel: str = "torch",
                  align: str = "bottom_right") -> VarlenSegments:
-    """The varlen layout of the same specs `build_segments` takes ((pieces, owned_from) per segment)."""
+    """The varlen form of the same specs `build_segments` takes ((pieces, owned_from) per segment)."""
     if kernel not in ("torch", "reference"):
         raise ValueError(f"varlen kernel {kernel!r}: expected 'torch' or 'reference'")
     if align not in ALIGNMENTS:
@@ -267,7 +269,7 @@ def build_varlen(specs: list[tuple[list[tuple[int, int]], int]], rows: int, widt
         cu_q.append(cu_q[-1] + len(q))
         cu_k.append(cu_k[-1] + len(idx))
     if (owner != 1).any():
-        raise ValueError("packed layout: every token must belong to exactly one segment")
+        raise ValueError("packed rows: every token must belong to exactly one segment")
     q_all, k_all = torch.cat(qs), torch.cat(ks)
     inverse = torch.empty(rows * width, dtype=torch.long)
     inverse[torch.cat(owned_tokens)] = torch.cat(owned_rows)
@@ -313,7 +315,7 @@ class VarlenAPI:
 
 def torch_varlen_api() -> VarlenAPI | None:
     try:
-        from torch.nn.attention.varlen import varlen_attn
+        from torch.nn.attention.varlen import varlen_attn  # optional: newer torch only
     except ImportError:
         return None
     params = inspect.signature(varlen_attn).parameters
@@ -443,7 +445,7 @@ def _segment_sdpa(module, query, key, value, attention_mask, dropout=0.0, scalin
     b, t = query.shape[0], query.shape[2]
     reason = _refusal(module, query, key, is_causal, kwargs)
     if reason is None and (b, t) != (seg.rows, seg.width):
-        reason = f"a packed layout of {seg.rows}x{seg.width} tokens for queries of {b}x{t}"
+        reason = f"packed rows of {seg.rows}x{seg.width} tokens for queries of {b}x{t}"
     if reason is not None:
         if seg.mode == "dense":  # the model's own mask is exact: use it
             return _original_sdpa(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
@@ -500,13 +502,9 @@ def _grouped_attention(seg: Segments, query, key, value, dropout, scaling, windo
 def install() -> bool:
     """Wrap transformers' "sdpa" attention entry once (idempotent). Returns False if the registry is missing."""
     global _original_sdpa
-    try:
-        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-    except ImportError:
+    current = frameworks.wrap_attention("sdpa", _segment_sdpa)
+    if current is None:
         return False
-    current = ALL_ATTENTION_FUNCTIONS["sdpa"]
-    if current is _segment_sdpa:
-        return True
-    _original_sdpa = current
-    ALL_ATTENTION_FUNCTIONS["sdpa"] = _segment_sdpa
+    if current is not _segment_sdpa:
+        _original_sdpa = current
     return True

@@ -15,7 +15,7 @@ import random
 import shutil
 from pathlib import Path
 
-from . import files, ranks, watchdog
+from . import files, frameworks, ranks, watchdog
 
 MODEL_ID = "embedded:tiny-llama"
 DATASET_ID = "embedded:tiny-prefs"
@@ -168,7 +168,7 @@ def _save_weights(model, folder: Path) -> None:
     model.config.dtype = "float32"
     model.config.save_pretrained(folder)
     model.generation_config.save_pretrained(folder)
-    tied = set(model._tied_weights_keys or {}) if model.config.tie_word_embeddings else set()
+    tied = frameworks.tied_weight_names(model) if model.config.tie_word_embeddings else set()
     weights = {k: v.contiguous() for k, v in model.state_dict().items() if k not in tied}
     save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
 

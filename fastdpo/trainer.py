@@ -1,4 +1,5 @@
-"""TRL's DPOTrainer, taking the pairs our data module already tokenised and truncated, plus the fast path.
+"""TRL's DPOTrainer on pairs fastdpo has already tokenised and truncated (fastdpo.tokcache.prepare), plus the fast
+path.
 
 Fast path (on by default through fastdpo.config.DPOConfig; each piece falls back with a logged reason):
   * padding-free: micro-batches run as packed rows (fastdpo.packing); TRL's own `_compute_loss` computes the
@@ -7,8 +8,9 @@ Fast path (on by default through fastdpo.config.DPOConfig; each piece falls back
     per-pair loss weights of the stock path (fastdpo.batching).
   * reference log-probs precomputed once, packed, cached on disk (fastdpo.refcache).
 
-DPOTrainer reads in three parts: which path (the blocker, the layouts, the start-up probe's verdict), the data (the
-reference pass, the token-budget dataloader), and the step (packed loss, one slot's micro-batches).
+DPOTrainer reads in three parts: which path (the blocker, the candidate packing schemes, the start-up probe's
+verdict), the data (the reference pass, the token-budget dataloader), and the step (packed loss, one slot's
+micro-batches). What it needs of TRL's and transformers' private methods goes through fastdpo.frameworks.
 
 Under parameter sharding (DeepSpeed ZeRO-3, FSDP2) every forward gathers the weights collectively, so every rank runs
 the same number of forwards and backwards: the token-budget sampler gives each rank the same micro-batch count per
@@ -26,24 +28,16 @@ import os
 import torch
 from accelerate.utils import DistributedType
 from datasets import Dataset
-from trl import DPOTrainer as _TRLDPOTrainer
+from trl import DPOTrainer as TRLDPOTrainer
 from trl.models import prepare_deepspeed
 
-from . import refcache
+from . import frameworks, packing, refcache
 from .batching import TokenBudgetSampler, sequence_lengths, slot_dataloader
-from .packing import BATCH_COUPLED_LOSSES, PACKING_ATTENTION, VARLEN_ATTENTION, PackedForward, PackedPreferenceCollator
+from .packing import PackedForward, PackedPreferenceCollator, varlen_schemes
 from .probe import choose
 from .refcache import sharded_module_hash
 
 logger = logging.getLogger("fastdpo")
-
-
-def _keep_tokenized(self, dataset, processing_class, args, dataset_name):
-    # `fastdpo.data.tokenize_dataset` produced prompt_ids/chosen_ids/rejected_ids with TRL's own tokenisation
-    # plus max_prompt_length; tokenising again would be slower and would undo that truncation.
-    if "prompt_ids" in dataset.column_names:
-        return dataset
-    return _TRLDPOTrainer._prepare_dataset(self, dataset, processing_class, args, dataset_name)
 
 
 def release_memory() -> None:
@@ -58,20 +52,83 @@ def release_memory() -> None:
         pass
 
 
-class StockDPOTrainer(_TRLDPOTrainer):
+def fsdp_version(args) -> int | None:
+    """FSDP as TrainingArguments (`fsdp`, default version 2) or an accelerate config (its env, default 1) asks."""
+    if getattr(args, "fsdp", None):
+        return int((args.fsdp_config or {}).get("version", 2))
+    if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+        return int(os.environ.get("FSDP_VERSION", "1"))
+    return None
+
+
+def fast_path_blocker(model, args, data_collator, train_dataset, processing_class) -> str | None:
+    """Why the padding-free path would not be TRL's math here (None = it is)."""
+    if args is None:
+        return "no DPOConfig was passed"
+    if isinstance(model, str):
+        return "the model was passed as a name; pass the loaded model"
+    attn = frameworks.attn_implementation(model)
+    if attn not in packing.PACKING_ATTENTION:
+        return (f"attn_implementation={attn!r} does not build a per-sequence mask from position_ids; use one of "
+                f"{sorted(packing.PACKING_ATTENTION)}")
+    coupled = packing.BATCH_COUPLED_LOSSES & set(args.loss_type)
+    if coupled:
+        return f"loss_type {sorted(coupled)} couples the pairs of a micro-batch (sorting or a batch token mean)"
+    if data_collator is not None:
+        return "a custom data_collator was passed"
+    if not isinstance(train_dataset, Dataset) or "prompt_ids" not in train_dataset.column_names:
+        return "the train dataset is not a tokenised map-style Dataset (fastdpo.data.tokenize_dataset makes one)"
+    if processing_class is None or not hasattr(processing_class, "pad_token_id"):
+        return "no tokenizer was passed"
+    if args.max_length is None:
+        return "max_length is None (the token budget and row size derive from it)"
+    if getattr(args, "packed_layout", "auto") == "segments" and attn != "sdpa":
+        return f"packed_layout=segments needs attn_implementation='sdpa' (the model uses {attn!r})"
+    if fsdp_version(args) == 1:
+        return ("FSDP version 1 is not tested with packing (FSDP2, ZeRO-2/3 and DDP are): set fsdp_version: 2 "
+                "(accelerate config) or fsdp_config {version: 2}")
+    return None
+
+
+def candidate_schemes(attn: str, pad_id: int, args) -> list[PackedPreferenceCollator]:
+    """Packing schemes to try, fastest first; the start-up probe keeps the first that is exact on this model."""
+    common = dict(pad_token_id=pad_id, max_length=args.max_length, truncation_mode=args.truncation_mode)
+    schemes = []
+    wanted = getattr(args, "packed_layout", "auto")
+    if attn == "sdpa" and wanted in ("auto", "segments"):
+        # one varlen kernel call per layer first (CUDA, half precision; else [] and the reason logged)
+        schemes += varlen_schemes(common, args)
+        # per-sequence attention: no dense mask, so rows are unbounded
+        if getattr(args, "prefix_sharing", False):
+            schemes.append(PackedPreferenceCollator(**common, mode="segments", share_prefix=True))
+        schemes.append(PackedPreferenceCollator(**common, mode="segments"))
+    # the model's own mask: sdpa/eager build it dense (row x row), so no row costs more than stock's longest;
+    # varlen kernels take one long row
+    capacity = None if attn in packing.VARLEN_ATTENTION else args.max_length
+    if wanted in ("auto", "dense"):
+        schemes.append(PackedPreferenceCollator(**common, row_capacity=capacity, mode="dense"))
+    return schemes
+
+
+class StockDPOTrainer(TRLDPOTrainer):
     """TRL 1.16's DPOTrainer untouched except that it accepts our tokenised pairs: the baseline the parity tests
     and scripts/benchmark.py measure the fast path against."""
 
-    _prepare_dataset = _keep_tokenized
+    _prepare_dataset = frameworks.keep_tokenized
 
 
-class DPOTrainer(_TRLDPOTrainer):
+class DPOTrainer(TRLDPOTrainer):
+    """TRL's DPOTrainer with the fast path. `scheme`: the packing scheme training runs (None on the stock path);
+    `reference_stats`: the numbers of the last reference pass (fastdpo.refcache.attach)."""
+
     def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, **kwargs):
         padding_free = bool(getattr(args, "padding_free", False))
         self._fast = padding_free and self._plan_fast_path(model, args, data_collator, train_dataset,
                                                            processing_class)
         self._packing_checked = False
+        self._ref_engine, self._ref_model_hash = None, None
+        self.reference_stats: dict = {}
         if self._fast:
             args.padding_free = False  # TRL 1.16 would warn that it ignores the flag; this class implements it
         try:
@@ -85,20 +142,28 @@ class DPOTrainer(_TRLDPOTrainer):
         if self._fast:
             self._use_packed_batches()
 
-    # --- which path: the fast path's blocker, its candidate layouts, the start-up probe's verdict
+    @property
+    def scheme(self) -> PackedPreferenceCollator | None:
+        return self._scheme if self._fast else None
+
+    @scheme.setter
+    def scheme(self, collator: PackedPreferenceCollator) -> None:
+        self._scheme = collator  # e.g. a wrapper that counts tokens (scripts/benchmark.py)
+
+    # --- which path: the fast path's blocker, its candidate packing schemes, the start-up probe's verdict
 
     def _plan_fast_path(self, model, args, data_collator, train_dataset, processing_class) -> bool:
-        """True when the padding-free path is TRL's math here (else the reason is logged); sets its layouts and
-        token budgets. The probe confirms a layout on the real model later, once the Trainer exists."""
-        reason = self._fast_path_blocker(model, args, data_collator, train_dataset, processing_class)
+        """True when the padding-free path is TRL's math here (else the reason is logged); sets its candidate
+        schemes and token budgets. The probe confirms a scheme on the real model later, once the Trainer exists."""
+        reason = fast_path_blocker(model, args, data_collator, train_dataset, processing_class)
         if reason is not None:
             logger.warning("padding_free: using the stock padded path because %s", reason)
             return False
         pad_id = processing_class.pad_token_id
         if pad_id is None:
             pad_id = processing_class.eos_token_id
-        self._layouts = self._candidate_layouts(model.config._attn_implementation, pad_id, args)
-        self._packed_collator = self._layouts[0]
+        self._schemes = candidate_schemes(frameworks.attn_implementation(model), pad_id, args)
+        self._scheme = self._schemes[0]
         # Stock's largest micro-batch on this data: per_device_train_batch_size pairs, every row padded to the
         # longest sequence (the micro-batch holding it pads all its rows to it, once an epoch at least).
         longest = int(sequence_lengths(train_dataset, args.max_length)[:, :2].max())
@@ -109,66 +174,6 @@ class DPOTrainer(_TRLDPOTrainer):
         ref_pairs = args.precompute_ref_batch_size or args.per_device_train_batch_size
         self._ref_token_budget = ref_pairs * 2 * longest
         return True
-
-    @staticmethod
-    def _candidate_layouts(attn: str, pad_id: int, args) -> list[PackedPreferenceCollator]:
-        """Packed layouts to try, fastest first; the start-up probe keeps the first that is exact on this model."""
-        common = dict(pad_token_id=pad_id, max_length=args.max_length, truncation_mode=args.truncation_mode)
-        layouts = []
-        wanted = getattr(args, "packed_layout", "auto")
-        if attn == "sdpa" and wanted in ("auto", "segments"):
-            from .packing import varlen_layouts
-
-            # one varlen kernel call per layer first (CUDA, half precision; else [] and the reason logged)
-            layouts += varlen_layouts(common, args)
-            # per-sequence attention: no dense mask, so rows are unbounded
-            if getattr(args, "prefix_sharing", False):
-                layouts.append(PackedPreferenceCollator(**common, mode="segments", share_prefix=True))
-            layouts.append(PackedPreferenceCollator(**common, mode="segments"))
-        # the model's own mask: sdpa/eager build it dense (row x row), so no row costs more than stock's longest;
-        # varlen kernels take one long row
-        capacity = None if attn in VARLEN_ATTENTION else args.max_length
-        if wanted in ("auto", "dense"):
-            layouts.append(PackedPreferenceCollator(**common, row_capacity=capacity, mode="dense"))
-        return layouts
-
-    @staticmethod
-    def _fast_path_blocker(model, args, data_collator, train_dataset, processing_class) -> str | None:
-        """Why the padding-free path would not be TRL's math here (None = it is)."""
-        if args is None:
-            return "no DPOConfig was passed"
-        if isinstance(model, str):
-            return "the model was passed as a name; pass the loaded model"
-        attn = getattr(model.config, "_attn_implementation", None)
-        if attn not in PACKING_ATTENTION:
-            return (f"attn_implementation={attn!r} does not build a per-sequence mask from position_ids; use one of "
-                    f"{sorted(PACKING_ATTENTION)}")
-        coupled = BATCH_COUPLED_LOSSES & set(args.loss_type)
-        if coupled:
-            return f"loss_type {sorted(coupled)} couples the pairs of a micro-batch (sorting or a batch token mean)"
-        if data_collator is not None:
-            return "a custom data_collator was passed"
-        if not isinstance(train_dataset, Dataset) or "prompt_ids" not in train_dataset.column_names:
-            return "the train dataset is not a tokenised map-style Dataset (fastdpo.data.tokenize_dataset makes one)"
-        if processing_class is None or not hasattr(processing_class, "pad_token_id"):
-            return "no tokenizer was passed"
-        if args.max_length is None:
-            return "max_length is None (the token budget and row size derive from it)"
-        if getattr(args, "packed_layout", "auto") == "segments" and attn != "sdpa":
-            return f"packed_layout=segments needs attn_implementation='sdpa' (the model uses {attn!r})"
-        if DPOTrainer._fsdp_version(args) == 1:
-            return ("FSDP version 1 is not tested with packing (FSDP2, ZeRO-2/3 and DDP are): set fsdp_version: 2 "
-                    "(accelerate config) or fsdp_config {version: 2}")
-        return None
-
-    @staticmethod
-    def _fsdp_version(args) -> int | None:
-        """FSDP as TrainingArguments (`fsdp`, default version 2) or an accelerate config (its env, default 1) asks."""
-        if getattr(args, "fsdp", None):
-            return int((args.fsdp_config or {}).get("version", 2))
-        if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
-            return int(os.environ.get("FSDP_VERSION", "1"))
-        return None
 
     def _sharding(self) -> str | None:
         """The parameter-sharding backend (weights partitioned over the ranks), or None (DDP, ZeRO-1/2): what the
@@ -181,7 +186,7 @@ class DPOTrainer(_TRLDPOTrainer):
         return None
 
     def _check_packing(self) -> bool:
-        """Probe each candidate layout (on every rank, one verdict); keep the first that matches the padded path,
+        """Probe each candidate scheme (on every rank, one verdict); keep the first that matches the padded path,
         else stock. Sharded weights are not gathered: the probe runs the model's float32 twin."""
         self._packing_checked = True
         model, sharded = self.model, self._sharding() is not None
@@ -189,22 +194,22 @@ class DPOTrainer(_TRLDPOTrainer):
             model.to(self.accelerator.device)  # DeepSpeed moves it there anyway; the probe should not run on CPU
         # what _compute_loss adds to every forward (MoE router logits), so the probe runs the calls training makes
         extra = {"output_router_logits": True} if self.aux_loss_enabled else {}
-        layout = choose(model, self._layouts, sharded=sharded, device=self.accelerator.device, **extra)
+        scheme = choose(model, self._schemes, sharded=sharded, device=self.accelerator.device, **extra)
         release_memory()
-        if layout is None:
-            logger.warning("padding_free: no packed layout matches the padded path on this model; using the stock "
+        if scheme is None:
+            logger.warning("padding_free: no packing scheme matches the padded path on this model; using the stock "
                            "padded path")
             self._fast = False
             return False
-        self._packed_collator = layout
+        self._scheme = scheme
         return True
 
     def _use_packed_batches(self) -> None:
         # Every packed batch carries reference log-probs (precomputed, or computed packed in compute_loss), so
         # TRL's loss always reads them from the batch.
         self.precompute_ref_logps = True
-        self.data_collator = self._packed_collator  # eval batches: same pairs as stock, packed
-        c, args = self._packed_collator, self.args
+        self.data_collator = self._scheme  # eval batches: same pairs as stock, packed
+        c, args = self._scheme, self.args
         attention = {"segments": "per-sequence", "varlen": "per-sequence (one varlen call a layer)"}.get(
             c.mode, "the model's packed-mask")
         logger.info("fast path: %s attention, %s, rows of %s tokens, token budget %s per micro-batch, reference "
@@ -216,41 +221,51 @@ class DPOTrainer(_TRLDPOTrainer):
 
     # --- data: tokenised pairs, the reference pass, token-budget micro-batches
 
-    _prepare_dataset = _keep_tokenized
+    _prepare_dataset = frameworks.keep_tokenized
+    _precompute_ref_logps = frameworks.precompute_ref_logps
 
-    def _precompute_ref_logps(self, dataset, name, batch_size):
+    def reference_logps(self, dataset, name: str, batch_size: int):
+        """`dataset` with the reference log-prob columns: fastdpo.refcache's packed, cached pass on the fast path,
+        TRL's own otherwise (TRL asks for it in __init__ and evaluate, through fastdpo.frameworks)."""
         if self._fast and not self._packing_checked:
             self._check_packing()  # before any packed forward: a failed probe precomputes the stock way
         if not self._fast:
-            return super()._precompute_ref_logps(dataset, name, batch_size)
-        dataset = refcache.attach(self, dataset, name, getattr(self.args, "ref_logps_cache_dir", None),
-                                  model=self._reference_model(), even_forwards=self._sharding() is not None)
+            return frameworks.stock_ref_logps(self, dataset, name, batch_size)
+        model = self._reference_model()
+        spec = refcache.ReferencePass(
+            model=model, collator=self._scheme, token_budget=self._ref_token_budget,
+            log_probs=self.compute_ref_log_probs, accelerator=self.accelerator, max_length=self.args.max_length,
+            truncation_mode=self.args.truncation_mode, ld_alpha=self.args.ld_alpha,
+            model_hash=self._ref_model_hash or frameworks.trl_reference_hash(self),
+            even_forwards=self._sharding() is not None)
+        dataset, self.reference_stats = refcache.attach(dataset, name, spec,
+                                                        getattr(self.args, "ref_logps_cache_dir", None))
         release_memory()
         return dataset
 
     def _reference_model(self):
         """What the reference pass runs. ZeRO-3: the policy's partitioned weights are gathered layer by layer inside
-        a DeepSpeed inference engine (TRL's own `prepare_deepspeed`, kept for later passes as TRL does); its cache
-        key hashes the weights one parameter at a time (TRL's hash of a partitioned module sees empty tensors).
-        FSDP2: TRL's sharded reference copy. Otherwise the reference model or the policy itself."""
+        a DeepSpeed inference engine (TRL's own `prepare_deepspeed`, built once and kept for later passes as TRL
+        does); its cache key hashes the weights one parameter at a time (TRL's hash of a partitioned module sees
+        empty tensors). FSDP2: TRL's sharded reference copy. Otherwise the reference model or the policy itself."""
         if self.ref_model is None and self._sharding() == "DeepSpeed ZeRO-3":
-            if self._precompute_engine is None:
+            if self._ref_engine is None:
                 if any(hasattr(p, "ds_id") for p in self.model.parameters()):  # partitioned by zero.Init
-                    self._precompute_model_hash = sharded_module_hash(self.model)
-                self._precompute_engine = prepare_deepspeed(self.model, self.accelerator)
-            return self._precompute_engine
+                    self._ref_model_hash = sharded_module_hash(self.model)
+                self._ref_engine = prepare_deepspeed(self.model, self.accelerator)
+            return self._ref_engine
         return self.ref_model or self.model
 
     def get_train_dataloader(self):
         if not self._fast:
             return super().get_train_dataloader()
-        dataset = self._remove_unused_columns(self.train_dataset, description="training")
+        dataset = frameworks.unused_columns_removed(self, self.train_dataset, "training")
         args = self.args
         extra = {}
         if args.dataloader_num_workers > 0:
             extra = {"persistent_workers": args.dataloader_persistent_workers,
                      "prefetch_factor": args.dataloader_prefetch_factor}
-        return slot_dataloader(dataset, self._token_budget_sampler(dataset), self._packed_collator,
+        return slot_dataloader(dataset, self._token_budget_sampler(dataset), self._scheme,
                                num_workers=args.dataloader_num_workers, pin_memory=args.dataloader_pin_memory,
                                **extra)
 
@@ -259,9 +274,9 @@ class DPOTrainer(_TRLDPOTrainer):
         rank plans every rank's steps, so all run the same number of micro-batches (collectives match)."""
         args = self.args
         return TokenBudgetSampler(
-            sequence_lengths(dataset, args.max_length, args.truncation_mode), self._train_batch_size,
+            sequence_lengths(dataset, args.max_length, args.truncation_mode), frameworks.train_batch_size(self),
             args.gradient_accumulation_steps, world_size=args.world_size, rank=args.process_index,
-            token_budget=self._token_budget, row_capacity=self._packed_collator.row_capacity,
+            token_budget=self._token_budget, row_capacity=self._scheme.row_capacity,
             order=args.train_sampling_strategy, seed=args.data_seed if args.data_seed is not None else args.seed,
             drop_last=args.dataloader_drop_last,
             # The budget counts each pair's two sequences whole, even when its prompt runs once: a micro-batch then
@@ -281,33 +296,10 @@ class DPOTrainer(_TRLDPOTrainer):
             ref = self.ref_model if self.ref_model is not None else self.model
             chosen, rejected = self.compute_ref_log_probs(PackedForward(ref), inputs)
             inputs = {**inputs, "ref_chosen_logps": chosen, "ref_rejected_logps": rejected}
-        with self._ragged_gather():
+        # TRL gathers per-pair metric tensors across ranks; token-budget micro-batches hold different pair counts
+        # per rank
+        with frameworks.ragged_gather(self.accelerator):
             return super().compute_loss(PackedForward(model), inputs, return_outputs, num_items_in_batch)
-
-    @contextlib.contextmanager
-    def _ragged_gather(self):
-        """TRL gathers per-pair metric tensors across ranks; token-budget micro-batches hold different pair counts
-        per rank, so pad to the largest, gather, and drop the padding (same values as stock's gather)."""
-        acc = self.accelerator
-        if acc.num_processes == 1:
-            yield
-            return
-        plain = acc.gather
-
-        def gather(tensor):
-            if not torch.is_tensor(tensor) or tensor.dim() == 0:
-                return plain(tensor)
-            sizes = plain(torch.tensor([tensor.shape[0]], device=tensor.device)).tolist()
-            padded = tensor.new_zeros((max(sizes), *tensor.shape[1:]))
-            padded[: tensor.shape[0]] = tensor
-            chunks = plain(padded).split(max(sizes))
-            return torch.cat([c[:n] for c, n in zip(chunks, sizes, strict=True)])
-
-        acc.gather = gather  # instance attribute shadows the method for this call only
-        try:
-            yield
-        finally:
-            del acc.gather
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if "micro_batches" not in inputs:
@@ -323,15 +315,15 @@ class DPOTrainer(_TRLDPOTrainer):
         total = torch.zeros((), device=self.args.device)
         for j, mb in enumerate(micro_batches):  # none: the step's pairs fit in fewer micro-batches than slots
             total += self._micro_batch_backward(model, mb, last=j == len(micro_batches) - 1, sync=sync)
-        self.accelerator.gradient_state._set_sync_gradients(sync)
+        frameworks.set_sync_gradients(self.accelerator, sync)
         return total
 
     def _micro_batch_backward(self, model, mb, last: bool, sync: bool) -> torch.Tensor:
         """Forward and backward of one packed micro-batch of a slot, weighted by its pairs' step weights."""
         deepspeed = self.accelerator.distributed_type == DistributedType.DEEPSPEED
-        mb = self._prepare_inputs(mb)
+        mb = frameworks.prepare_inputs(self, mb)
         # DDP / ZeRO reduce gradients only after the step's final micro-batch
-        self.accelerator.gradient_state._set_sync_gradients(sync and last)
+        frameworks.set_sync_gradients(self.accelerator, sync and last)
         no_sync = contextlib.nullcontext() if last or deepspeed else self.accelerator.no_sync(model)
         with no_sync, self.maybe_activation_offload_context:
             with self.compute_loss_context_manager():

@@ -47,7 +47,7 @@ from datetime import timedelta
 import torch.distributed as dist
 from transformers import TrainerCallback
 
-from . import ranks
+from . import frameworks, ranks
 
 logger = logging.getLogger("fastdpo")
 
@@ -97,18 +97,9 @@ class Watchdog:
         self.phases: list[tuple[str, float | None]] = []
         self.stopped = threading.Event()
         self.fired = False
-        self.store = self._store()
+        self.store = frameworks.default_store()
         self.tick = min(max(floor / 5, 0.5), 5.0)
         self.thread = threading.Thread(target=self._run, name="fastdpo-watchdog", daemon=True)
-
-    @staticmethod
-    def _store():
-        if not (dist.is_available() and dist.is_initialized()):
-            return None
-        try:
-            return dist.distributed_c10d._get_default_store()
-        except (RuntimeError, ValueError):
-            return None
 
     # ------------------------------------------------------------------------- what the main thread reports
 
@@ -266,7 +257,7 @@ def start() -> Watchdog | None:
     _dog = Watchdog(floor, grace)
     if dist.is_available() and dist.is_initialized():
         try:  # a collective gives up no later than the watchdog (NCCL and gloo alike)
-            dist.distributed_c10d._set_pg_timeout(timedelta(seconds=grace))
+            frameworks.set_pg_timeout(timedelta(seconds=grace))
         except (AttributeError, RuntimeError, ValueError) as e:
             logger.warning("watchdog: could not set the process group timeout to %.0f s (%s)", grace, e)
     _dog.thread.start()

@@ -196,12 +196,12 @@ TOKENIZER_ALSO = ("with --tokenizer, or --recipe recipes/tiny.yaml for the embed
 def check_sources(args, recipe: str, script_args, model_args) -> str | None:
     """Exit in seconds, one line each, when the data or the tokenizer cannot be read (fastdpo.hub); the note to show
     when the tokenizer is the embedded one by default."""
-    from fastdpo import cli, errors, hub
+    from fastdpo import errors, hub, recipes
 
     def place(flag: str | None, key: str) -> str:
         if flag is not None:
             return f"command line ({flag})" if flag else "command line"
-        return cli.recipe_line(recipe, key) or f"default (not set in {recipe})"
+        return recipes.Where(recipe, [])(key)
 
     problems = hub.problems([
         hub.Need("dataset" if args.dataset else "dataset_name", script_args.dataset_name, hub.DATASET,

@@ -177,6 +177,7 @@ def worker(opts) -> dict:
     from fastdpo import config as cfg
     from fastdpo import data, models
     from fastdpo.packing import pair_lengths
+    from fastdpo.probe import scheme_name
     from fastdpo.trainer import DPOTrainer, StockDPOTrainer
 
     scale = opts.scale
@@ -262,9 +263,9 @@ def worker(opts) -> dict:
     else:
         ref = load(args) if not args.precompute_ref_log_probs and opts.model != "embedded" else None
         trainer = DPOTrainer(model=load(args), ref_model=ref, args=args, train_dataset=ds, processing_class=tok)
-        if not trainer._fast:
+        if trainer.scheme is None:
             raise SystemExit("fast path fell back to stock (see the warning above)")
-        trainer._packed_collator = Counting(trainer._packed_collator, "packed_input_ids", "packed_token_weight")
+        trainer.scheme = Counting(trainer.scheme, "packed_input_ids", "packed_token_weight")
     built = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - start
@@ -274,16 +275,16 @@ def worker(opts) -> dict:
         computed[0], real[0] = int(totals[0]), int(totals[1])
     rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     peak = torch.cuda.max_memory_allocated() / 2**20 if torch.cuda.is_available() else rss_mb
-    stats = getattr(trainer, "_ref_precompute_stats", {})
+    stats = {} if stock else trainer.reference_stats
     model_config = trainer.accelerator.unwrap_model(trainer.model).config
     flops = 4 * sum(forward_flops(model_config, c) + forward_flops(model_config, r) for c, r in lengths)
-    layout = getattr(trainer._packed_collator, "collate", None) if not stock else None
+    scheme = None if stock else trainer.scheme.collate
     return {"tokens_per_s": useful / seconds, "pairs_per_s": len(ds) / seconds,
             "padding_efficiency": real[0] / max(computed[0], 1), "computed_per_useful": computed[0] / useful,
             "peak_mem_mb": peak, "seconds": seconds,
             "model_flops_per_s": flops / seconds, "setup_seconds": built - start,
             "ref_precompute_seconds": stats.get("seconds", 0.0), "ref_cached": bool(stats.get("cached")),
-            "layout": None if layout is None else f"{layout.mode}{' + prefix sharing' if layout.share_prefix else ''}",
+            "scheme": None if scheme is None else scheme_name(scheme),
             "pairs": len(ds), "useful_tokens": useful, "computed_tokens": computed[0],
             "model": {"hidden": model_config.hidden_size, "layers": model_config.num_hidden_layers,
                       "vocab": model_config.vocab_size}}
@@ -424,7 +425,7 @@ def run_round(opts, argv, runs, rnd, backend, model, variants, tmp, peak) -> Non
               f"computed/useful {res['computed_per_useful']:.2f}  "
               f"peak {res['peak_mem_mb']:6.0f} MB  MFU {res['mfu']:.1%}  ({res['seconds']:.1f}s, "
               f"ref precompute {res['ref_precompute_seconds']:.1f}s"
-              f"{', ' + res['layout'] if res['layout'] else ''})",
+              f"{', ' + res['scheme'] if res['scheme'] else ''})",
               flush=True)
 
 

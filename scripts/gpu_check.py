@@ -7,18 +7,18 @@
 
 (a) Parity matrix, bf16: tiny Llama, OLMo 3 (3 sliding : 1 full, window 24, so longer than some test sequences and
     shorter than others) and Qwen3 (tests/archs.py), for each attention implementation present (sdpa with every
-    packed layout the trainer would try, the varlen layout first; flex_attention; flash_attention_2 if flash_attn is
+    packing scheme the trainer would try, the varlen scheme first; flex_attention; flash_attention_2 if flash_attn is
     installed): per-token log-probs and one DPO step's gradients of every parameter, packed vs padded, in bf16; the
-    start-up probe's verdict (its float32 twin included, fastdpo/probe.py) per layout, and the layout it chooses.
+    start-up probe's verdict (its float32 twin included, fastdpo/probe.py) per scheme, and the scheme it chooses.
     Each implementation runs in its own process (a CUDA fault or a slow compile cannot take the rest down).
 (b) Stock TRL vs the fast path (scripts/benchmark.py's runs) on a ~1.5B OLMo-3-shaped random model (OLMo 2 1B's
     width and depth, OLMo 3's 3:1 sliding windows of 4096, 100k vocabulary), bf16 weights, gradient checkpointing,
     the think profile at max_length 8192, 4 pairs x 8 accumulation = 32 pairs per step (the OLMo 3 recipes' 128
     pairs per step over 4 GPUs, per GPU): tokens/s, pairs/s, MFU against this GPU's measured bf16 matmul peak
-    (median of timed 8192^3 products on random data), peak memory, the layout the probe chose.
+    (median of timed 8192^3 products on random data), peak memory, the packing scheme the probe chose.
 (c) GPU name, driver, CUDA, torch / transformers / TRL versions, what torch's varlen_attn takes and how it aligns.
 
---cpu: families at hidden 64, sdpa with two layouts (varlen + prefix sharing through its reference kernel, since
+--cpu: families at hidden 64, sdpa with two packing schemes (varlen + prefix sharing through its reference kernel, since
 torch's is CUDA-only, and the grouped per-sequence path the trainer picks on CPU), flex_attention skipped (no CPU
 backward; compiling it on CPU takes minutes), a 4-layer OLMo 3 at lengths / 64.
 """
@@ -115,27 +115,27 @@ def parity_pairs(seed: int = 0, n: int = 6) -> list[dict]:
     return random_pairs(640, seed, n)
 
 
-def _logps(model, examples, layout):
-    """Per-token log-probs in TRL's padded layout, packed through `layout` (or padded when None), and the scored
-    mask: the start-up probe's own two forwards (fastdpo.probe), so the matrix measures what the probe measures."""
+def _logps(model, examples, scheme):
+    """Per-token log-probs in TRL's padded grid, packed by `scheme` (or padded when None), and the scored mask: the
+    start-up probe's own two forwards (fastdpo.probe), so the matrix measures what the probe measures."""
     from fastdpo import probe
 
-    padded, mask = probe._padded_logps(model, examples, 0, MAX_LENGTH, "keep_start")
-    return (padded if layout is None else probe._packed_logps(model, examples, layout)), mask
+    padded, mask = probe.padded_logps(model, examples, 0, MAX_LENGTH, "keep_start")
+    return (padded if scheme is None else probe.packed_logps(model, examples, scheme)), mask
 
 
-def _dpo_grads(model, examples, layout) -> dict:
+def _dpo_grads(model, examples, scheme) -> dict:
     import torch.nn.functional as F
 
     model.zero_grad()
-    logps, mask = _logps(model, examples, layout)
+    logps, mask = _logps(model, examples, scheme)
     chosen, rejected = (logps.float() * mask).sum(1).chunk(2)
     (-F.logsigmoid(0.1 * (chosen - rejected))).mean().backward()
     return {n: p.grad.float().clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def parity_cell(model, layout, dtype) -> dict:
-    """One layout on one model: its own numbers, packed vs padded, and the start-up probe's verdict."""
+def parity_cell(model, scheme, dtype) -> dict:
+    """One packing scheme on one model: its own numbers, packed vs padded, and the start-up probe's verdict."""
     import torch
 
     from fastdpo import probe
@@ -144,25 +144,25 @@ def parity_cell(model, layout, dtype) -> dict:
     row = {}
     try:
         with torch.no_grad():
-            (packed, mask), (padded, _) = _logps(model, examples, layout), _logps(model, examples, None)
+            (packed, mask), (padded, _) = _logps(model, examples, scheme), _logps(model, examples, None)
         diff = (packed.float() - padded.float()).abs()[mask]
         row["logps_max"], row["logps_mean"] = diff.max().item(), diff.mean().item()
-        got, want = _dpo_grads(model, examples, layout), _dpo_grads(model, examples, None)
+        got, want = _dpo_grads(model, examples, scheme), _dpo_grads(model, examples, None)
         scale = max(g.abs().max().item() for g in want.values())
         row["grad_rel"] = max((got[n] - want[n]).abs().max().item() for n in want) / max(scale, 1e-12)
         model.zero_grad(set_to_none=True)
     except Exception as e:  # recorded, not raised: the rest of the matrix still runs
         row["error"] = f"{type(e).__name__}: {e}"
-    result = probe.probe(model, layout)  # a half-precision model is also checked exactly through its float32 twin
+    result = probe.probe(model, scheme)  # a half-precision model is also checked exactly through its float32 twin
     row["probe_ok"], row["probe"] = result.ok(dtype), result.describe()
     return row
 
 
-def layout_label(layout) -> str:
-    from fastdpo.probe import layout_name
+def scheme_label(scheme) -> str:
+    from fastdpo.probe import scheme_name
 
-    name = layout_name(layout)
-    return name + (" [reference kernel]" if layout.mode == "varlen" and layout.varlen_kernel == "reference" else "")
+    name = scheme_name(scheme)
+    return name + (" [reference kernel]" if scheme.mode == "varlen" and scheme.varlen_kernel == "reference" else "")
 
 
 def parity_worker(attn: str, device: str) -> list[dict]:
@@ -173,12 +173,12 @@ def parity_worker(attn: str, device: str) -> list[dict]:
     from trl.trainer.utils import add_fused_lm_head
 
     from fastdpo.packing import PackedPreferenceCollator
-    from fastdpo.probe import choose, layout_name
-    from fastdpo.trainer import DPOTrainer
+    from fastdpo.probe import choose, scheme_name
+    from fastdpo.trainer import candidate_schemes
     from tests import archs
 
     dtype = torch.bfloat16 if device == "cuda" else torch.float32
-    # what the trainer would try for a bf16 recipe (on CPU, bf16 training is refused: float32, and the varlen layout
+    # what the trainer would try for a bf16 recipe (on CPU, bf16 training is refused: float32, and the varlen scheme
     # through its reference kernel so that its code path still runs)
     args = SimpleNamespace(max_length=MAX_LENGTH, truncation_mode="keep_start", prefix_sharing=True,
                            bf16=device == "cuda")
@@ -186,22 +186,22 @@ def parity_worker(attn: str, device: str) -> list[dict]:
     for name, overrides in FAMILIES.items():
         model = archs.build(name, attn, dtype=dtype, **overrides).to(device)
         add_fused_lm_head(model)
-        layouts = DPOTrainer._candidate_layouts(attn, 0, args)
+        schemes = candidate_schemes(attn, 0, args)
         if device != "cuda" and attn == "sdpa":
-            # CI's dry run: the varlen layout through its reference kernel, then the trainer's first choice here
-            # (every layout on every family is tests/test_parity_arch.py's and tests/test_varlen.py's job)
-            layouts = [PackedPreferenceCollator(pad_token_id=0, max_length=MAX_LENGTH, mode="varlen",
-                                                share_prefix=True, varlen_kernel="reference"), layouts[0]]
-        chosen = choose(model, layouts)
-        for layout in layouts:
+            # CI's dry run: the varlen scheme through its reference kernel, then the trainer's first choice here
+            # (every scheme on every family is tests/test_parity_arch.py's and tests/test_varlen.py's job)
+            schemes = [PackedPreferenceCollator(pad_token_id=0, max_length=MAX_LENGTH, mode="varlen",
+                                                share_prefix=True, varlen_kernel="reference"), schemes[0]]
+        chosen = choose(model, schemes)
+        for scheme in schemes:
             t = time.perf_counter()
-            row = {"family": name, "attn": attn, "layout": layout_label(layout), **parity_cell(model, layout, dtype)}
-            row["chosen"] = chosen is layout
+            row = {"family": name, "attn": attn, "scheme": scheme_label(scheme), **parity_cell(model, scheme, dtype)}
+            row["chosen"] = chosen is scheme
             row["seconds"] = round(time.perf_counter() - t, 2)
             rows.append(row)
         if chosen is None:
-            rows.append({"family": name, "attn": attn, "layout": "stock (no packed layout exact)", "chosen": True})
-        print(f"parity {name}/{attn}: chosen {layout_name(chosen) if chosen else 'stock'}", file=sys.stderr,
+            rows.append({"family": name, "attn": attn, "scheme": "stock (no packing scheme exact)", "chosen": True})
+        print(f"parity {name}/{attn}: chosen {scheme_name(chosen) if chosen else 'stock'}", file=sys.stderr,
               flush=True)
         del model
         if device == "cuda":
@@ -288,15 +288,15 @@ def markdown(report: dict) -> str:
               f"measured matmul peak {report['matmul_peak_flops'] / 1e12:.1f} TFLOP/s "
               f"({'bf16' if env['device'] == 'cuda' else 'fp32'}); {report['seconds']:.0f} s in all."), "",
              "## Parity, packed vs padded", "",
-             ("| family | attention | layout | log-prob gap max / mean | grad gap (rel.) | probe (float32 twin incl.) "
-              "| chosen |"), "|---|---|---|---|---|---|---|"]
+             ("| family | attention | packing scheme | log-prob gap max / mean | grad gap (rel.) "
+              "| probe (float32 twin incl.) | chosen |"), "|---|---|---|---|---|---|---|"]
     for r in report["parity"]:
         if "logps_max" in r:
             gaps, grad = f"{r['logps_max']:.1e} / {r['logps_mean']:.1e}", f"{r['grad_rel']:.1e}"
         else:
             gaps, grad = _cell(r.get("error", "-")), "-"
         verdict = "-" if "probe_ok" not in r else ("exact" if r["probe_ok"] else "rejected: " + _cell(r["probe"]))
-        lines.append(f"| {r['family']} | {r['attn']} | {r['layout']} | {gaps} | {grad} | {verdict} | "
+        lines.append(f"| {r['family']} | {r['attn']} | {r['scheme']} | {gaps} | {grad} | {verdict} | "
                      f"{'**yes**' if r.get('chosen') else ''} |")
     for attn, why in report["parity_skipped"].items():
         lines.append(f"| all | {attn} | not run: {_cell(why)} | | | | |")
@@ -306,14 +306,14 @@ def markdown(report: dict) -> str:
         lines += ["", (f"## Stock vs fast: OLMo-3-shaped random model (hidden {m['hidden_size']}, "
                        f"{m['num_hidden_layers']} layers, vocab {m['vocab_size']}), think profile / {b['scale']}, "
                        f"{b['pairs_per_step']} pairs per step, {b['steps']} steps, one run each"), "",
-                  "| path | useful tok/s | pairs/s | MFU | peak memory GiB | padding eff | layout | s |",
+                  "| path | useful tok/s | pairs/s | MFU | peak memory GiB | padding eff | packing scheme | s |",
                   "|---|---|---|---|---|---|---|---|"]
         for v, r in b["runs"].items():
             if "error" in r:
                 lines.append(f"| {v} | failed: {_cell(r['error'])} | | | | | | |")
                 continue
             lines.append(f"| {v} | {r['tokens_per_s']:.0f} | {r['pairs_per_s']:.2f} | {r['mfu']:.1%} | "
-                         f"{r['peak_mem_mb'] / 1024:.1f} | {r['padding_efficiency']:.3f} | {r['layout'] or '-'} | "
+                         f"{r['peak_mem_mb'] / 1024:.1f} | {r['padding_efficiency']:.3f} | {r['scheme'] or '-'} | "
                          f"{r['seconds']:.0f} |")
         if "speedup" in b:
             lines.append(f"\nfast / stock: **{b['speedup']:.2f}x** useful tokens/s")

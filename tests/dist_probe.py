@@ -19,8 +19,8 @@ import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from trl.trainer.utils import add_fused_lm_head  # noqa: E402
 
-from fastdpo.probe import ProbeOutOfMemory, choose, layout_name  # noqa: E402
-from fastdpo.trainer import DPOTrainer  # noqa: E402
+from fastdpo.probe import ProbeOutOfMemory, choose, scheme_name  # noqa: E402
+from fastdpo.trainer import candidate_schemes  # noqa: E402
 from tests import archs  # noqa: E402
 
 
@@ -34,8 +34,8 @@ def main(out: Path, case: str) -> None:
         # a 200k vocabulary: the probe's gradient of the embedding (51 MB) and its logits need large allocations
         model = archs.build("llama", "sdpa", vocab_size=200_000)
     add_fused_lm_head(model)
-    layouts = DPOTrainer._candidate_layouts("sdpa", 0, SimpleNamespace(max_length=64, truncation_mode="keep_start",
-                                                                       prefix_sharing=True))
+    schemes = candidate_schemes("sdpa", 0, SimpleNamespace(max_length=64, truncation_mode="keep_start",
+                                                           prefix_sharing=True))
     result = {}
     if case == "oom" and rank == 1:
         # 32 MB more address space: threads and small buffers fit, the probe's large tensors fail as they would on
@@ -43,8 +43,8 @@ def main(out: Path, case: str) -> None:
         used = int(Path("/proc/self/statm").read_text().split()[0]) * resource.getpagesize()
         resource.setrlimit(resource.RLIMIT_AS, (used + 32 * 2**20, resource.RLIM_INFINITY))
     try:
-        chosen = choose(model, layouts, device=torch.device("cpu"))
-        result["layout"] = layout_name(chosen) if chosen is not None else None
+        chosen = choose(model, schemes, device=torch.device("cpu"))
+        result["scheme"] = scheme_name(chosen) if chosen is not None else None
     except ProbeOutOfMemory as e:
         result["oom"] = str(e)
     if case == "oom" and rank == 1:

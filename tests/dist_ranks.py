@@ -28,9 +28,14 @@ def main(out: Path, steps: int = 4):
     tok = models.load_tokenizer(model_args.model_name_or_path)
     pairs = data.load_pairs(script_args)
     ds, _ = data.tokenize_dataset(pairs.train, tok, args.max_length, script_args.max_prompt_length)
+    said = []  # this rank's fastdpo log lines: the fast path announces itself
+    handler = logging.Handler(logging.INFO)
+    handler.emit = lambda record: said.append(record.getMessage())
+    logging.getLogger("fastdpo").addHandler(handler)
     trainer = DPOTrainer(model=models.load_model(model_args, args), args=args, train_dataset=ds,
                          processing_class=tok)
-    assert trainer._fast, "fast path expected"
+    logging.getLogger("fastdpo").removeHandler(handler)
+    assert any(line.startswith("fast path: ") for line in said), f"fast path expected: {said}"
     trainer.train()
     rank = trainer.args.process_index
     weights = trainer.accelerator.unwrap_model(trainer.model).state_dict()

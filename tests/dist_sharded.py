@@ -1,6 +1,7 @@
 """Run by tests/test_sharded.py under `torchrun --nproc_per_node 2` (CPU, gloo): train tiny models a few steps on
-the fast path under one backend and save, per rank, the per-step losses, this rank's own loss sums, the layout the
-probe chose and the full trained weights (gathered from the shards), so the test can compare backends and ranks.
+the fast path under one backend and save, per rank, the per-step losses, this rank's own loss sums, what its log
+says (the fast path taken, the packing scheme the probe chose, the reference pass's one-token forwards) and the full
+trained weights (gathered from the shards), so the test can compare backends and ranks.
 
     torchrun --nproc_per_node 2 tests/dist_sharded.py OUT BACKEND MODEL_DIR [MODEL_DIR ...]
 BACKEND: ddp | zero2 | zero3 | fsdp2 (TrainingArguments' own `deepspeed=` / `fsdp=` options, no accelerate config).
@@ -16,6 +17,7 @@ weights (a model built by from_config under ZeRO-3 is initialised inside deepspe
 import json
 import logging
 import os
+import re
 import sys
 from pathlib import Path
 
@@ -24,10 +26,21 @@ sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
 
+from fastdpo import checkpoints, data, models, tiny  # noqa: E402
 from fastdpo import config as cfg  # noqa: E402
-from fastdpo import data, models, tiny  # noqa: E402
-from fastdpo.probe import layout_name  # noqa: E402
 from fastdpo.trainer import DPOTrainer  # noqa: E402
+
+
+class Lines(logging.Handler):
+    """This rank's fastdpo log lines, as a user reads them."""
+
+    def __init__(self):
+        super().__init__(logging.INFO)
+        self.lines = []
+
+    def emit(self, record):
+        self.lines.append(record.getMessage())
+
 
 BACKENDS = {
     "ddp": [],
@@ -122,7 +135,16 @@ def train(out: Path, backend: str, model_dir: Path) -> None:
     from fastdpo.trainer import StockDPOTrainer
     cls = StockDPOTrainer if os.environ.get("DIST_STOCK") else DPOTrainer
     extra = {"ref_model": models.load_model(model_args, args)} if os.environ.get("DIST_STOCK") else {}
-    trainer = cls(model=model, **extra, args=args, train_dataset=ds, processing_class=tok)
+    log = Lines()
+    logging.getLogger("fastdpo").addHandler(log)
+    try:
+        trainer = cls(model=model, **extra, args=args, train_dataset=ds, processing_class=tok)
+    finally:
+        logging.getLogger("fastdpo").removeHandler(log)
+    text = "\n".join(log.lines)
+    fast = "fast path: " in text
+    scheme = re.search(r"packing probe: (.+) scheme matches the padded path", text)
+    padding = re.search(r"(\d+) one-token forwards on this rank", text)
     local = []
     step = trainer.training_step
 
@@ -135,12 +157,13 @@ def train(out: Path, backend: str, model_dir: Path) -> None:
     trainer.train()
     rank = args.process_index
     torch.save(full_weights(trainer), out / f"rank{rank}.pt")
+    if backend == "fsdp2":  # the final save gathers the shards into one model folder (fastdpo.checkpoints)
+        checkpoints.Run(out, script_args, args, model_args).save_model(trainer, out / "final")
     (out / f"rank{rank}.json").write_text(json.dumps({
         "losses": [h["loss"] for h in trainer.state.log_history if "loss" in h], "local": local,
-        "fast": getattr(trainer, "_fast", False),
-        "layout": layout_name(trainer._packed_collator) if getattr(trainer, "_fast", False) else None,
+        "fast": fast, "scheme": scheme[1] if fast and scheme else None,
         "world": args.world_size, "loaded_share": loaded, "share": sharded_share(trainer),
-        "ref_pass": {k: v for k, v in getattr(trainer, "_ref_precompute_stats", {}).items() if k != "seconds"},
+        "ref_pass": {"even_padding": int(padding[1]) if padding else 0},
         "distributed_type": str(trainer.accelerator.distributed_type)}))
 
 

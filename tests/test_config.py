@@ -157,9 +157,10 @@ def test_bad_recipe_value_names_its_line(tmp_path):
 
 
 def test_removed_keys_have_hints_and_are_really_gone():
-    from fastdpo.config import RENAMED, _valid_keys
+    from fastdpo.config import valid_keys
+    from fastdpo.recipes import RENAMED
 
-    assert not (set(RENAMED) - {"hub_token"}) & _valid_keys()  # a hint for a key that exists would shadow it
+    assert not (set(RENAMED) - {"hub_token"}) & valid_keys()  # a hint for a key that exists would shadow it
     with pytest.raises(SystemExit, match="unknown key 'logging_dir': transformers 5 removed logging_dir"):
         parse_args(["--logging_dir", "runs/x"])
 
@@ -177,7 +178,7 @@ def test_secret_in_any_argument_is_refused(monkeypatch):
 
 
 def test_env_file_found_in_the_repo_root_and_the_current_directory(tmp_path, monkeypatch):
-    from fastdpo import config
+    from fastdpo import credentials
 
     repo, cwd = tmp_path / "repo", tmp_path / "elsewhere"
     repo.mkdir(), cwd.mkdir()
@@ -186,14 +187,14 @@ def test_env_file_found_in_the_repo_root_and_the_current_directory(tmp_path, mon
     for name in ("FASTDPO_TEST_TOKEN", "FASTDPO_TEST_PROJECT"):
         monkeypatch.delenv(name, raising=False)
     try:
-        assert config.load_env([cwd, repo]) == [cwd / ".env", repo / ".env"]
+        assert credentials.load_env([cwd, repo]) == [cwd / ".env", repo / ".env"]
         assert os.environ["FASTDPO_TEST_TOKEN"] == "from-the-repo-root"  # found from another directory
         assert os.environ["FASTDPO_TEST_PROJECT"] == "cwd"  # the current directory's value wins
         # a .env key named like a secret is treated as one (masked in logs, refused in arguments)
-        assert config.secret_values()["FASTDPO_TEST_TOKEN"] == "from-the-repo-root"
-        assert "FASTDPO_TEST_PROJECT" not in config.secret_values()
+        assert credentials.secret_values()["FASTDPO_TEST_TOKEN"] == "from-the-repo-root"
+        assert "FASTDPO_TEST_PROJECT" not in credentials.secret_values()
     finally:
-        config.load_env([])
+        credentials.load_env([])
         for name in ("FASTDPO_TEST_TOKEN", "FASTDPO_TEST_PROJECT"):
             os.environ.pop(name, None)
 
@@ -269,7 +270,7 @@ def test_refused_order_names_its_recipe_line(tmp_path):
 def test_transformers_length_samplers_cannot_read_pairs(order, tmp_path):
     """Why the refusal: on the stock path transformers' own samplers fail on tokenised pairs (they infer lengths
     from input_ids), for training and, with group_by_length, for evaluation; the packed path refuses both orders.
-    If a transformers bump makes these work, revisit fastdpo.config.UNSUPPORTED_ORDERS."""
+    If a transformers bump makes these work, revisit fastdpo.settings.UNSUPPORTED_ORDERS."""
     import dataclasses
 
     from trl import DPOConfig as StockConfig

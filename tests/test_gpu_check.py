@@ -14,7 +14,7 @@ pytestmark = pytest.mark.slow
 
 def test_cpu_dry_run(tmp_path):
     """One run as a device call makes it ($OUT names the folder): the JSON and the markdown summary are written,
-    every family's parity cells are exact with the varlen layout (reference kernel) chosen first, the skipped
+    every family's parity cells are exact with the varlen scheme (reference kernel) chosen first, the skipped
     implementations say why, and stock and fast both trained, the fast path packed without padding."""
     proc = run([PYTHON, "scripts/gpu_check.py", "--cpu"], env={"OUT": str(tmp_path)}, timeout=600)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
@@ -30,13 +30,13 @@ def test_cpu_dry_run(tmp_path):
     for r in rows:
         assert "error" not in r, r
         assert r["logps_max"] <= 1e-5 and r["grad_rel"] <= 1e-4 and r["probe_ok"], r
-    chosen = {r["family"]: r["layout"] for r in rows if r["chosen"]}
+    chosen = {r["family"]: r["scheme"] for r in rows if r["chosen"]}
     assert chosen == dict.fromkeys(("llama", "olmo3", "qwen3"), "varlen + prefix sharing [reference kernel]")
     assert "no CPU backward" in report["parity_skipped"]["flex_attention"]
 
     runs = report["bench"]["runs"]
     assert set(runs) == {"stock", "fast"} and all("error" not in r for r in runs.values()), runs
-    assert runs["stock"]["layout"] is None and runs["fast"]["layout"] == "segments + prefix sharing"
+    assert runs["stock"]["scheme"] is None and runs["fast"]["scheme"] == "segments + prefix sharing"
     assert runs["fast"]["padding_efficiency"] == 1.0 > runs["stock"]["padding_efficiency"]
     assert all(r["tokens_per_s"] > 0 and 0 < r["mfu"] and r["peak_mem_mb"] > 0 for r in runs.values())
     assert report["bench"]["model"]["model_type"] == "olmo3"

@@ -153,15 +153,18 @@ def test_token_budget_sampler_parity(tiny, share_prefix):
         assert all(c == counts[0] for c in counts)
 
 
-def test_reference_cache_parity(tiny, tmp_path):
+def test_reference_cache_parity(tiny, tmp_path, caplog):
     """Precomputed (packed, cached) reference log-probs equal the stock padded reference forward; a second run
     loads them from disk."""
     tok, ds, model_args = tiny
     small = ds.select(range(24))
     _, args, _ = parse(tmp_path, "--max_steps", "1")
-    trainer = DPOTrainer(model=models.load_model(model_args, args), args=args, train_dataset=small,
-                         processing_class=tok)
-    assert trainer._fast and trainer._ref_precompute_stats["cached"] is False
+    with caplog.at_level("INFO", logger="fastdpo"):
+        trainer = DPOTrainer(model=models.load_model(model_args, args), args=args, train_dataset=small,
+                             processing_class=tok)
+    assert "fast path: " in caplog.text and "train: reference log-probs for 24 pairs in" in caplog.text
+    assert "reference log-probs from cache" not in caplog.text
+    caplog.clear()
     ref = models.load_model(model_args, args)
     add_fused_lm_head(ref)
     with torch.no_grad():
@@ -170,23 +173,26 @@ def test_reference_cache_parity(tiny, tmp_path):
     cached = torch.tensor(list(train["ref_chosen_logps"]) + list(train["ref_rejected_logps"]))
     # sums of ~50 per-token log-probs (each within 1e-6, test_packed_logps_parity): float32 rounding adds up
     assert torch.allclose(cached, stock, atol=1e-5, rtol=1e-6)
-    again = DPOTrainer(model=models.load_model(model_args, args), args=args, train_dataset=small,
-                       processing_class=tok)
-    assert again._ref_precompute_stats["cached"] is True
+    with caplog.at_level("INFO", logger="fastdpo"):
+        again = DPOTrainer(model=models.load_model(model_args, args), args=args, train_dataset=small,
+                           processing_class=tok)
+    assert "train: reference log-probs from cache" in caplog.text and "reference log-probs for" not in caplog.text
     assert list(again.train_dataset["ref_chosen_logps"]) == list(trainer.train_dataset["ref_chosen_logps"])
 
 
 @pytest.mark.slow
-def test_loss_trajectory_parity(tiny, tmp_path):
+def test_loss_trajectory_parity(tiny, tmp_path, caplog):
     """20 steps with accumulation and a small token budget (several variable micro-batches per step): the loss
     starts at ln 2 and follows stock TRL's padded run step for step."""
     tok, ds, model_args = tiny
     small = ds.select(range(160))
     _, args, _ = parse(tmp_path, "--max_steps", "20", "--per_device_train_batch_size", "4",
                        "--gradient_accumulation_steps", "2", "--token_budget", "256")
-    fast = DPOTrainer(model=models.load_model(model_args, args), args=args, train_dataset=small,
-                      processing_class=tok)
-    assert fast._fast and fast._packed_collator.share_prefix  # the default layout: per-sequence, prompt shared
+    with caplog.at_level("INFO", logger="fastdpo"):
+        fast = DPOTrainer(model=models.load_model(model_args, args), args=args, train_dataset=small,
+                          processing_class=tok)
+    # the default packing scheme: per-sequence attention, prompt shared
+    assert "fast path: per-sequence attention, prompt shared by chosen and rejected" in caplog.text
     fast.train()
     s_args = stock_args(args)
     stock = StockDPOTrainer(model=models.load_model(model_args, s_args), args=s_args, train_dataset=small,
@@ -233,7 +239,7 @@ def test_distributed_parity(tiny, tmp_path, launcher):
 
 
 @pytest.mark.slow
-def test_loss_types_parity(tiny, tmp_path):
+def test_loss_types_parity(tiny, tmp_path, caplog):
     """Every loss TRL computes per pair, and its per-token options (ld_alpha, WPO weighting), follows stock TRL step
     for step on the default fast path (per-sequence attention, prompt shared, precomputed reference)."""
     from fastdpo.packing import BATCH_COUPLED_LOSSES
@@ -248,9 +254,11 @@ def test_loss_types_parity(tiny, tmp_path):
         _, args, _ = parse(tmp_path, "--max_steps", "3", "--per_device_train_batch_size", "4",
                            "--gradient_accumulation_steps", "2", "--learning_rate", "1e-2", "--loss_type", *types,
                            *flags, "--ref_logps_cache_dir", str(tmp_path / "_".join(types + flags)))
-        fast = DPOTrainer(model=models.load_model(model_args, args), args=args, train_dataset=small,
-                          processing_class=tok)
-        assert fast._fast and fast._packed_collator.share_prefix, types
+        caplog.clear()
+        with caplog.at_level("INFO", logger="fastdpo"):
+            fast = DPOTrainer(model=models.load_model(model_args, args), args=args, train_dataset=small,
+                              processing_class=tok)
+        assert "fast path: per-sequence attention, prompt shared by chosen and rejected" in caplog.text, types
         fast.train()
         s_args = stock_args(args)
         stock = StockDPOTrainer(model=models.load_model(model_args, s_args), args=s_args, train_dataset=small,
@@ -267,7 +275,7 @@ def test_fallback_is_logged(tiny, tmp_path, caplog):
     with caplog.at_level("WARNING", logger="fastdpo"):
         trainer = DPOTrainer(model=models.load_model(model_args, args), args=args, train_dataset=ds.select(range(8)),
                              processing_class=tok)
-    assert not trainer._fast
+    assert trainer.scheme is None and "padding_free: using the stock padded path because" in caplog.text
     assert "couples the pairs" in caplog.text
 
 

@@ -22,6 +22,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from fastdpo import models, tiny
 from tests import archs
@@ -62,6 +63,8 @@ def runs(tmp_path_factory):
                                 torch.load(tmp / backend / name / f"rank{r}.pt")) for r in range(2)]
                         for name in ARCHS}
         out[backend]["log"] = proc.stdout + proc.stderr
+        out[backend]["final"] = {name: load_file(tmp / backend / name / "final" / "model.safetensors")
+                                 for name in ARCHS if (tmp / backend / name / "final").is_dir()}
     return out
 
 
@@ -73,7 +76,7 @@ def test_sharded_fast_path_equals_ddp(runs, backend, name):
     (ddp, ddp_w), _ = runs["ddp"][name]
     kind = {"zero3": "DistributedType.DEEPSPEED", "fsdp2": "DistributedType.FSDP"}[backend]
     for info in (info0, info1):
-        assert info["fast"] and info["layout"] == "segments + prefix sharing", info
+        assert info["fast"] and info["scheme"] == "segments + prefix sharing", info
         assert info["distributed_type"] == kind and info["world"] == 2
         assert info["share"] == pytest.approx(0.5, abs=0.02), info["share"]  # each rank holds half the weights
     assert ddp["share"] == 1.0
@@ -92,6 +95,11 @@ def test_sharded_fast_path_equals_ddp(runs, backend, name):
     torch.testing.assert_close(torch.tensor(info0["local"]), torch.tensor(ddp["local"]), atol=1e-5, rtol=0)
     worst = max((w0[k] - ddp_w[k]).abs().max().item() for k in w0)
     assert worst <= 1e-5, worst
+    if backend == "fsdp2":  # the final model folder holds the trained weights, gathered from the shards
+        final = runs[backend]["final"][name]
+        assert final and final.keys() <= w0.keys(), sorted(final)
+        for k in final:
+            assert torch.equal(final[k], w0[k].to(final[k].dtype)), k
     if backend == "zero3":  # loaded partitioned (zero.Init): no rank ever held the whole model
         assert info0["loaded_share"] < 0.05 and info1["loaded_share"] < 0.05, (info0["loaded_share"],
                                                                                 info1["loaded_share"])
@@ -99,19 +107,19 @@ def test_sharded_fast_path_equals_ddp(runs, backend, name):
 
 @pytest.mark.slow
 def test_probe_verdict_is_one_for_all_ranks(tmp_path):
-    """A layout rejected on one rank is rejected on every rank: here rank 1's model (Gemma 3 with bidirectional
+    """A packing scheme rejected on one rank is rejected on every rank: here rank 1's model (Gemma 3 with bidirectional
     attention) refuses per-sequence attention, and both ranks take the model's own packed mask, rank 0 saying why."""
     proc = torchrun("dist_probe.py", str(tmp_path), "disagree", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     chosen = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
-    assert chosen == [{"layout": "dense"}, {"layout": "dense"}]
+    assert chosen == [{"scheme": "dense"}, {"scheme": "dense"}]
     assert "matches here" in proc.stderr and "but not on another rank; all ranks keep one path" in proc.stderr
 
 
 @pytest.mark.slow
 def test_probe_out_of_memory_stops_every_rank_with_the_fix(tmp_path):
     """A real allocation failure in rank 1's probe (RLIMIT_AS) is an out-of-memory on every rank, with the fix, not
-    a rejected layout (which would have sent the ranks down different paths, or the run to stock and a later OOM)."""
+    a rejected scheme (which would have sent the ranks down different paths, or the run to stock and a later OOM)."""
     proc = torchrun("dist_probe.py", str(tmp_path), "oom", timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     msgs = [json.loads((tmp_path / f"rank{r}.json").read_text()).get("oom", "") for r in range(2)]
@@ -126,17 +134,17 @@ def test_fsdp_version_1_keeps_the_stock_path(tmp_path, monkeypatch):
     from datasets import Dataset
 
     from fastdpo import config as cfg
-    from fastdpo.trainer import DPOTrainer
+    from fastdpo.trainer import fast_path_blocker
 
     tok = models.load_tokenizer(tiny.MODEL_ID)
     ds = Dataset.from_list([{"prompt_ids": [3], "chosen_ids": [4], "rejected_ids": [5]}])
     model = archs.build("llama")
     _, args, _ = cfg.parse_args(["--output_dir", str(tmp_path), "--report_to", "none"])
-    assert DPOTrainer._fast_path_blocker(model, args, None, ds, tok) is None
+    assert fast_path_blocker(model, args, None, ds, tok) is None
     monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
-    assert "FSDP version 1 is not tested" in DPOTrainer._fast_path_blocker(model, args, None, ds, tok)
+    assert "FSDP version 1 is not tested" in fast_path_blocker(model, args, None, ds, tok)
     monkeypatch.setenv("FSDP_VERSION", "2")
-    assert DPOTrainer._fast_path_blocker(model, args, None, ds, tok) is None
+    assert fast_path_blocker(model, args, None, ds, tok) is None
     monkeypatch.delenv("ACCELERATE_USE_FSDP")
     args.fsdp, args.fsdp_config = True, {"version": 1}
-    assert "fsdp_version: 2" in DPOTrainer._fast_path_blocker(model, args, None, ds, tok)
+    assert "fsdp_version: 2" in fast_path_blocker(model, args, None, ds, tok)

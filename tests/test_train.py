@@ -78,6 +78,22 @@ def test_kill_during_a_save_and_sigterm_both_resume_to_the_same_weights(tmp_path
     _same_weights(full, termed)
 
 
+def test_a_checkpoint_at_max_steps_resumes_without_another_step(tmp_path):
+    """A run cut off after its last checkpoint (checkpoint-2 of max_steps 2) but before it recorded itself
+    finished: the rerun resumes that checkpoint and trains no further step (transformers alone would train one),
+    so the model it saves is the checkpoint's."""
+    out = tmp_path / "out"
+    cmd = [PYTHON, "train_dpo.py", "--output_dir", str(out), "--max_steps", "2", "--save_strategy", "steps",
+           "--save_steps", "2", "--logging_steps", "1", "--eval_before_train", "false", "--dataset_test_split", "none"]
+    run(cmd)
+    record = read_json(out / "run.json")
+    (out / "run.json").write_text(json.dumps({**record, "status": "running"}))  # what a kill before the end leaves
+    proc = run(cmd)
+    assert f"{out}/checkpoint-2 is at step 2 of max_steps 2: resuming it without a training step" in proc.stdout
+    assert "step 3/" not in proc.stdout and read_json(out / "trainer_state.json")["global_step"] == 2
+    _same_weights(out / "checkpoint-2", out)
+
+
 def test_changed_run_is_refused_and_a_finished_one_left_alone(tmp_path):
     from fastdpo import tiny
 

@@ -1,8 +1,8 @@
-"""The varlen layout (fastdpo.segattn: one varlen_attn call per layer over every packed sequence) on CPU.
+"""The varlen packing scheme (fastdpo.segattn: one varlen_attn call per layer over every packed sequence) on CPU.
 
-torch's varlen_attn is CUDA-only, so here the layout runs through `segattn.reference_varlen` (varlen semantics by
+torch's varlen_attn is CUDA-only, so here the scheme runs through `segattn.reference_varlen` (varlen semantics by
 definition: one sdpa per segment, causal aligned bottom-right or top-left, transformers' window): the cumulative
-lengths, gathers and alignment the layout builds are checked against the grouped sdpa path and the padded path on
+lengths, gathers and alignment the scheme builds are checked against the grouped sdpa path and the padded path on
 tiny Llama / OLMo 3 (windows shorter than most sequences) / Qwen3 / Gemma 3 with prefix sharing. The real kernel has
 never run here; scripts/gpu_check.py runs it on a GPU.
 
@@ -16,8 +16,8 @@ import torch
 
 from fastdpo import segattn
 from fastdpo.packing import PackedPreferenceCollator
-from fastdpo.probe import choose, layout_name
-from fastdpo.trainer import DPOTrainer
+from fastdpo.probe import choose, scheme_name
+from fastdpo.trainer import candidate_schemes
 from tests import archs
 from tests.test_parity_arch import MAX_LENGTH, assert_grads_close, built, dpo_grads, logps, pairs
 
@@ -40,22 +40,22 @@ def test_cumulative_lengths_are_the_grouped_paths_segments():
     batch = grouped()(pairs())
     specs = batch["packed_segments"]
     rows, width = specs.rows, specs.width
-    layout = varlen("bottom_right")(pairs())["packed_segments"]
-    assert layout.rows == rows and layout.width == width
-    cu_q, cu_k = layout.cu_q.tolist(), layout.cu_k.tolist()
-    k_rows = layout.k_gather if layout.k_gather is not None else torch.arange(rows * width)
-    q_rows = layout.q_gather if layout.q_gather is not None else torch.arange(rows * width)
+    segs = varlen("bottom_right")(pairs())["packed_segments"]
+    assert segs.rows == rows and segs.width == width
+    cu_q, cu_k = segs.cu_q.tolist(), segs.cu_k.tolist()
+    k_rows = segs.k_gather if segs.k_gather is not None else torch.arange(rows * width)
+    q_rows = segs.q_gather if segs.q_gather is not None else torch.arange(rows * width)
     shared = 0
-    for i, (pieces, own) in enumerate(layout.specs):
+    for i, (pieces, own) in enumerate(segs.specs):
         idx = torch.cat([torch.arange(s, s + n) for s, n in pieces])
         assert torch.equal(k_rows[cu_k[i]:cu_k[i + 1]], idx)
         assert torch.equal(q_rows[cu_q[i]:cu_q[i + 1]], idx[own:])
         assert (cu_k[i + 1] - cu_k[i]) - (cu_q[i + 1] - cu_q[i]) == own  # bottom-right offset = prompt keys
         shared += own > 0
     assert shared >= 2  # the pairs share prompts: some segments have fewer queries than keys
-    assert layout.max_k == max(cu_k[i + 1] - cu_k[i] for i in range(len(cu_k) - 1))
+    assert segs.max_k == max(cu_k[i + 1] - cu_k[i] for i in range(len(cu_k) - 1))
     # the rejected segments follow their chosen ones in the row: queries are the packed tokens in order, no gather
-    assert layout.q_gather is None and layout.inverse is None and layout.k_gather is not None
+    assert segs.q_gather is None and segs.inverse is None and segs.k_gather is not None
     top = varlen("top_left")(pairs())["packed_segments"]
     assert top.cu_q.tolist() == top.cu_k.tolist() and top.inverse is not None
 
@@ -63,7 +63,7 @@ def test_cumulative_lengths_are_the_grouped_paths_segments():
 @pytest.mark.parametrize("window", [None, 8, 3])
 @pytest.mark.parametrize("align", segattn.ALIGNMENTS)
 def test_one_call_equals_the_grouped_calls(align, window):
-    """Attention outputs and input gradients of the one-call layout equal the grouped sdpa path's on the same
+    """Attention outputs and input gradients of the one-call scheme equal the grouped sdpa path's on the same
     packed tokens, with GQA (4 query heads on 2 key/value heads) and windows shorter than most sequences."""
     examples = pairs(3)
     seg, var = grouped()(examples)["packed_segments"], varlen(align)(examples)["packed_segments"]
@@ -81,7 +81,7 @@ def test_one_call_equals_the_grouped_calls(align, window):
 
 
 def test_wrong_alignment_is_caught():
-    """The check can fail: a bottom-right layout run by a kernel that aligns top-left attends to the wrong keys."""
+    """The check can fail: a bottom-right scheme run by a kernel that aligns top-left attends to the wrong keys."""
     examples = pairs(3)
     seg, var = grouped()(examples)["packed_segments"], varlen("bottom_right")(examples)["packed_segments"]
     var.align = "top_left"
@@ -96,27 +96,27 @@ def test_wrong_alignment_is_caught():
 @pytest.mark.parametrize("name", ["llama", "olmo3", "qwen3", "gemma3"])
 def test_family_parity_varlen(name, align):
     """Tiny Llama (GQA), OLMo 3 (3 sliding : 1 full, window 8), Qwen3 (q/k norm), Gemma 3 (5 local : 1 global):
-    the probe accepts the varlen layout; per-token log-probs (1e-5) and one step's gradients of every parameter
+    the probe accepts the varlen scheme; per-token log-probs (1e-5) and one step's gradients of every parameter
     (1e-4) equal the padded path's, with the prompt shared."""
     model = built(name, "sdpa")
-    layout = choose(model, [varlen(align)])
-    assert layout is not None and layout_name(layout) == "varlen + prefix sharing"
+    scheme = choose(model, [varlen(align)])
+    assert scheme is not None and scheme_name(scheme) == "varlen + prefix sharing"
     examples = pairs()
     assert max(len(e["prompt_ids"]) + len(e["chosen_ids"]) for e in examples) > 3 * archs.WINDOW
     with torch.no_grad():
-        (packed, mask), (padded, _) = logps(model, examples, layout), logps(model, examples)
+        (packed, mask), (padded, _) = logps(model, examples, scheme), logps(model, examples)
     gap = (packed.log_probs - padded.log_probs).abs()[mask].max().item()
     assert gap <= 1e-5, f"{name}/{align}: per-token log-probs differ by {gap:.2e}"
-    assert_grads_close(dpo_grads(model, examples, layout), dpo_grads(model, examples, None), rtol=1e-4)
+    assert_grads_close(dpo_grads(model, examples, scheme), dpo_grads(model, examples, None), rtol=1e-4)
 
 
 def test_float32_twin_runs_the_reference():
-    """A bfloat16 model picks the varlen layout through its float32 twin: float32 queries never reach the flash
+    """A bfloat16 model picks the varlen scheme through its float32 twin: float32 queries never reach the flash
     kernel (it takes half precision only) and run the same cumulative lengths through the reference."""
     model = built("olmo3", "sdpa", dtype=torch.bfloat16)
-    layout = PackedPreferenceCollator(pad_token_id=0, max_length=MAX_LENGTH, mode="varlen", share_prefix=True,
+    scheme = PackedPreferenceCollator(pad_token_id=0, max_length=MAX_LENGTH, mode="varlen", share_prefix=True,
                                       varlen_kernel="reference")
-    assert layout_name(choose(model, [layout])) == "varlen + prefix sharing"
+    assert scheme_name(choose(model, [scheme])) == "varlen + prefix sharing"
 
 
 def test_torch_kernel_arguments():
@@ -149,17 +149,17 @@ def test_torch_kernel_arguments():
 
 
 def test_skipped_on_cpu_with_the_reason(caplog):
-    """On CPU the candidate list leaves the varlen layout out and says why; the probe then picks the grouped
-    per-sequence path (the layouts tests/test_parity_arch.py asserts)."""
+    """On CPU the candidate list leaves the varlen scheme out and says why; the probe then picks the grouped
+    per-sequence path (the schemes tests/test_parity_arch.py asserts)."""
     with caplog.at_level("INFO", logger="fastdpo"):
-        bf16 = DPOTrainer._candidate_layouts("sdpa", 0, SimpleNamespace(
+        bf16 = candidate_schemes("sdpa", 0, SimpleNamespace(
             max_length=MAX_LENGTH, truncation_mode="keep_start", prefix_sharing=True, bf16=True))
-        fp32 = DPOTrainer._candidate_layouts("sdpa", 0, SimpleNamespace(
+        fp32 = candidate_schemes("sdpa", 0, SimpleNamespace(
             max_length=MAX_LENGTH, truncation_mode="keep_start", prefix_sharing=True))
-    assert [layout_name(x) for x in bf16] == [layout_name(x) for x in fp32] == [
+    assert [scheme_name(x) for x in bf16] == [scheme_name(x) for x in fp32] == [
         "segments + prefix sharing", "segments", "dense"]
-    assert "varlen layout skipped: torch's varlen_attn runs on CUDA only" in caplog.text
-    assert "varlen layout skipped: the flash kernels behind torch's varlen_attn take float16/bfloat16" in caplog.text
+    assert "varlen scheme skipped: torch's varlen_attn runs on CUDA only" in caplog.text
+    assert "varlen scheme skipped: the flash kernels behind torch's varlen_attn take float16/bfloat16" in caplog.text
     assert segattn.check_torch_varlen("cpu", torch.bfloat16) == (
         None, "torch's varlen_attn runs on CUDA only (device cpu)")
 
@@ -209,10 +209,10 @@ def test_torch_without_window_size_runs_windowed_layers_grouped(monkeypatch):
     monkeypatch.setattr(segattn, "torch_varlen_api",
                         lambda: segattn.VarlenAPI(old_kernel, window=False, gqa=False, scale=True))
     model = built("olmo3", "sdpa", dtype=torch.bfloat16)
-    layout = PackedPreferenceCollator(pad_token_id=0, max_length=MAX_LENGTH, mode="varlen", share_prefix=True)
+    scheme = PackedPreferenceCollator(pad_token_id=0, max_length=MAX_LENGTH, mode="varlen", share_prefix=True)
     examples = pairs(1)
     with torch.no_grad():
-        (packed, mask), (padded, _) = logps(model, examples, layout), logps(model, examples)
+        (packed, mask), (padded, _) = logps(model, examples, scheme), logps(model, examples)
     windows = archs.sliding_windows(model)
     assert len(calls) == sum(w is None for w in windows.values()) == 1
     diff = (packed.log_probs.float() - padded.log_probs.float()).abs()[mask]
