@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
 from . import data, layouts, models
 from .dataspec import DataSpec, SourceSpec
@@ -35,11 +36,9 @@ def is_adapter(path: str) -> bool:
 
 def load(path: str, device: str = "cpu", dtype: str | None = "auto") -> Loaded:
     """A model folder, a LoRA adapter folder (base loaded from its adapter_config.json) or `embedded:tiny-llama`."""
-    from transformers import AutoModelForCausalLM
-
     base = None
     if is_adapter(path):
-        from peft import PeftModel
+        from peft import PeftModel  # only for an adapter: peft imports bitsandbytes, seconds
 
         base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
         model = AutoModelForCausalLM.from_pretrained(models.resolve(base), dtype=models.torch_dtype(dtype))
@@ -302,10 +301,10 @@ CURVES = [("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards
 
 def plot_training(trainer_state: str | Path, png: str | Path) -> Path:
     """Loss, reward accuracy, margin and learning rate per step from a run's trainer_state.json (eval as dots)."""
-    import matplotlib
+    import matplotlib  # only for --plot: seconds to import
 
     matplotlib.use("Agg")  # files only; no display on clusters
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): the backend is chosen at this import
 
     history = json.loads(Path(trainer_state).read_text())["log_history"]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))
