@@ -47,6 +47,10 @@ class Run:
 
     def data_spec(self, **overrides) -> DataSpec:
         """The run's data, split rule and lengths as its arguments said (max_length is the trainer's)."""
+        if self.settings.get("mixture") is not None and not hasattr(self.settings["mixture"], "sources"):
+            raise SystemExit(f"{self.record}: the run mixes several sources, and its record does not hold the "
+                             "recipe's mixture to read its held-out pairs back; its eval numbers per source are in "
+                             f"{self.folder / 'all_results.json'} (eval_<label>_...)")
         args = SimpleNamespace(**self.settings)
         return DataSpec.of(args, **{"max_length": self.settings.get("max_length"), **overrides})
 

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from datasets import config as datasets_config
+from datasets.naming import camelcase_to_snakecase
 from huggingface_hub import HfApi, constants, try_to_load_from_cache
 from huggingface_hub.errors import (
     GatedRepoError,
@@ -222,8 +223,12 @@ def cached(name: str, kind: str, revision: str | None = None) -> bool:
     if any(isinstance(try_to_load_from_cache(name, f, revision=revision, repo_type=repo_type), str)
            for f in CACHED_FILES[kind]):
         return True
-    own, mine = Path(datasets_config.HF_DATASETS_CACHE), name.replace("/", "___").lower()  # load_dataset's own cache
-    return kind == DATASET and own.is_dir() and any(p.name.lower() == mine for p in own.iterdir() if p.is_dir())
+    if kind != DATASET:
+        return False
+    # load_dataset's own cache of a prepared Hub dataset, named as datasets' offline lookup names it
+    parts = name.split("/")
+    parts[-1] = camelcase_to_snakecase(parts[-1])
+    return (Path(datasets_config.HF_DATASETS_CACHE) / "___".join(parts)).is_dir()
 
 
 def check_push(repo_id: str) -> str:

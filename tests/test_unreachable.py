@@ -191,9 +191,11 @@ def _cache_with_tiny_model(root, tiny_model_path) -> str:
 
 def test_a_cached_id_loads_offline_and_says_how_when_the_hub_is_unreachable(tmp_path, tiny_model_path):
     hf_home = _cache_with_tiny_model(tmp_path, tiny_model_path)
+    (tmp_path / "datasets" / "acme___my_pairs" / "default" / "0.0.0").mkdir(parents=True)  # load_dataset's own cache
     probe = ("from fastdpo import hub; from transformers import AutoTokenizer; "
              "print(hub.problems([hub.Need('model_name_or_path', 'acme/tiny'), "
-             "hub.Need('tokenizer', 'acme/tiny', hub.TOKENIZER)]))")
+             "hub.Need('tokenizer', 'acme/tiny', hub.TOKENIZER), hub.Need('dataset_name', 'acme/MyPairs', hub.DATASET)"
+             "]))")
     proc = run([PYTHON, "-c", probe + "; AutoTokenizer.from_pretrained('acme/tiny')"],
                env={"HF_HOME": hf_home, "HF_HUB_OFFLINE": "1"})
     assert proc.stdout.strip() == "[]"  # the libraries read the same cache: the tokenizer loaded
