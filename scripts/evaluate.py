@@ -213,12 +213,14 @@ def score_run(args, run) -> dict:
     if adapter_ref:
         values["reference"] = (f"{policy.base} (adapter disabled)", values["reference"][1])
     objective, no_loss = evaluation.Objective.of(run.settings)
-    prepared = tokcache.prepare(spec, policy.tokenizer)
+    as_trained = run.data_spec()  # the run's pairs at its lengths: which pairs it trained on, token for token
+    prepared = tokcache.prepare(as_trained, policy.tokenizer)
     print(f"data: {prepared.report.get('accounting_line', '')}", file=sys.stderr)
     if args.dataset_name:
         sets = [given_pairs(args, run, values, policy.tokenizer, prepared)]
     else:
-        sets = held_out_pairs(args, run, spec, values, prepared)
+        scored_rows = prepared if spec == as_trained else tokcache.prepare(spec, policy.tokenizer)
+        sets = held_out_pairs(args, run, spec, values, prepared, scored_rows)
     report = {"model": args.model, "run": str(run.record), "reference": values["reference"][0],
               "values": {k: {"value": v, "from": f} for k, (v, f) in values.items()}, "loss_not_computed": no_loss}
     scores = {}
@@ -246,9 +248,11 @@ def run_needs(args, run, spec, ref_name) -> list:
     return needs
 
 
-def held_out_pairs(args, run, spec, values, prepared) -> list[dict]:
-    """The run's eval set(s), from training's token cache, with whether they are the rows the run evaluated."""
-    found = heldout.eval_sets(prepared.eval)
+def held_out_pairs(args, run, spec, values, prepared, scored_rows) -> list[dict]:
+    """The run's eval set(s), from training's token cache, with whether they are the rows the run evaluated
+    (`prepared`: the data at the run's lengths; `scored_rows`: at the lengths the flags give)."""
+    as_trained = dict(heldout.eval_sets(prepared.eval))
+    found = heldout.eval_sets(scored_rows.eval)
     if not found:
         raise SystemExit(f"{run.folder}: the run held out no pairs ({values['data'][0]}); score other pairs with "
                          "--dataset_name FILE [--split NAME] (they are checked against the run's training pairs)")
@@ -262,7 +266,8 @@ def held_out_pairs(args, run, spec, values, prepared) -> list[dict]:
             print(f"warning: {run.folder}: these are not the pairs the run evaluated ({differs}): its data changed "
                   "since it trained", file=sys.stderr)
         out.append({"label": label, "dataset": spec.train.name if label is None else label, "held_out": True,
-                    "rows": rows, "pairs": None, "training_pairs": heldout.training_pairs(prepared.train, rows),
+                    "rows": rows, "pairs": None,
+                    "training_pairs": heldout.training_pairs(prepared.train, as_trained[label]),
                     "as_run": "not checked (lengths or --max_pairs given)" if not as_run else
                     f"no: {differs}" if differs else f"yes (fingerprint as in {run.record.name})"})
     return out
