@@ -183,18 +183,24 @@ def run_values(args, run, spec) -> dict:
         values[key] = (given, "flag") if given is not None else (run.settings.get(key), record)
     loss = run.settings.get("loss_type") or ["sigmoid"]
     values["loss_type"] = (", ".join([loss] if isinstance(loss, str) else loss), record)
-    values["reference"] = (args.ref, "flag") if args.ref else (run.reference, record)
+    values["reference"] = (args.ref, "flag") if args.ref else (shown(run.reference), record)
     return values
+
+
+def shown(name: str) -> str:
+    """A path as the user would type it from here (run.json keeps local paths absolute)."""
+    path = Path(name)
+    return str(path.relative_to(Path.cwd())) if path.is_absolute() and path.is_relative_to(Path.cwd()) else name
 
 
 def held_out_rule(spec) -> str:
     """Which rows the run held out, in words."""
     evals = splits.eval_spec(spec)
     if evals.fraction is not None:
-        return f"{spec.train.name}, {evals.fraction:g} of its rows held out (dataset_seed {spec.seed})"
+        return f"{shown(spec.train.name)}, {evals.fraction:g} of its rows held out (dataset_seed {spec.seed})"
     if evals.source is not None:
-        return f"{evals.source} [{evals.split}]"
-    return f"{spec.train.name}, none held out"
+        return f"{shown(evals.source)} [{evals.split}]"
+    return f"{shown(spec.train.name)}, none held out"
 
 
 def score_run(args, run) -> dict:
@@ -207,7 +213,7 @@ def score_run(args, run) -> dict:
                             if getattr(args, k) is not None})
     values = run_values(args, run, spec)
     adapter_ref = evaluation.is_adapter(args.model) and not args.ref
-    ref_name = None if adapter_ref else values["reference"][0]
+    ref_name = None if adapter_ref else (args.ref or run.reference)
     hub.check(run_needs(args, run, spec, ref_name))
     policy, ref = load_models(args, ref_name)
     if adapter_ref:
