@@ -3,7 +3,7 @@
     fastdpo train [--config recipes/x.yaml] [--flag value ...]      # = python train_dpo.py ...
     fastdpo sft ...                                                 # = python train_sft.py ...
     fastdpo analyze [data.jsonl] [--recipe recipes/x.yaml] ...      # = python scripts/analyze_dataset.py ...
-    fastdpo evaluate MODEL [...]                                    # = python scripts/evaluate.py ...
+    fastdpo evaluate OUTPUT_DIR [...]                               # = python scripts/evaluate.py ...
 
 Each command runs the checkout's own script (an editable install, `pip install -e .`, points here), so the two
 spellings are one code path with the same flags. `--help` shows the script's own options and the most-used
@@ -32,7 +32,7 @@ COMMANDS = {
     "train": ("train_dpo.py", "DPO training from a YAML recipe plus flags"),
     "sft": ("train_sft.py", "supervised fine-tuning, the stage before DPO (same recipes and flags)"),
     "analyze": ("scripts/analyze_dataset.py", "token lengths of a dataset: choose max_length and the batch"),
-    "evaluate": ("scripts/evaluate.py", "score a trained model on preference pairs (accuracy, margins, KL)"),
+    "evaluate": ("scripts/evaluate.py", "score a run on the pairs it held out (loss, accuracy, margins, KL)"),
 }
 _invoked_as: str | None = None  # "fastdpo train" when main() runs the script; the help's usage line says so
 
@@ -73,6 +73,13 @@ def stop_on_ctrl_c() -> None:
     signal.signal(signal.SIGINT, stop)
 
 
+def quiet_imports() -> None:
+    """Before the libraries are imported: peft imports bitsandbytes (transformers' trainer imports peft), whose CPU
+    backend warns on a CPU with AVX512-BF16 that the optional `kernels` package is missing. It only speeds up 4-bit
+    matmuls on CPU, which fastdpo refuses (QLoRA needs a CUDA GPU), so the line is noise."""
+    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
+
+
 # --------------------------------------------------------------------------- the training scripts' command line
 
 
@@ -92,7 +99,26 @@ def parse_training(doc: str | None, **parse_kwargs):
         _print(short_help(doc, (cfg.ScriptArguments, trainer_config, cfg.ModelConfig), SFT_GROUPS if sft else
                           DPO_GROUPS, parse_kwargs.get("default_recipe", cfg.DEFAULT_RECIPE)))
         raise SystemExit(0)
-    return cfg.parse_args(argv, **parse_kwargs)
+    script_args, training_args, model_args = cfg.parse_args(argv, **parse_kwargs)
+    recipe = argv[argv.index("--config") + 1] if "--config" in argv[:-1] else parse_kwargs.get(
+        "default_recipe", cfg.DEFAULT_RECIPE)
+    check_sources(script_args, model_args, argv, recipe)
+    return script_args, training_args, model_args
+
+
+def check_sources(script_args, model_args, argv: list[str], recipe) -> None:
+    """The model and data a run names, each an embedded name, a local path or a Hub id this machine can read: one
+    line per problem with its place and fix, in seconds, before any model or data loads (fastdpo.hub)."""
+    from . import hub, recipes  # imported here: this module stays standard-library at import
+
+    where = recipes.Where(str(recipe), argv)
+
+    def need(key, kind, revision=None):
+        value = getattr(model_args if kind == hub.MODEL else script_args, key, None)
+        return hub.Need(key, value, kind, revision, where(key))
+
+    hub.check([need("model_name_or_path", hub.MODEL, model_args.model_revision), need("dataset_name", hub.DATASET),
+               need("eval_dataset_name", hub.DATASET)])
 
 
 def _print(text: str) -> None:
@@ -159,16 +185,9 @@ def short_help(doc: str | None, configs, groups, default_recipe) -> str:
 def check_hub_access(repo_id: str) -> None:
     """Fail in seconds, not after hours of training, when the push at the end cannot work (both training scripts
     call this before reading any data)."""
-    from huggingface_hub import constants, whoami  # imported here: this module stays standard-library at import
+    from . import hub  # imported here: this module stays standard-library at import
 
-    if constants.HF_HUB_OFFLINE:
-        raise SystemExit("push_to_hub is set but HF_HUB_OFFLINE=1: unset it, or pass --push_to_hub false")
-    try:
-        user = whoami()["name"]
-    except Exception as e:  # no token, a refused token, or no network: all mean the final push would fail
-        raise SystemExit(f"push_to_hub is set but the Hub check failed ({type(e).__name__}): put a write token "
-                         "in .env as HF_TOKEN=..., check the network, or pass --push_to_hub false") from None
-    logger.info("will push to %s as %s", repo_id, user)
+    logger.info("will push to %s as %s", repo_id, hub.check_push(repo_id))
 
 
 # ------------------------------------------------------------------------------------------- the fastdpo command

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
+from transformers import AutoModelForCausalLM
 
 from . import data, layouts, models
 from .dataspec import DataSpec, SourceSpec
@@ -35,11 +36,9 @@ def is_adapter(path: str) -> bool:
 
 def load(path: str, device: str = "cpu", dtype: str | None = "auto") -> Loaded:
     """A model folder, a LoRA adapter folder (base loaded from its adapter_config.json) or `embedded:tiny-llama`."""
-    from transformers import AutoModelForCausalLM
-
     base = None
     if is_adapter(path):
-        from peft import PeftModel
+        from peft import PeftModel  # only for an adapter: peft imports bitsandbytes, seconds
 
         base = json.loads((Path(path) / "adapter_config.json").read_text())["base_model_name_or_path"]
         model = AutoModelForCausalLM.from_pretrained(models.resolve(base), dtype=models.torch_dtype(dtype))
@@ -88,19 +87,62 @@ def _token_logps(model, ids, attn):
     return F.log_softmax(logits, dim=-1)
 
 
-@torch.no_grad()
-def score(policy: Loaded, ref: Loaded | None, tokenized, beta: float = 0.1, batch_size: int = 16) -> dict:
-    """Implicit rewards, per-token KL(policy || reference) on the chosen answers, and length-fair likelihoods.
+# Per-pair losses of TRL 1.16's DPOTrainer._compute_loss (reverse KL, no weighting), from beta, the difference of the
+# summed log-ratios (d) and of the per-token ones (dn); "sft" is a token mean, computed apart.
+PER_PAIR = {
+    "sigmoid": lambda b, d, dn: -F.logsigmoid(b * d),
+    "sigmoid_norm": lambda b, d, dn: -F.logsigmoid(b * dn),
+    "hinge": lambda b, d, dn: torch.relu(1 - b * d),
+    "ipo": lambda b, d, dn: (dn - 1 / (2 * b)) ** 2,
+}
 
-    `tokenized` is the output of `data.tokenize_dataset` (prompt_ids, chosen_ids, rejected_ids).
-    """
+
+@dataclass(frozen=True)
+class Objective:
+    """The run's DPO loss, for the `loss` metric: TRL's loss types with their weights."""
+
+    loss_type: tuple[str, ...] = ("sigmoid",)
+    loss_weights: tuple[float, ...] | None = None
+
+    @classmethod
+    def of(cls, settings: dict) -> tuple[Objective | None, str | None]:
+        """(the objective, None), or (None, why the loss is not recomputed here) from a run's settings."""
+        kinds = settings.get("loss_type") or ["sigmoid"]
+        kinds = [kinds] if isinstance(kinds, str) else list(kinds)
+        other = [k for k in kinds if k not in PER_PAIR and k != "sft"]
+        if other:
+            return None, f"loss_type {', '.join(other)} is not recomputed here"
+        for key, plain in (("f_divergence_type", "reverse_kl"), ("use_weighting", False), ("ld_alpha", None)):
+            if settings.get(key, plain) != plain:
+                return None, f"{key}: {settings[key]} is not recomputed here"
+        weights = settings.get("loss_weights")
+        return cls(tuple(kinds), tuple(weights) if weights else None), None
+
+    def loss(self, beta: float, per_pair: dict) -> float:
+        """The loss over the scored set; "sft" is the mean NLL over all chosen tokens (TRL takes it per eval batch:
+        the same when the set is one batch)."""
+        chosen, rejected = per_pair["pc"] - per_pair["rc"], per_pair["pr"] - per_pair["rr"]  # summed log-ratios
+        delta, delta_norm = chosen - rejected, chosen / per_pair["nc"] - rejected / per_pair["nr"]
+        total = 0.0
+        for kind, weight in zip(self.loss_type, self.loss_weights or [1.0] * len(self.loss_type), strict=True):
+            if kind == "sft":
+                part = -per_pair["pc"].sum() / per_pair["nc"].sum()
+            else:
+                part = PER_PAIR[kind](beta, delta, delta_norm).mean()
+            total += weight * part.item()
+        return total
+
+
+@torch.no_grad()
+def answer_logps(policy: Loaded, ref: Loaded | None, tokenized, batch_size: int = 16) -> dict:
+    """Per pair: summed answer log-probs of policy and reference (pc, rc for chosen; pr, rr for rejected), answer
+    lengths (nc, nr), policy means (mc, mr); and the exact KL(policy || reference) summed over the chosen tokens."""
     device = next(policy.model.parameters()).device
     pad = policy.tokenizer.pad_token_id
-    rewards_c, rewards_r, mean_c, mean_r = [], [], [], []
+    out = {k: [] for k in ("pc", "rc", "nc", "mc", "pr", "rr", "nr", "mr")}
     kl_sum, kl_tokens = 0.0, 0
     for start in range(0, len(tokenized), batch_size):
         rows = tokenized[start: start + batch_size]
-        per_answer = {}
         for kind in ("chosen", "rejected"):
             ids, attn, answer = _pad(rows["prompt_ids"], rows[f"{kind}_ids"], pad, device)
             target, mask = ids[:, 1:], answer[:, 1:]
@@ -110,29 +152,43 @@ def score(policy: Loaded, ref: Loaded | None, tokenized, beta: float = 0.1, batc
             pol_tok = pol.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask
             ref_tok = ref_lp.gather(-1, target.unsqueeze(-1)).squeeze(-1) * mask
             n = mask.sum(-1).clamp(min=1)
-            per_answer[kind] = (pol_tok.sum(-1), ref_tok.sum(-1), pol_tok.sum(-1) / n)
+            k = kind[0]
+            out[f"p{k}"].append(pol_tok.sum(-1).double().cpu())
+            out[f"r{k}"].append(ref_tok.sum(-1).double().cpu())
+            out[f"n{k}"].append(n.double().cpu())
+            out[f"m{k}"].append((pol_tok.sum(-1) / n).double().cpu())
             if kind == "chosen":  # exact KL over the whole vocabulary at each answer position
                 kl = (pol.exp() * (pol - ref_lp)).sum(-1)
                 kl_sum += (kl * mask).sum().item()
                 kl_tokens += mask.sum().item()
-        (pc, rc, mc), (pr, rr, mr) = per_answer["chosen"], per_answer["rejected"]
-        rewards_c += (beta * (pc - rc)).tolist()
-        rewards_r += (beta * (pr - rr)).tolist()
-        mean_c += mc.tolist()
-        mean_r += mr.tolist()
-    n = len(rewards_c)
-    return {
-        "num_pairs": n,
+    return {**{k: torch.cat(v) for k, v in out.items()}, "kl_sum": kl_sum, "kl_tokens": kl_tokens}
+
+
+def score(policy: Loaded, ref: Loaded | None, tokenized, beta: float = 0.1, batch_size: int = 16,
+          objective: Objective | None = None) -> dict:
+    """Implicit rewards, per-token KL(policy || reference) on the chosen answers, length-fair likelihoods, and
+    with `objective` the run's loss.
+
+    `tokenized` holds prompt_ids, chosen_ids, rejected_ids (`data.tokenize_dataset`, or training's token cache).
+    """
+    per_pair = answer_logps(policy, ref, tokenized, batch_size)
+    rewards_c = beta * (per_pair["pc"] - per_pair["rc"])
+    rewards_r = beta * (per_pair["pr"] - per_pair["rr"])
+    out = {
+        "num_pairs": len(rewards_c),
         # strict >, as TRL counts it: a policy equal to its reference scores 0, not 0.5
-        "preference_accuracy": sum(c > r for c, r in zip(rewards_c, rewards_r, strict=True)) / n,
-        "reward_margin": sum(c - r for c, r in zip(rewards_c, rewards_r, strict=True)) / n,
-        "reward_chosen": sum(rewards_c) / n,
-        "reward_rejected": sum(rewards_r) / n,
-        "kl": kl_sum / max(kl_tokens, 1),
+        "preference_accuracy": (rewards_c > rewards_r).double().mean().item(),
+        "reward_margin": (rewards_c - rewards_r).mean().item(),
+        "reward_chosen": rewards_c.mean().item(),
+        "reward_rejected": rewards_r.mean().item(),
+        "kl": per_pair["kl_sum"] / max(per_pair["kl_tokens"], 1),
         # reference-free: does the model itself find the chosen answer likelier per token than the rejected one
-        "likelihood_accuracy": sum(c > r for c, r in zip(mean_c, mean_r, strict=True)) / n,
+        "likelihood_accuracy": (per_pair["mc"] > per_pair["mr"]).double().mean().item(),
         "beta": beta,
     }
+    if objective is not None:
+        out["loss"] = objective.loss(beta, per_pair)
+    return out
 
 
 @torch.no_grad()
@@ -184,13 +240,22 @@ def prompt_text(prompt) -> str:
     return prompt
 
 
+def decoded_prompt(tokenizer, ids: list[int]) -> str:
+    """A tokenised prompt as text to show: its last paragraph without special tokens (the last user turn, for most
+    chat templates), for token rows that no longer carry their text."""
+    text = tokenizer.decode(ids, skip_special_tokens=True).strip()
+    return text.split("\n\n")[-1].strip() or text
+
+
 def side_by_side(policy: Loaded, ref: Loaded | None, pairs, tokenized, n: int, max_new_tokens: int = 48) -> dict:
-    """Greedy generations of policy and reference on the first n prompts, and their mean lengths."""
+    """Greedy generations of policy and reference on the first n prompts, and their mean lengths; `pairs` gives the
+    prompts' text (None: decoded from the token ids)."""
     prompt_ids = tokenized["prompt_ids"][:n]
     pol_texts, pol_len = generate(policy.model, policy.tokenizer, prompt_ids, max_new_tokens)
     with as_reference(policy, ref) as ref_model:
         ref_texts, ref_len = generate(ref_model, policy.tokenizer, prompt_ids, max_new_tokens)
-    prompts = [prompt_text(p) for p in pairs["prompt"][:n]]
+    prompts = ([prompt_text(p) for p in pairs["prompt"][:n]] if pairs is not None else
+               [decoded_prompt(policy.tokenizer, ids) for ids in prompt_ids])
     return {
         "gen_length": sum(pol_len) / max(len(pol_len), 1),
         "ref_gen_length": sum(ref_len) / max(len(ref_len), 1),
@@ -215,7 +280,7 @@ def load_eval_pairs(dataset_name: str, split: str = "test", column_map: str | di
 
 def markdown(report: dict) -> str:
     lines = ["| metric | value |", "|---|---|"]
-    for key in ("num_pairs", "preference_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "kl",
+    for key in ("num_pairs", "loss", "preference_accuracy", "reward_margin", "reward_chosen", "reward_rejected", "kl",
                 "likelihood_accuracy", "gen_length", "ref_gen_length", "preferred_share", "ref_preferred_share"):
         if key in report:
             value = report[key]
@@ -236,10 +301,10 @@ CURVES = [("loss", "loss"), ("rewards/accuracies", "reward accuracy"), ("rewards
 
 def plot_training(trainer_state: str | Path, png: str | Path) -> Path:
     """Loss, reward accuracy, margin and learning rate per step from a run's trainer_state.json (eval as dots)."""
-    import matplotlib
+    import matplotlib  # only for --plot: seconds to import
 
     matplotlib.use("Agg")  # files only; no display on clusters
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"): the backend is chosen at this import
 
     history = json.loads(Path(trainer_state).read_text())["log_history"]
     fig, axes = plt.subplots(2, 2, figsize=(10, 7))

@@ -17,21 +17,7 @@ from transformers.integrations.integration_utils import INTEGRATION_TO_CALLBACK
 from trl import DPOConfig as TRLDPOConfig
 from trl import __version__ as trl_version
 
-from . import frameworks
-
-DATA_SUFFIXES = (".jsonl", ".json", ".parquet", ".csv", ".jsonl.gz", ".json.gz", ".parquet.gz", ".csv.gz")
-
-
-def _local_path(name: str | None) -> Path | None:
-    """The local path a name must be, or None when it may be a Hub id (`org/name`) or an embedded name."""
-    if not name or name.startswith("embedded:"):
-        return None
-    path = Path(name).expanduser()
-    if (name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or name.lower().endswith(DATA_SUFFIXES)
-            or path.exists()):
-        return path
-    return None
-
+from . import frameworks, hub
 
 
 def check_settings(where, script_args, training_args, model_args, check_paths: bool = True) -> list[str]:
@@ -191,22 +177,13 @@ def _check_dpo_options(where, t) -> list[str]:
 
 
 def _check_paths(where, s, t, m) -> list[str]:
-    bad = []
-    path = _local_path(m.model_name_or_path)
-    if path is not None and not path.exists():
-        bad.append(f"{where('model_name_or_path')}: model_name_or_path: {m.model_name_or_path}: no such folder; "
-                   "a local model is a folder with config.json (an earlier stage's output_dir), a Hub model an id "
-                   "like org/name")
-    elif path is not None and not ((path / "config.json").is_file() or (path / "adapter_config.json").is_file()):
-        bad.append(f"{where('model_name_or_path')}: model_name_or_path: {m.model_name_or_path} has no config.json "
-                   "(or adapter_config.json): not a saved model folder; point it at a training run's output_dir")
-    for key in ("dataset_name", "eval_dataset_name"):
-        name = getattr(s, key, None)
-        path = _local_path(name)
-        if path is not None and not path.exists():
-            bad.append(f"{where(key)}: {key}: {name}: no such file or folder; a local dataset is a "
-                       f"{'/'.join(x for x in DATA_SUFFIXES if not x.endswith('.gz'))} file (optionally .gz) or a "
-                       "folder of them, a Hub dataset an id like org/name")
+    bad = []  # local paths only: Hub ids are looked up once the arguments are parsed (fastdpo.hub, cli)
+    for key, name, kind in (("model_name_or_path", m.model_name_or_path, hub.MODEL),
+                            ("dataset_name", getattr(s, "dataset_name", None), hub.DATASET),
+                            ("eval_dataset_name", getattr(s, "eval_dataset_name", None), hub.DATASET)):
+        problem = hub.local_problem(name, kind)
+        if problem:
+            bad.append(f"{where(key)}: {key}: {problem}")
     template = getattr(s, "chat_template_path", None) or getattr(t, "chat_template_path", None)
     if template and not Path(template).expanduser().exists():
         bad.append(f"{where('chat_template_path')}: chat_template_path: {template}: no such file or folder; give "

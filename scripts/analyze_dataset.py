@@ -1,14 +1,15 @@
 r"""Choose max_length, max_prompt_length and the batch shape from the token lengths training will see.
 
-    # the default: allenai/Dolci-Instruct-DPO with recipes/olmo3_instruct.yaml (tokenizer, limits, batch)
-    python scripts/analyze_dataset.py
-
     # your file with the recipe you will train with (tokenizer, chat template, column_map, limits); all pairs
     python scripts/analyze_dataset.py data/my_pairs.jsonl --recipe recipes/olmo3_instruct.yaml --samples all \
         --plot outputs/lengths.png --json outputs/lengths.json
 
-    # offline demo: the embedded data and tiny tokenizer (seconds)
-    python scripts/analyze_dataset.py --recipe recipes/tiny.yaml
+    # OLMo 3 Instruct's data (allenai/Dolci-Instruct-DPO), tokenizer, limits and batch
+    python scripts/analyze_dataset.py --recipe recipes/olmo3_instruct.yaml
+
+    # no --recipe: train_dpo.py's default, recipes/tiny.yaml (seconds, offline). Layout, bad rows and counts are
+    # training's; the lengths are the embedded tiny tokenizer's, not your model's (a banner says so)
+    python scripts/analyze_dataset.py data/my_pairs.jsonl
 
     # the Think recipe's data, tokenizer and limits, 95% coverage, 2 tokenising processes, CPU only
     CUDA_VISIBLE_DEVICES="" python scripts/analyze_dataset.py --recipe recipes/olmo3_think.yaml \
@@ -35,7 +36,6 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # run from anywhere without installing
 
-DEFAULT_RECIPE = str(REPO / "recipes" / "olmo3_instruct.yaml")  # the recipe that trains on the default dataset
 logger = logging.getLogger("fastdpo.analyze")
 
 
@@ -43,10 +43,11 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0],
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dataset", nargs="?", help="Hub id, local file (.jsonl/.json/.parquet/.csv[.gz]) or folder; "
-                   "default: the recipe's dataset_name (allenai/Dolci-Instruct-DPO)")
+                   "default: the recipe's dataset_name")
     p.add_argument("--recipe", "--config", dest="recipe", default=None,
                    help="YAML recipe for tokenizer, chat template, column_map, limits and batch size (default "
-                   "recipes/olmo3_instruct.yaml); --config, as train_dpo.py spells it, is the same")
+                   "train_dpo.py's, recipes/tiny.yaml: the embedded tiny tokenizer); --config, as train_dpo.py spells "
+                   "it, is the same")
     p.add_argument("--tokenizer", help="tokenizer name or folder (default: the recipe's model_name_or_path)")
     p.add_argument("--chat_template_path", help="Jinja chat template or tokenizer folder (default: the recipe's)")
     p.add_argument("--split", help="split to analyze (default: the recipe's dataset_train_split)")
@@ -96,7 +97,7 @@ def settings(args: argparse.Namespace):
     """The recipe through the training parser (same keys, same errors), with this command's overrides on top."""
     from fastdpo import config as cfg
 
-    recipe = args.recipe or DEFAULT_RECIPE
+    recipe = args.recipe or str(cfg.DEFAULT_RECIPE)
     overrides = {
         "dataset_name": args.dataset, "dataset_train_split": args.split, "model_name_or_path": args.tokenizer,
         "chat_template_path": args.chat_template_path, "column_map": args.column_map, "max_length": args.max_length,
@@ -124,6 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
     from fastdpo.dataspec import DataSpec
 
     recipe, script_args, training_args, model_args = settings(args)
+    note = check_sources(args, recipe, script_args, model_args)
     spec = DataSpec.of(script_args, max_length=training_args.max_length)
     tokenizer = load_tokenizer(model_args, script_args)
     logger.info("data: %s", tokens.layout_note(tokens.templated(tokenizer)))
@@ -163,6 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
         "notes": got["notes"].as_dict(),
         "seed": args.seed,
         "tokenizer": model_args.model_name_or_path,
+        "tokenizer_note": note,
         "recipe": recipe,
         "coverage_target": args.coverage,
         "max_length": spec.max_length,
@@ -181,6 +184,39 @@ def main(argv: list[str] | None = None) -> dict:
     return result
 
 
+# Said when no --recipe and no --tokenizer chose the tokenizer: the lengths are then not the user's model's.
+TINY_NOTE = ("no --recipe: token lengths counted with the embedded tiny tokenizer (recipes/tiny.yaml, train_dpo.py's "
+             "default), not your model's; for your model's lengths pass --recipe <the recipe you train with> or "
+             "--tokenizer <its folder or Hub id>")
+# Said after the fix for a tokenizer that cannot be read: the analyzer's flags, and the recipe that works offline.
+TOKENIZER_ALSO = ("with --tokenizer, or --recipe recipes/tiny.yaml for the embedded tiny tokenizer (seconds, offline; "
+                  "its lengths are not your model's)")
+
+
+def check_sources(args, recipe: str, script_args, model_args) -> str | None:
+    """Exit in seconds, one line each, when the data or the tokenizer cannot be read (fastdpo.hub); the note to show
+    when the tokenizer is the embedded one by default."""
+    from fastdpo import errors, hub, recipes
+
+    def place(flag: str | None, key: str) -> str:
+        if flag is not None:
+            return f"command line ({flag})" if flag else "command line"
+        return recipes.Where(recipe, [])(key)
+
+    problems = hub.problems([
+        hub.Need("dataset" if args.dataset else "dataset_name", script_args.dataset_name, hub.DATASET,
+                 place=place("" if args.dataset else None, "dataset_name")),
+        hub.Need("tokenizer" if args.tokenizer else "model_name_or_path", model_args.model_name_or_path, hub.TOKENIZER,
+                 model_args.model_revision, place("--tokenizer" if args.tokenizer else None, "model_name_or_path"),
+                 TOKENIZER_ALSO)])
+    if problems:  # reported as the analyzer reports unreadable data: `error: ...`, exit 2
+        raise errors.DataError("\n".join(problems))
+    if args.recipe is None and args.tokenizer is None:
+        logger.warning("%s", TINY_NOTE)
+        return TINY_NOTE
+    return None
+
+
 def load_tokenizer(model_args, script_args):
     """The recipe's tokenizer with its chat template, or an exit naming the fix."""
     from fastdpo import models
@@ -189,8 +225,8 @@ def load_tokenizer(model_args, script_args):
     try:
         tokenizer = models.load_tokenizer(name, script_args.chat_template_path, model_args.model_revision)
     except OSError as e:
-        raise SystemExit(f"cannot load tokenizer {name!r}: {e}\nPass --tokenizer a local folder (or a Hub "
-                         "id once online; gated models need HF_TOKEN in .env)") from None
+        raise SystemExit(f"cannot load tokenizer {name!r} ({type(e).__name__}: {e}); give a tokenizer folder "
+                         f"{TOKENIZER_ALSO}") from None
     if not tokenizer.is_fast:
         logger.warning("%s is a slow (Python) tokenizer: expect tens of pairs/s, not thousands", name)
     return tokenizer
@@ -280,6 +316,8 @@ def write(args, result: dict, lens) -> None:
     """The markdown tables to stdout; the JSON and the plot where asked."""
     from fastdpo import lengths
 
+    if result.get("tokenizer_note"):
+        print(f"> {result['tokenizer_note']}\n")
     print(lengths.markdown(result), end="")
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
@@ -294,6 +332,9 @@ def write(args, result: dict, lens) -> None:
 if __name__ == "__main__":
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stderr)
     warnings.filterwarnings("ignore", category=FutureWarning)  # TrainingArguments' renames, irrelevant here
+    from fastdpo import cli
+
+    cli.quiet_imports()
     if not sys.stderr.isatty():
         import datasets
 

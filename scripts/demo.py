@@ -23,14 +23,50 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from fastdpo import data, evaluation, tiny  # noqa: E402
+from fastdpo import cli  # noqa: E402
+
+cli.stop_on_ctrl_c()  # a Ctrl-C during the imports below stops with one line, not a traceback
+cli.quiet_imports()
+
+from fastdpo import data, evaluation, hub, tiny  # noqa: E402
+from fastdpo.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE  # noqa: E402
+
+# The flags of --sft_args / --dpo_args that name something to load, checked before the first stage starts.
+NAMED = {"--model_name_or_path": hub.MODEL, "--dataset_name": hub.DATASET, "--eval_dataset_name": hub.DATASET}
 
 
 def stage(name: str, argv: list[str]) -> float:
+    """Run one stage's script; its own error (one line) stands, and the demo stops with its exit code."""
     print(f"\n=== {name}: {' '.join(argv)}", flush=True)
     t0 = time.time()
-    subprocess.run([sys.executable, *argv], cwd=ROOT, check=True)
+    child = subprocess.Popen([sys.executable, *argv], cwd=ROOT)
+    while True:
+        try:
+            code = child.wait()
+            break
+        except KeyboardInterrupt:  # the stage got the Ctrl-C too: it saves a checkpoint and stops; wait for it
+            continue
+    if code in (INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE):
+        print(f"demo: stopped during the {name} stage; the same command resumes it", file=sys.stderr)
+        raise SystemExit(code)
+    if code != 0:
+        print(f"demo: the {name} stage failed (exit code {code}, its error is above); nothing after it ran",
+              file=sys.stderr)
+        raise SystemExit(code)
     return time.time() - t0
+
+
+def check_named(flags: dict[str, str]) -> None:
+    """What --sft_args and --dpo_args name, found before the first stage runs (a model the DPO stage cannot read
+    would otherwise fail after the SFT stage's minute)."""
+    needs = []
+    for option, text in flags.items():
+        argv = shlex.split(text)
+        for i, a in enumerate(argv):
+            key, _, value = a.partition("=")
+            if key in NAMED and (value or i + 1 < len(argv)):
+                needs.append(hub.Need(key[2:], value or argv[i + 1], NAMED[key], place=f"--{option}"))
+    hub.check(needs)
 
 
 def share(samples: list[dict], key: str) -> float:
@@ -45,6 +81,7 @@ def main():
     p.add_argument("--show", type=int, default=4, help="side-by-side generations to print")
     p.add_argument("--eval_prompts", type=int, default=None, help="judge only the first N held-out prompts")
     args = p.parse_args()
+    check_named({"sft_args": args.sft_args, "dpo_args": args.dpo_args})
     out = Path(args.out)
     sft_dir, dpo_dir = out / "sft", out / "dpo"
 
