@@ -30,7 +30,8 @@ def _checkout(tmp_path, version="3.11"):
 
 def _make(tmp_path, *args):
     env = {**os.environ, "PATH": f"{tmp_path / 'bin'}:{os.environ['PATH']}", "CALLS": str(tmp_path / "calls")}
-    env.pop("MAKEFLAGS", None)
+    for name in ("MAKEFLAGS", "MAKELEVEL", "MFLAGS"):  # under `make test` the child would print make[1]: lines
+        env.pop(name, None)
     return subprocess.run(["make", "--no-print-directory", *args], cwd=tmp_path, env=env, capture_output=True,
                           text=True, timeout=60)
 
