@@ -43,7 +43,7 @@ from .settings import check_settings  # noqa: E402
 @dataclass
 class DPOConfig(TRLDPOConfig):
     """TRL's DPOConfig with the fast path on by default (fastdpo.trainer implements it; TRL 1.16 disables
-    padding_free) and the knobs it adds. Each fast piece is checked against the stock path in tests/test_parity.py
+    padding_free) and the knobs it adds. Each fast piece is checked against the stock path in tests/parity/
     and falls back, with a logged reason, where it would not be the same math."""
 
     padding_free: bool = field(

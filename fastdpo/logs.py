@@ -32,7 +32,7 @@ QUIET = (
     ("transformers.trainer", "There were missing keys in the checkpoint model loaded: ['lm_head.weight'].", None,
      "a model with tied embeddings saves the shared matrix once, as embed_tokens; on resume the Trainer loads with "
      "strict=False and lists lm_head.weight as missing although the tie gives it the loaded values (a resumed run "
-     "ends bit-identical to an uninterrupted one: tests/test_train.py, tests/test_first_hour.py). An untied model "
+     "ends bit-identical to an uninterrupted one: tests/e2e/test_train.py and test_first_hour.py). An untied model "
      "saves lm_head.weight, so the line cannot hide a real loss there"),
 )
 

@@ -67,7 +67,7 @@ def tokenizer_digest(tokenizer) -> str:
     """Everything about the tokenizer that decides the ids: its tokenizer.json (vocabulary, merges, normalizer,
     pre-tokenizer, added tokens, post-processor), special tokens and chat template, and the library versions."""
     import tokenizers  # heavy (transformers loads torch): imported only when a key is computed
-    import transformers
+    import transformers  # heavy, as above
 
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
