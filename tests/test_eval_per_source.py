@@ -15,6 +15,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from fastdpo import config as cfg
 from fastdpo import data, models
+from fastdpo.logs import use_plain_progress
 from fastdpo.trainer import DPOTrainer, named_eval_sets
 
 # TRL's eval metrics that are a mean over pairs: pooled, they are the mean over every eval pair
@@ -92,11 +93,12 @@ def test_per_source_metrics_are_each_set_alone_and_the_overall_is_pooled(flags, 
     assert metrics["eval_samples_per_second"] * metrics["eval_runtime"] == pytest.approx(31, rel=1e-3)
 
 
-def test_each_eval_set_is_precomputed_once_and_a_rerun_reads_the_cache(tiny, tmp_path):
+def test_each_eval_set_is_precomputed_once_and_a_rerun_reads_the_cache(tiny, tmp_path, capsys):
     cache = tmp_path / "ref"
     flags = ["--ref_logps_cache_dir", str(cache), "--report_to", "tensorboard", "--eval_strategy", "steps",
              "--eval_steps", "1", "--eval_on_start", "true"]
     trainer = trainer_for(tiny, tmp_path / "out", *flags)
+    use_plain_progress(trainer)
     passes = [(name, stats["cached"]) for name, stats in trainer.reference_passes]
     assert passes == [("train", False), ("polite_jsonl", False), ("b", False)]
     folders = sorted(p for p in cache.iterdir() if p.is_dir())
@@ -112,6 +114,12 @@ def test_each_eval_set_is_precomputed_once_and_a_rerun_reads_the_cache(tiny, tmp
     evals = [h for h in trainer.state.log_history if "eval_loss" in h]
     assert [h["step"] for h in evals] == [0, 1, 2, 3, 3, 3]
     assert all(f"eval_{n}_rewards/accuracies" in h for h in evals for n in ("polite_jsonl", "b"))
+    # the one-line log: the line over all pairs, then one per set
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("eval step 2/3")]
+    last = evals[2]
+    assert lines == [f"eval step 2/3{head} | loss {last[f'eval_{k}loss']:.4f} | "
+                     f"acc {last[f'eval_{k}rewards/accuracies']:.2f} | margin {last[f'eval_{k}rewards/margins']:.3f}"
+                     for head, k in (("", ""), (" | polite_jsonl", "polite_jsonl_"), (" | b", "b_"))]
 
     # TensorBoard gets the same keys ("eval_" becomes "eval/"), at every evaluation
     (folder,) = {p.parent for p in (tmp_path / "out").rglob("events.out.tfevents.*")}  # a file per writer opened
