@@ -1,13 +1,17 @@
 """Eval sets by name: fastdpo.trainer.DPOTrainer takes eval_dataset={name: tokenised Dataset}; each set's metrics
 (`eval_<name>_...`) are what evaluating that set alone gives, the plain `eval_...` ones are over all the pairs
-pooled, and all of them reach the log history, TensorBoard and the dict evaluate() returns. With precomputed
-reference log-probs each set has one reference pass, cached by its content, which a rerun reads.
+pooled, and all of them reach the log history, TensorBoard, the one-line log and the dict evaluate() returns; on one
+rank and on two (DDP, tests/dist_eval_sets.py). With precomputed reference log-probs each set has one reference
+pass, cached by its content, which a rerun reads.
 
-    .venv/bin/python -m pytest tests/test_eval_per_source.py      # about a minute on 2 cores
+    .venv/bin/python -m pytest tests/test_eval_per_source.py      # about 4 minutes on 2 cores (30 s without slow)
 """
 
 import json
 import math
+import os
+import socket
+import subprocess
 
 import pytest
 from datasets import Dataset, concatenate_datasets
@@ -17,6 +21,8 @@ from fastdpo import config as cfg
 from fastdpo import data, models
 from fastdpo.logs import use_plain_progress
 from fastdpo.trainer import DPOTrainer, named_eval_sets
+
+from .conftest import PYTHON, REPO
 
 # TRL's eval metrics that are a mean over pairs: pooled, they are the mean over every eval pair
 PER_PAIR = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -60,8 +66,9 @@ def evaluate_alone(trainer, dataset, batch_size=None) -> dict:
         trainer.eval_dataset, trainer.args.per_device_eval_batch_size = kept, kept_batch
 
 
-@pytest.mark.parametrize("flags", [["--ref_logps_cache_dir", "{tmp}/ref"], ["--precompute_ref_log_probs", "false"],
-                                   ["--padding_free", "false"]],
+@pytest.mark.parametrize("flags", [["--ref_logps_cache_dir", "{tmp}/ref"],
+                                   pytest.param(["--precompute_ref_log_probs", "false"], marks=pytest.mark.slow),
+                                   pytest.param(["--padding_free", "false"], marks=pytest.mark.slow)],
                          ids=["fast-precomputed", "fast-reference-forward", "stock-precomputed"])
 def test_per_source_metrics_are_each_set_alone_and_the_overall_is_pooled(flags, tiny, tmp_path):
     trainer = trainer_for(tiny, tmp_path / "out", *(f.format(tmp=tmp_path) for f in flags))
@@ -93,6 +100,7 @@ def test_per_source_metrics_are_each_set_alone_and_the_overall_is_pooled(flags, 
     assert metrics["eval_samples_per_second"] * metrics["eval_runtime"] == pytest.approx(31, rel=1e-3)
 
 
+@pytest.mark.slow
 def test_each_eval_set_is_precomputed_once_and_a_rerun_reads_the_cache(tiny, tmp_path, capsys):
     cache = tmp_path / "ref"
     flags = ["--ref_logps_cache_dir", str(cache), "--report_to", "tensorboard", "--eval_strategy", "steps",
@@ -151,3 +159,35 @@ def test_eval_set_names_become_metric_keys_or_are_refused():
         named_eval_sets({"empty": ds.select([])})
     with pytest.raises(ValueError, match="empty dict"):
         named_eval_sets({})
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("extra", [[], ["--precompute_ref_log_probs", "false"]],
+                         ids=["precomputed", "reference-forward"])
+def test_two_ranks_gather_each_batch_once_and_agree(extra, tiny_model_path, tmp_path):
+    """DDP on 2 CPU processes (tests/dist_eval_sets.py): the same per-set and pooled numbers as above, every rank
+    returning the same metrics (the per-batch pair counts are gathered over the ranks)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "FASTDPO_CACHE": str(tmp_path / "cache"),
+           "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
+                           str(REPO / "tests" / "dist_eval_sets.py"), str(tmp_path), *extra], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]
+
+    def steady(metrics):
+        return {k: v for k, v in metrics.items() if not k.endswith(SPEED)}
+
+    assert steady(ranks[0]["named"]) == steady(ranks[1]["named"])
+    named = ranks[0]["named"]
+    for name in ("a", "b"):
+        mine = {k.removeprefix(f"eval_{name}_"): v for k, v in steady(named).items() if k.startswith(f"eval_{name}_")}
+        theirs = {k.removeprefix("eval_"): v for k, v in steady(ranks[0]["alone"][name]).items()}
+        assert mine == {k: v for k, v in theirs.items() if k != "epoch"}
+    for key in PER_PAIR:
+        assert named[f"eval_{key}"] == pytest.approx(ranks[0]["pooled"][f"eval_{key}"], rel=1e-5, abs=1e-6), key
+    mean_of_means = (named["eval_a_rewards/margins"] + named["eval_b_rewards/margins"]) / 2
+    assert not math.isclose(named["eval_rewards/margins"], mean_of_means, rel_tol=1e-3)
