@@ -48,6 +48,12 @@ PRIVATES = [
     Private("trl.DPOTrainer._precompute_model_hash", "trl 1.16.0",
             "tests/parity/test_parity.py::test_reference_cache_parity",
             "read: TRL's hash of the reference weights keys the reference cache (trl_reference_hash)"),
+    Private("trl.DPOTrainer._metrics", "trl 1.16.0",
+            "tests/test_eval_per_source.py::test_per_source_metrics_are_each_set_alone_and_the_overall_is_pooled",
+            "read and cleared: each eval set's per-batch metrics, before TRL's log averages them (take_metrics)"),
+    Private("transformers.Trainer._memory_tracker", "transformers 5.23.0",
+            "tests/test_eval_per_source.py::test_per_source_metrics_are_each_set_alone_and_the_overall_is_pooled",
+            "started and stopped around an evaluation of named sets, as Trainer.evaluate does (memory_tracker)"),
     Private("transformers.Trainer._remove_unused_columns", "transformers 5.23.0",
             "tests/parity/test_parity.py::test_loss_trajectory_parity",
             "called: the token-budget dataloader's columns"),
@@ -134,6 +140,15 @@ def trl_reference_hash(trainer) -> str | None:
     return trainer._precompute_model_hash
 
 
+def take_metrics(trainer, mode: str) -> dict[str, list[float]]:
+    """The metrics TRL's loss has appended since its last log ("train" or "eval"), one value per batch (num_tokens:
+    one value), taken out as TRL's log takes them: the trainer holds none afterwards."""
+    held = trainer._metrics[mode]
+    values = {key: list(v) for key, v in held.items()}
+    held.clear()
+    return values
+
+
 def trl_loss_types() -> list[str]:
     """The loss_type values TRL's DPOConfig documents in its help text (tests/e2e/test_sft_lora_eval.py pins them)."""
     field = next(f for f in dataclasses.fields(TRLDPOConfig) if f.name == "loss_type")
@@ -145,6 +160,11 @@ def trl_loss_types() -> list[str]:
 
 def unused_columns_removed(trainer, dataset, description: str):
     return trainer._remove_unused_columns(dataset, description=description)
+
+
+def memory_tracker(trainer):
+    """The Trainer's memory-metrics tracker (skip_memory_metrics); its start() must be called from `evaluate`."""
+    return trainer._memory_tracker
 
 
 def train_batch_size(trainer) -> int:
