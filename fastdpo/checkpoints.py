@@ -430,7 +430,8 @@ class Run:
         """After tokenising: refuse changed training data; then clear partial checkpoints and record the run."""
         self.settings["train_data"] = fingerprint(train_dataset)
         if eval_dataset is not None:
-            self.settings["eval_data"] = fingerprint(eval_dataset)
+            self.settings["eval_data"] = (fingerprint(eval_dataset) if not isinstance(eval_dataset, dict) else
+                                          "; ".join(f"{n}: {fingerprint(d)}" for n, d in eval_dataset.items()))
         self._check(keys=DATA_KEYS)
         if self.finished_settings is not None:
             changed, _ = compare(self.finished_settings, self.settings)

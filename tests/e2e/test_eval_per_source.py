@@ -1,7 +1,7 @@
 """Eval sets by name: fastdpo.trainer.DPOTrainer takes eval_dataset={name: tokenised Dataset}; each set's metrics
 (`eval_<name>_...`) are what evaluating that set alone gives, the plain `eval_...` ones are over all the pairs
 pooled, and all of them reach the log history, TensorBoard, the one-line log and the dict evaluate() returns; on one
-rank and on two (DDP, tests/dist_eval_sets.py). With precomputed reference log-probs each set has one reference
+rank and on two (DDP, dist_eval_sets.py). With precomputed reference log-probs each set has one reference
 pass, cached by its content, which a rerun reads.
 
     .venv/bin/python -m pytest tests/test_eval_per_source.py      # about 4 minutes on 2 cores (30 s without slow)
@@ -21,8 +21,7 @@ from fastdpo import config as cfg
 from fastdpo import data, models
 from fastdpo.logs import use_plain_progress
 from fastdpo.trainer import DPOTrainer, named_eval_sets
-
-from .conftest import PYTHON, REPO
+from tests.helpers import PYTHON, REPO
 
 # TRL's eval metrics that are a mean over pairs: pooled, they are the mean over every eval pair
 PER_PAIR = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -165,7 +164,7 @@ def test_eval_set_names_become_metric_keys_or_are_refused():
 @pytest.mark.parametrize("extra", [[], ["--precompute_ref_log_probs", "false"]],
                          ids=["precomputed", "reference-forward"])
 def test_two_ranks_gather_each_batch_once_and_agree(extra, tiny_model_path, tmp_path):
-    """DDP on 2 CPU processes (tests/dist_eval_sets.py): the same per-set and pooled numbers as above, every rank
+    """DDP on 2 CPU processes (dist_eval_sets.py): the same per-set and pooled numbers as above, every rank
     returning the same metrics (the per-batch pair counts are gathered over the ranks)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -173,7 +172,8 @@ def test_two_ranks_gather_each_batch_once_and_agree(extra, tiny_model_path, tmp_
     env = {**os.environ, "PYTHONPATH": str(REPO), "FASTDPO_CACHE": str(tmp_path / "cache"),
            "TOKENIZERS_PARALLELISM": "false"}
     proc = subprocess.run([PYTHON, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(port),
-                           str(REPO / "tests" / "dist_eval_sets.py"), str(tmp_path), *extra], cwd=REPO, env=env,
+                           str(REPO / "tests/distributed/dist_eval_sets.py"), str(tmp_path), *extra], cwd=REPO,
+                          env=env,
                           capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in (0, 1)]

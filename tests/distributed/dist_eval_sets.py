@@ -1,16 +1,16 @@
-"""Run by tests/test_eval_per_source.py under `torchrun --nproc_per_node 2` (CPU, gloo): eval sets by name on two
+"""Run by tests/e2e/test_eval_per_source.py under `torchrun --nproc_per_node 2` (CPU, gloo): eval sets by name on two
 ranks. Trains the embedded tiny model 2 steps with two named eval sets (24 and 8 held-out pairs, 4 a rank a batch:
 every batch whole on both ranks, so no pair is repeated to even them out), then writes OUT/rank{r}.json with the
 named evaluation, each set evaluated alone, and all 32 pairs evaluated as one set at one pair a rank a batch.
 
-    torchrun --nproc_per_node 2 tests/dist_eval_sets.py OUT [--precompute_ref_log_probs false]
+    torchrun --nproc_per_node 2 tests/distributed/dist_eval_sets.py OUT [--precompute_ref_log_probs false]
 """
 
 import json
 import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 import torch.distributed as dist  # noqa: E402
