@@ -107,7 +107,8 @@ def tokenizer_digest(tokenizer) -> str:
 def code_files() -> list[Path]:
     """The source files of every stage of the data pipeline, this module included (a package: all its files)."""
     out = []
-    for module in (errors, files, sources, layouts, dataspec, checks, tokens, splits, tokbuild, report, mixture,
+    # not fastdpo.mixture: an entry's ids do not depend on a plan; a mixed file is named by the rows it holds
+    for module in (errors, files, sources, layouts, dataspec, checks, tokens, splits, tokbuild, report,
                    sys.modules[__name__]):
         path = Path(module.__file__)
         out += sorted(path.parent.glob("*.py")) if path.name == "__init__.py" else [path]

@@ -244,3 +244,21 @@ def test_listings_and_bad_rows_per_source(tmp_path, files, tiny_tokenizer):
     (skip,) = prep.listings["skipped_rows.jsonl"]
     assert skip["source"] == "flat" and skip["where"] == f"{flat}:41"
     assert prep.listings["no_pair_rows.jsonl"][0]["where"] == f"{flat}:42"
+
+
+@pytest.mark.slow
+def test_benchmark_data_mixture_runs_small(tmp_path, tiny_model_path):
+    """scripts/benchmark_data.py --mixture at a tiny size (the timed run is 260k pairs): both sides train the same
+    number of pairs, and the requeue reads the mixture back."""
+    from .conftest import PYTHON, run
+
+    out = tmp_path / "bench.json"
+    run([PYTHON, "scripts/benchmark_data.py", "--mixture", "--rows", "60", "--procs", "1", "--work",
+         str(tmp_path / "work"), "--tokenizer_dir", tiny_model_path, "--prose", str(REPO / "docs"), "--json",
+         str(out)], timeout=600)
+    result = json.loads(out.read_text())
+    assert result["mixture"] and {(r["impl"], r["launch"]) for r in result["runs"]} == {
+        ("mix", "first"), ("mix", "second"), ("ours", "first"), ("ours", "second")}
+    assert all(r["pairs"] == 60 for r in result["runs"])
+    plan = json.loads((tmp_path / "work" / "mix-60.json").read_text())
+    assert [s["amount"] for s in plan["sources"]] == [None, {"count": 18}, {"weight": 2.0}]
