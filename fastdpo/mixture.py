@@ -95,6 +95,9 @@ def read_recipe(path: str | Path) -> tuple[RecipeMixture | None, list[str]]:
     bad: list[str] = []
     where = f"{path}:{{}}"
     test_split, seed = None, None
+    if list(given) == ["test_split_size"]:  # TRL's key beside dataset_name: ours says it
+        return None, [f"{where.format(given['test_split_size'])}: test_split_size: write dataset_test_split: "
+                      f"{top['test_split_size'].value} (a fraction held out, seeded by dataset_seed)"]
     if "datasets" in top and "dataset_mixture" in top:
         bad.append(f"{where.format(top['dataset_mixture'].line)}: dataset_mixture: and datasets: both give the "
                    "sources; keep one (datasets: is TRL's form, dataset_mixture: alignment-handbook's)")

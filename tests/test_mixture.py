@@ -117,6 +117,7 @@ def test_single_source_keys_with_a_mixture(tmp_path, files):
     sft = (REPO / "recipes" / "tiny_sft.yaml").read_text()
     assert "a mixture trains DPO" in refused(recipe(tmp_path, mix, sft), trainer_config=SFTConfig)
     assert "dataset_mixture: and datasets: both" in refused(recipe(tmp_path, mix + "dataset_mixture: {}\n"))
+    assert "write dataset_test_split: 0.05" in refused(recipe(tmp_path, "test_split_size: 0.05\n"))
     # the entry's own column_map is not mistaken for the recipe's
     s, _, _ = parse(recipe(tmp_path, mix))
     assert s.mixture["sources"][0]["options"] == {"column_map": {"prompt": "prompt"}}
