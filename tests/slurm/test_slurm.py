@@ -139,6 +139,24 @@ def test_two_nodes_one_process_each(cluster, two_nodes, one_node):
     assert_same_weights(one_node[1], out)
 
 
+def test_a_mixture_on_two_nodes(cluster, tmp_path):
+    """A mixture recipe (two local sources, by count and by weight) on two nodes, one process each: the ranks
+    train the same mixture in lockstep to the last step, from one mixed file, accounted per source."""
+    from tests.test_mixture_train import mixture_recipe, write_sources
+
+    convo, flat = write_sources(tmp_path)
+    recipe, out, cache = mixture_recipe(tmp_path, convo, flat, 50), tmp_path / "out", tmp_path / "cache"
+    job_id, r = submit(cluster, "scripts/dpo_train.sh", out, nodes=2,
+                       env={"RECIPE": str(recipe), "FASTDPO_CACHE": str(cache)})
+    assert r.returncode == 0, f"sbatch --wait returned {r.returncode}: {r.stderr}\n{_read(cluster, job_id)[-3000:]}"
+    text = assert_trained(cluster, job_id, out, "dpo-think")
+    assert "x 2 processes x" in text and "mixture of 2 sources:" in text
+    report = json.loads((out / "data_report.json").read_text())
+    assert (report["sources"]["convo"]["trained"], report["sources"]["plain"]["trained"]) == (50, 90)
+    assert len(list((cache / "tokens").glob("mix-*.arrow"))) == 1  # one file, the same for every rank
+    assert set(json.loads((out / "run.json").read_text())["settings"]["eval_data"]) == {"convo", "plain"}
+
+
 def test_usr1_on_two_nodes_saves_requeues_and_resumes_to_the_same_weights(cluster, two_nodes, tmp_path):
     out = tmp_path / "out"
     job_id, _ = submit(cluster, "scripts/dpo_train.sh", out, wait=False, nodes=2)
