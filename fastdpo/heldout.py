@@ -47,7 +47,8 @@ class Run:
 
     def data_spec(self, **overrides) -> DataSpec:
         """The run's data, split rule and lengths as its arguments said (max_length is the trainer's)."""
-        if self.settings.get("mixture") is not None and not hasattr(self.settings["mixture"], "sources"):
+        mix = self.settings.get("mixture")
+        if mix is not None and not (isinstance(mix, dict) and mix.get("sources")):  # a record from before mixtures
             raise SystemExit(f"{self.record}: the run mixes several sources, and its record does not hold the "
                              "recipe's mixture to read its held-out pairs back; its eval numbers per source are in "
                              f"{self.folder / 'all_results.json'} (eval_<label>_...)")

@@ -196,8 +196,12 @@ def shown(name: str) -> str:
 def held_out_rule(spec) -> str:
     """Which rows the run held out, in words."""
     evals = splits.eval_spec(spec)
+    names = ", ".join(shown(s.name) for s in spec.sources)  # a mixture's sources, or the one
+    if spec.mixture is not None and spec.eval_sets:
+        return f"{names}; eval sets {', '.join(shown(s.name) for s in spec.eval_sets)}"
     if evals.fraction is not None:
-        return f"{shown(spec.train.name)}, {evals.fraction:g} of its rows held out (dataset_seed {spec.seed})"
+        whose = "each source's" if spec.mixture is not None else "its"
+        return f"{names}, {evals.fraction:g} of {whose} rows held out (dataset_seed {spec.seed})"
     if evals.source is not None:
         return f"{shown(evals.source)} [{evals.split}]"
     return f"{shown(spec.train.name)}, none held out"

@@ -23,6 +23,7 @@ import torch
 from safetensors.torch import load_file
 
 from fastdpo.checkpoints import MARKER
+from tests.e2e.test_mixture_train import mixture_recipe, write_sources
 from tests.slurm.slurm_cluster import NODES, SlurmCluster, unavailable_reason
 
 REPO = Path(__file__).resolve().parents[2]
@@ -142,8 +143,6 @@ def test_two_nodes_one_process_each(cluster, two_nodes, one_node):
 def test_a_mixture_on_two_nodes(cluster, tmp_path):
     """A mixture recipe (two local sources, by count and by weight) on two nodes, one process each: the ranks
     train the same mixture in lockstep to the last step, from one mixed file, accounted per source."""
-    from tests.test_mixture_train import mixture_recipe, write_sources
-
     convo, flat = write_sources(tmp_path)
     recipe, out, cache = mixture_recipe(tmp_path, convo, flat, 50), tmp_path / "out", tmp_path / "cache"
     job_id, r = submit(cluster, "scripts/dpo_train.sh", out, nodes=2,

@@ -3,7 +3,7 @@ one upsampled by weight, train; every pair is accounted for per source; eval met
 reuses the tokenised mixture; a changed mixture is refused on resume, naming the change; the analyzer reports per
 source.
 
-    .venv/bin/python -m pytest tests/test_mixture_train.py     # about 2 minutes on 2 cores
+    .venv/bin/python -m pytest tests/e2e/test_mixture_train.py    # about 2 minutes on 2 cores
 """
 
 import json
@@ -11,8 +11,7 @@ import json
 import pytest
 
 from fastdpo import tiny
-
-from .conftest import PYTHON, REPO, read_json, run
+from tests.helpers import PYTHON, REPO, read_json, run
 
 pytestmark = pytest.mark.slow
 
@@ -78,6 +77,13 @@ def test_a_mixture_trains_accounts_evaluates_and_resumes(tmp_path):
     proc = run(base[:3] + [str(changed)] + base[4:] + ["--max_steps", "6"], env=env, check=False)
     assert proc.returncode == 1 and f"{out}/checkpoint-4 was trained with other settings" in proc.stderr
     assert "mixture: source 'convo': amount count 50 -> count 60" in proc.stderr
+
+    proc = run([PYTHON, "scripts/evaluate.py", str(out), "--samples", "0"], env=env)  # its held-out pairs
+    assert "of each source's rows held out (dataset_seed 42)" in proc.stdout
+    for name, held in (("convo", 8), ("plain", 4)):
+        section = proc.stdout.split(f"### {name}\n")[1].lstrip()
+        assert section.startswith(f"{held} pairs the run held out; 0 of them were training pairs; the pairs the run "
+                                  "evaluated: yes"), section[:300]
 
     proc = run([PYTHON, "scripts/analyze_dataset.py", "--recipe", str(recipe), "--samples", "all"], env=env)
     for name in ("convo", "plain", "mixture"):

@@ -2,7 +2,7 @@
 arithmetic, seeding, the per-source hold-out before any copy, the mixed file's cache key, the accounting per source,
 and the run identity naming a changed source.
 
-    .venv/bin/python -m pytest tests/test_mixture.py          # about 30 s on 2 cores
+    .venv/bin/python -m pytest tests/unit/test_mixture.py         # about 30 s on 2 cores
 """
 
 import json
@@ -16,8 +16,7 @@ from fastdpo import checkpoints, mixture, tiny, tokcache
 from fastdpo.config import parse_args
 from fastdpo.dataspec import DataSpec
 from fastdpo.errors import DataError
-
-from .conftest import REPO
+from tests.helpers import PYTHON, REPO, run
 
 TINY = (REPO / "recipes" / "tiny.yaml").read_text().replace("dataset_name: embedded:tiny-prefs", "")
 TINY = TINY.replace("dataset_test_split: test", "dataset_test_split: 0.1")
@@ -251,7 +250,6 @@ def test_listings_and_bad_rows_per_source(tmp_path, files, tiny_tokenizer):
 def test_benchmark_data_mixture_runs_small(tmp_path, tiny_model_path):
     """scripts/benchmark_data.py --mixture at a tiny size (the timed run is 260k pairs): both sides train the same
     number of pairs, and the requeue reads the mixture back."""
-    from .conftest import PYTHON, run
 
     out = tmp_path / "bench.json"
     run([PYTHON, "scripts/benchmark_data.py", "--mixture", "--rows", "60", "--procs", "1", "--work",
