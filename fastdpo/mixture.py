@@ -41,7 +41,7 @@ AMOUNTS = ("count", "weight", "fraction")
 ENTRY_KEYS = tuple(dict.fromkeys(TRL_KEYS + HANDBOOK_KEYS + ("label", "count") + OPTION_KEYS))
 RECIPE_KEYS = ("datasets", "dataset_mixture", "eval_datasets", "test_split_size")  # read here, not by TrlParser
 HANDBOOK_MIXTURE_KEYS = ("datasets", "test_split_size", "seed")
-LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+LABEL = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")  # as metric keys keep them (trainer.named_eval_sets)
 CHOICES = {"ranked_pairs": ("best_vs_worst", "best_vs_rest"), "annotators": ("majority",)}
 
 
@@ -191,7 +191,7 @@ def _entry(node: Node, amounts: bool) -> tuple[dict, list[tuple[str | None, str]
         if key in v and (not isinstance(v[key], str) or not v[key]):
             bad.append((key, f"{v[key]!r}; expected a non-empty string"))
     if "label" in v and isinstance(v["label"], str) and not LABEL.match(v["label"]):
-        bad.append(("label", f"{v['label']!r}; use letters, digits, _ . - (it names the eval metrics: "
+        bad.append(("label", f"{v['label']!r}; use letters, digits, _ and - (it names the eval metrics: "
                              "eval_<label>_loss)"))
     if "columns" in v and not (isinstance(v["columns"], list) and v["columns"]
                                and all(isinstance(c, str) for c in v["columns"])):
@@ -297,7 +297,7 @@ def display_name(path: str, data_files=None, split: str = "train") -> str:
     name = Path(path.rstrip("/")).name
     for suffix in (".gz", ".jsonl", ".json", ".parquet", ".csv"):
         name = name.removesuffix(suffix)
-    return re.sub(r"[^A-Za-z0-9_.-]", "_", name) or "source"
+    return re.sub(r"[^A-Za-z0-9_-]+", "_", name).strip("_") or "source"
 
 
 # ------------------------------------------------------------------------------------------- the plan
