@@ -52,11 +52,11 @@ endef
 demo: setup  ## SFT then DPO on the embedded tiny model, on CPU (a few minutes), with a before/after table
 	$(PY) scripts/demo.py
 
-test: setup  ## the whole test suite, as CI runs it (CPU; about 20 minutes on 2 cores)
+test: setup  ## the whole suite, as CI runs it: unit, e2e, parity, distributed, slurm (CPU; ~30 min on 2 cores)
 	$(PY) -m pytest tests
 
-test-fast: setup  ## unit tests only (seconds): data, configs, tokenisation
-	$(PY) -m pytest tests -m "not slow"
+test-fast: setup  ## tests/unit without the slow ones (about a minute): data, configs, tokenisation, house rules
+	$(PY) -m pytest tests/unit -m "not slow"
 
 # ruff (pinned in requirements.txt) with the rules in pyproject.toml; no format check (CLAUDE.md says why)
 lint: setup  ## ruff check, as CI runs it first

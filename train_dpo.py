@@ -52,6 +52,18 @@ def write_json(path: Path, obj) -> None:
     path.write_text(json.dumps(obj, indent=2) + "\n")
 
 
+def print_table(before: dict | None, after: dict, names: list[str]) -> None:
+    """The held-out metrics before and after training: the overall ones, then each eval set's of a mixture."""
+    print("\n| metric (held-out) | before | after |\n|---|---|---|")
+    keys = TABLE_KEYS + [k.replace("eval_", f"eval_{name}_", 1) for name in names for k in TABLE_KEYS[:3]]
+    for key in keys:
+        if key not in after:
+            continue
+        b = f"{before[key]:.4f}" if before and key in before else "-"
+        print(f"| {key} | {b} | {after[key]:.4f} |")
+    print()
+
+
 def main(script_args, training_args, model_args):
     is_main = ranks.writes("run", training_args.save_on_each_node)
     preemption = PreemptionCallback()  # SIGUSR1/SIGTERM/Ctrl-C: checkpoint and stop (Slurm: the job requeues)
@@ -71,7 +83,8 @@ def main(script_args, training_args, model_args):
 
     # Data: read, validate, tokenise exactly as TRL would, then truncate (max_prompt_length keeps the prompt end).
     # Done once per data and tokenizer by each node's local main process; a requeue, a resume or another run on
-    # the same data memory-maps the cached rows in seconds (fastdpo/tokcache.py).
+    # the same data memory-maps the cached rows in seconds (fastdpo/tokcache.py). A mixture (datasets: in the
+    # recipe) gives one train set and its eval sets by source name, a dict the trainer evaluates one by one.
     tokenizer = models.load_tokenizer(model_args.model_name_or_path, script_args.chat_template_path,
                                       model_args.model_revision)
     prepared = tokcache.prepare(DataSpec.of(script_args, max_length=training_args.max_length), tokenizer,
@@ -131,18 +144,14 @@ def main(script_args, training_args, model_args):
     if before is not None:
         trainer.save_metrics("before_eval", {k.replace("eval_", "before_eval_", 1): v for k, v in before.items()})
     if is_main and after is not None:
-        print("\n| metric (held-out) | before | after |\n|---|---|---|")
-        for key in TABLE_KEYS:
-            b = f"{before[key]:.4f}" if before and key in before else "-"
-            print(f"| {key} | {b} | {after.get(key, float('nan')):.4f} |")
-        print()
+        print_table(before, after, list(eval_ds) if isinstance(eval_ds, dict) else [])
 
     if not saved:
         sys.exit(f"error: the final model is not in {out}; see 'could not write the final model' above")
     if script_args.merge_adapter and is_main:
         models.save_merged(trainer.accelerator.unwrap_model(trainer.model), tokenizer, out, out / "adapter")
-    if training_args.push_to_hub:
-        trainer.push_to_hub(dataset_name=script_args.dataset_name)
+    if training_args.push_to_hub:  # a mixture's sources are listed in data_report.json, not on the model card
+        trainer.push_to_hub(dataset_name=None if script_args.mixture else script_args.dataset_name)
     run.finished()
     logger.info("saved to %s", out)
 

@@ -1,5 +1,7 @@
 """fastdpo: the reusable pieces behind train_dpo.py, train_sft.py and scripts/.
 
+cli         the `fastdpo` command: train | sft | analyze | evaluate, the scripts' flags
+hub         a Hub id or local path checked once; an unreachable one fails in one line with the fix
 config      recipe + command line -> (ScriptArguments, DPOConfig, ModelConfig): the entry points' one door
   recipes   where each key came from (recipe line, flag), unknown and renamed keys
   settings  values that cannot work, refused before any data or model is loaded
@@ -28,10 +30,11 @@ trainer     TRL's DPOTrainer taking pre-tokenised pairs, plus the fast path:
   refcache  reference log-probs computed once, in resumable chunks, cached on disk
 lengths     token-length statistics for scripts/analyze_dataset.py
 evaluation  preference accuracy, margins, KL and generations for scripts/evaluate.py
+heldout     a finished run's held-out rows, rebuilt from its run.json (scripts/evaluate.py OUTPUT_DIR)
 preemption  SIGUSR1/SIGTERM -> checkpoint and exit 75 (Slurm requeue)
 checkpoints complete-checkpoint markers, resume choice, run identity (a changed rerun is refused)
 logs        one plain progress line per logging step
-ranks       which process this is and which one writes (caches per node, output_dir per run), exit codes, failure notes
+ranks       which process this is and which one writes (caches per node, output_dir per run)
 watchdog    a stalled rank dumps its stacks and exits 70 (retried); waits for another process, with deadlines
 runlock     one run per output_dir (a lock that works on NFS/Lustre, stale ones taken over)
 failures    after a failed attempt: who failed first, of what, retry or not (scripts/_launch.sh)

@@ -40,7 +40,7 @@ import torch.distributed as dist
 from safetensors import SafetensorError
 from transformers import TrainerCallback
 
-from . import files, frameworks, ranks
+from . import files, frameworks, mixture, ranks
 from .models import resolve
 from .refcache import token_hash
 
@@ -57,7 +57,7 @@ DEFINING = {
     "lora_dropout", "lora_target_modules", "use_rslora", "use_dora", "load_in_4bit", "load_in_8bit",
     # data
     "dataset_name", "dataset_config", "dataset_train_split", "max_train_samples", "dataset_shuffle_seed",
-    "column_map", "max_prompt_length", "chat_template_path", "skip_bad_rows", "train_data",
+    "column_map", "max_prompt_length", "chat_template_path", "skip_bad_rows", "train_data", "mixture",
     # objective
     "beta", "loss_type", "loss_weights", "label_smoothing", "ld_alpha", "use_weighting", "f_divergence_type",
     "f_alpha_divergence_coef", "discopop_tau", "sync_ref_model", "assistant_only_loss", "completion_only_loss",
@@ -210,6 +210,9 @@ def compare(old: dict, new: dict, keys=None) -> tuple[list[str], list[str]]:
             continue
         a, b = old.get(key, _MISSING), new.get(key, _MISSING)
         if a is _MISSING or b is _MISSING or a == b:
+            continue
+        if key == "mixture":  # which source, and what of it, rather than two copies of the whole plan
+            changed += [f"mixture: {change}" for change in mixture.changes(a, b)]
             continue
         (changed if key in DEFINING else safe).append(f"{key}: {_fmt(a)} -> {_fmt(b)}")
     if keys is None or set(LENGTH) & set(keys):
@@ -429,7 +432,9 @@ class Run:
     def check_data(self, train_dataset, eval_dataset=None) -> None:
         """After tokenising: refuse changed training data; then clear partial checkpoints and record the run."""
         self.settings["train_data"] = fingerprint(train_dataset)
-        if eval_dataset is not None:
+        if isinstance(eval_dataset, dict):  # a mixture's eval sets, by name
+            self.settings["eval_data"] = {name: fingerprint(ds) for name, ds in eval_dataset.items()}
+        elif eval_dataset is not None:
             self.settings["eval_data"] = fingerprint(eval_dataset)
         self._check(keys=DATA_KEYS)
         if self.finished_settings is not None:

@@ -117,8 +117,22 @@ def check_sources(script_args, model_args, argv: list[str], recipe) -> None:
         value = getattr(model_args if kind == hub.MODEL else script_args, key, None)
         return hub.Need(key, value, kind, revision, where(key))
 
-    hub.check([need("model_name_or_path", hub.MODEL, model_args.model_revision), need("dataset_name", hub.DATASET),
-               need("eval_dataset_name", hub.DATASET)])
+    data = [need("dataset_name", hub.DATASET), need("eval_dataset_name", hub.DATASET)]
+    if getattr(script_args, "mixture", None):
+        data = mixture_needs(recipe)
+    hub.check([need("model_name_or_path", hub.MODEL, model_args.model_revision)] + data)
+
+
+def mixture_needs(recipe) -> list:
+    """Each source and eval set of a recipe's mixture, as a name to check with its recipe line (`path: json` with
+    data_files names no repository: its files are checked when read)."""
+    from . import hub, mixture, sources  # imported here: this module stays standard-library at import
+
+    found, _ = mixture.read_recipe(recipe)
+    entries = [(f"datasets[{i}]", e) for i, e in enumerate(found.sources)] if found else []
+    entries += [(f"eval_datasets[{i}]", e) for i, e in enumerate(found.evals or [])] if found else []
+    return [hub.Need(f"{what}.path", e["path"], hub.DATASET, place=f"{recipe}:{e['line']}") for what, e in entries
+            if not (e["path"] in sources.BUILDERS and e.get("data_files"))]
 
 
 def _print(text: str) -> None:

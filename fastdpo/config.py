@@ -33,6 +33,7 @@ from .credentials import check_secrets  # noqa: E402
 from .credentials import load_env as load_env  # noqa: E402  (re-exported: the entry points call cfg.load_env)
 from .credentials import redact_logs as redact_logs  # noqa: E402
 from .layouts import check_column_map, parse_codes  # noqa: E402
+from .mixture import RECIPE_KEYS, Mixture, read_recipe  # noqa: E402
 from .recipes import DEFAULT_RECIPE, RENAMED, Where, argument_error, explain_unknown  # noqa: E402
 from .recipes import DEFAULT_SFT_RECIPE as DEFAULT_SFT_RECIPE  # noqa: E402
 from .recipes import describe as describe  # noqa: E402
@@ -43,7 +44,7 @@ from .settings import check_settings  # noqa: E402
 @dataclass
 class DPOConfig(TRLDPOConfig):
     """TRL's DPOConfig with the fast path on by default (fastdpo.trainer implements it; TRL 1.16 disables
-    padding_free) and the knobs it adds. Each fast piece is checked against the stock path in tests/test_parity.py
+    padding_free) and the knobs it adds. Each fast piece is checked against the stock path in tests/parity/
     and falls back, with a logged reason, where it would not be the same math."""
 
     padding_free: bool = field(
@@ -170,6 +171,11 @@ class ScriptArguments:
                   "defines the run changed (data, model, learning rate, beta, batch, ...); every change is logged. "
                   "Without it such a rerun is refused."},
     )
+    mixture: str | None = field(
+        default=None,
+        metadata={"help": "Set from the recipe's datasets:, dataset_mixture: and eval_datasets: keys (several sources "
+                  "by count or weight, docs/mixtures.md); not a flag."},
+    )
     merge_adapter: bool = field(
         default=False,
         metadata={"help": "With use_peft: save the base with the LoRA adapter merged in (a plain model folder the "
@@ -213,14 +219,16 @@ def valid_keys(trainer_config=DPOConfig) -> set[str]:
 
 
 def parse_args(argv: list[str] | None = None, trainer_config=DPOConfig, default_recipe: Path = DEFAULT_RECIPE,
-               check_paths: bool = True):
+               check_paths: bool = True, mixture: bool = True):
     """Parse `--config recipe.yaml` plus overrides into (ScriptArguments, DPOConfig, ModelConfig).
 
     With no --config the embedded tiny recipe is used. Keys no config knows fail, naming the recipe line or
     the flag and a likely fix. train_sft.py passes trainer_config=SFTConfig and the tiny SFT recipe.
     Values that cannot work, or would train silently wrong, fail here too (fastdpo.settings), before any data
     or model is loaded; `check_paths=False` skips the local-path checks (parsing a recipe whose model is an
-    earlier stage's output folder).
+    earlier stage's output folder). A recipe's mixture (datasets:, dataset_mixture:, eval_datasets:) is read by
+    fastdpo.mixture and set as script_args.mixture, its plain plan; `mixture=False` leaves it out (the analyzer
+    given one dataset).
     """
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv:
@@ -236,10 +244,13 @@ def parse_args(argv: list[str] | None = None, trainer_config=DPOConfig, default_
         )
     except ValueError as e:
         raise SystemExit(f"{recipe}: {e}") from None
-    messages = _unknown(recipe, from_recipe, from_cli, trainer_config)
+    mix, messages = read_recipe(recipe)
+    messages += _unknown(recipe, from_recipe, from_cli, trainer_config)
     messages += _combinations(recipe, script_args, training_args, model_args)
+    where = Where(recipe, argv)
+    if mix is not None and mixture and not messages:
+        messages += _with_mixture(where, mix, script_args, trainer_config)
     if not messages:  # values are only worth checking once every key is known
-        where = Where(recipe, argv)
         messages += check_settings(where, script_args, training_args, model_args, check_paths)
         messages += check_secrets(where, script_args, training_args, model_args)
     if messages:
@@ -249,7 +260,7 @@ def parse_args(argv: list[str] | None = None, trainer_config=DPOConfig, default_
 
 def _unknown(recipe: str, from_recipe: list[str], from_cli: list[str], trainer_config) -> list[str]:
     """What the parser left over: unknown keys (recipe or command line) and stray arguments."""
-    bad_recipe = [s[2:] for s in from_recipe if s.startswith("--")]
+    bad_recipe = [s[2:] for s in from_recipe if s.startswith("--") and s[2:] not in RECIPE_KEYS]
     bad_cli = [s.lstrip("-").split("=")[0] for s in from_cli if s.startswith("-")]
     messages = []
     valid = valid_keys(trainer_config)
@@ -273,3 +284,47 @@ def _combinations(recipe: str, script_args, training_args, model_args) -> list[s
         messages.append(f"{recipe}: merge_adapter with push_to_hub would upload the adapter and the merged model "
                         "into one repo; push the merged output_dir afterwards with `hf upload`")
     return messages
+
+
+# Single-source keys that a mixture sets per entry, or otherwise.
+PER_SOURCE = {
+    "dataset_name": "dataset_name names one source, datasets: several; keep one",
+    "dataset_config": "set name: (TRL) or config: on the entry", "dataset_train_split": "set split: on the entry",
+    "max_train_samples": "set count: N on the entry",
+    "eval_dataset_name": "name the eval sets with eval_datasets: [{path: ...}]",
+    **{k: "set it on each entry it applies to" for k in ("column_map", "ranked_pairs", "judged_pairs", "annotators",
+                                                         "judged_label", "judged_codes")},
+}
+
+
+def _with_mixture(where: Where, mix, script_args, trainer_config) -> list[str]:
+    """The recipe's mixture as script_args.mixture (its plain plan), or why it cannot be: keys that name one source,
+    the handbook form's split and seed given twice, a trainer that reads one source."""
+    place = f"{where.recipe}:{min(mix.given.values())}"
+
+    def given(key):  # top-level keys only: an entry's own column_map is not the recipe's
+        return key in where.cli or key in mix.top
+
+    def at(key):
+        return f"command line (--{key})" if key in where.cli else f"{where.recipe}:{mix.top[key]}"
+
+    if not any(f.name == "beta" for f in fields(trainer_config)):
+        return [f"{place}: a mixture trains DPO (train_dpo.py); SFT reads one dataset_name"]
+    if given("mixture"):
+        return [f"{at('mixture')}: mixture: is set from datasets: (docs/mixtures.md); write the sources there"]
+    if not mix.sources:
+        return [f"{place}: eval_datasets: names eval sets of a mixture; list its sources in datasets:, or use "
+                "eval_dataset_name for one source"]
+    bad = [f"{at(k)}: {k}: with a mixture ({place}): {fix}" for k, fix in PER_SOURCE.items() if given(k)]
+    if mix.evals and given("dataset_test_split"):
+        bad.append(f"{at('dataset_test_split')}: dataset_test_split: with eval_datasets: the eval sets are named "
+                   "there; drop one")
+    for key, value, own in (("dataset_test_split", mix.test_split, "test_split_size"),
+                            ("dataset_seed", mix.seed, "seed")):
+        if value is None or key in where.cli:
+            continue  # a flag overrides the recipe
+        if given(key):
+            bad.append(f"{at(key)}: {key}: and the mixture's {own} ({place}) both set it; keep one")
+        setattr(script_args, key, value)
+    script_args.mixture = Mixture.of(mix).plain()
+    return bad

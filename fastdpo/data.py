@@ -28,6 +28,8 @@ def load_pairs(spec, tokenizer=None) -> splits.Split:
     transcripts are read (fastdpo.checks.normalize_row); None = with a template.
     """
     spec = DataSpec.of(spec)
+    if spec.mixture is not None:  # its plan needs every source's pairs: fastdpo.tokcache.prepare reads it
+        raise DataError("a mixture (datasets:) is read through the token cache (tokcache.prepare), not in memory")
     templated, skipped = tokens.templated(tokenizer), Skipped()
     source = spec.train.open()
     evals = splits.eval_spec(spec, source)

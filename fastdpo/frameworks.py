@@ -1,9 +1,9 @@
 """The seam with the frameworks: every private name of TRL, transformers, accelerate, DeepSpeed, torch and datasets
 that fastdpo uses (a leading underscore, a patched function, an overridden private method) is used here and
-nowhere else in the package (tests/test_house.py checks it).
+nowhere else in the package (tests/unit/test_house.py checks it).
 
 A version bump of one of them re-checks this file: `PRIVATES` lists each name with the version it was checked on
-and the test that fails when it moves; tests/test_frameworks.py finds every name in the installed versions in
+and the test that fails when it moves; tests/unit/test_frameworks.py finds every name in the installed versions in
 seconds, and the guard tests check the behaviour that depends on it. At the ground floor: imports nothing from the
 package.
 """
@@ -39,62 +39,75 @@ class Private:
 
 
 PRIVATES = [
-    Private("trl.DPOTrainer._prepare_dataset", "trl 1.16.0", "tests/test_parity.py::test_reference_cache_parity",
+    Private("trl.DPOTrainer._prepare_dataset", "trl 1.16.0",
+            "tests/parity/test_parity.py::test_reference_cache_parity",
             "overridden: tokenised pairs pass through untouched (keep_tokenized)"),
     Private("trl.DPOTrainer._precompute_ref_logps", "trl 1.16.0",
-            "tests/test_refcache.py::test_bad_reference_cache_is_moved_aside_and_recomputed",
+            "tests/e2e/test_refcache.py::test_bad_reference_cache_is_moved_aside_and_recomputed",
             "overridden: the reference pass is fastdpo.refcache's (precompute_ref_logps, stock_ref_logps)"),
-    Private("trl.DPOTrainer._precompute_model_hash", "trl 1.16.0", "tests/test_parity.py::test_reference_cache_parity",
+    Private("trl.DPOTrainer._precompute_model_hash", "trl 1.16.0",
+            "tests/parity/test_parity.py::test_reference_cache_parity",
             "read: TRL's hash of the reference weights keys the reference cache (trl_reference_hash)"),
+    Private("trl.DPOTrainer._metrics", "trl 1.16.0",
+            "tests/e2e/test_eval_per_source.py::test_per_source_metrics_are_each_set_alone_and_the_overall_is_pooled",
+            "read and cleared: each eval set's per-batch metrics, before TRL's log averages them (take_metrics)"),
+    Private("transformers.Trainer._memory_tracker", "transformers 5.23.0",
+            "tests/e2e/test_eval_per_source.py::test_per_source_metrics_are_each_set_alone_and_the_overall_is_pooled",
+            "started and stopped around an evaluation of named sets, as Trainer.evaluate does (memory_tracker)"),
     Private("transformers.Trainer._remove_unused_columns", "transformers 5.23.0",
-            "tests/test_parity.py::test_loss_trajectory_parity", "called: the token-budget dataloader's columns"),
+            "tests/parity/test_parity.py::test_loss_trajectory_parity",
+            "called: the token-budget dataloader's columns"),
     Private("transformers.Trainer._train_batch_size", "transformers 5.23.0",
-            "tests/test_parity.py::test_loss_trajectory_parity", "read: pairs per micro-batch of the stock path"),
+            "tests/parity/test_parity.py::test_loss_trajectory_parity",
+            "read: pairs per micro-batch of the stock path"),
     Private("transformers.Trainer._prepare_inputs", "transformers 5.23.0",
-            "tests/test_parity.py::test_loss_trajectory_parity", "called: a packed micro-batch to the device"),
+            "tests/parity/test_parity.py::test_loss_trajectory_parity", "called: a packed micro-batch to the device"),
     Private("transformers.Trainer._save", "transformers 5.23.0",
-            "tests/test_sharded.py::test_sharded_fast_path_equals_ddp", "called: FSDP's gathered final weights"),
+            "tests/distributed/test_sharded.py::test_sharded_fast_path_equals_ddp",
+            "called: FSDP's gathered final weights"),
     Private("transformers.Trainer._run_epoch", "transformers 5.23.0",
-            "tests/test_train.py::test_a_checkpoint_at_max_steps_resumes_without_another_step",
+            "tests/e2e/test_train.py::test_a_checkpoint_at_max_steps_resumes_without_another_step",
             "replaced on the instance: a checkpoint at max_steps resumes without a step (skip_training_loop)"),
     Private("transformers.PreTrainedModel._from_config", "transformers 5.23.0",
-            "tests/test_parity_arch.py::test_family_parity_bf16", "called: the probe's float32 twin"),
+            "tests/parity/test_parity_arch.py::test_family_parity_bf16", "called: the probe's float32 twin"),
     Private("transformers.PreTrainedModel._tied_weights_keys", "transformers 5.23.0",
-            "tests/test_train.py::test_embedded_default_learns_the_preference",
+            "tests/e2e/test_train.py::test_embedded_default_learns_the_preference",
             "read: the embedded tiny model's weights saved without the tied copy"),
     Private("transformers.PretrainedConfig._attn_implementation", "transformers 5.23.0",
-            "tests/test_parity_arch.py::test_family_parity", "read: which attention a model runs"),
+            "tests/parity/test_parity_arch.py::test_family_parity", "read: which attention a model runs"),
     Private("transformers.integrations.deepspeed._hf_deepspeed_config_weak_ref", "transformers 5.23.0",
-            "tests/test_sharded.py::test_sharded_fast_path_equals_ddp",
+            "tests/distributed/test_sharded.py::test_sharded_fast_path_equals_ddp",
             "read: ZeRO-3 switched off while the probe's twin is built whole (outside_zero3)"),
     Private("transformers.models.mixtral.modeling_mixtral.load_balancing_loss_func", "transformers 5.23.0",
-            "tests/test_parity_arch.py::test_moe_load_balancing_loss_parity",
+            "tests/parity/test_parity_arch.py::test_moe_load_balancing_loss_parity",
             "patched for one forward: the router loss weighted by packed tokens (weighted_load_balancing)"),
     Private("transformers.modeling_utils.ALL_ATTENTION_FUNCTIONS", "transformers 5.23.0",
-            "tests/test_parity.py::test_packed_logps_parity",
+            "tests/parity/test_parity.py::test_packed_logps_parity",
             "its 'sdpa' entry wrapped: the per-sequence attention (wrap_attention)"),
-    Private("trl.DPOConfig.loss_type", "trl 1.16.0", "tests/test_sft_lora_eval.py::test_loss_types_match_trl",
+    Private("trl.DPOConfig.loss_type", "trl 1.16.0", "tests/e2e/test_sft_lora_eval.py::test_loss_types_match_trl",
             "read: the loss types listed in its help text (trl_loss_types)"),
     Private("accelerate.state.GradientState._set_sync_gradients", "accelerate 1.15.0",
-            "tests/test_parity.py::test_distributed_parity", "called: gradients sync after a slot's last micro-batch"),
-    Private("accelerate.Accelerator.gather", "accelerate 1.15.0", "tests/test_parity.py::test_distributed_parity",
+            "tests/parity/test_parity.py::test_distributed_parity",
+            "called: gradients sync after a slot's last micro-batch"),
+    Private("accelerate.Accelerator.gather", "accelerate 1.15.0",
+            "tests/parity/test_parity.py::test_distributed_parity",
             "shadowed on the instance for one loss: ragged per-rank metrics (ragged_gather)"),
     Private("torch.distributed.distributed_c10d._get_default_store", "torch 2.13.0",
-            "tests/test_failures.py::test_stopped_and_hung_ranks_end_the_job_with_stacks_and_the_rerun_resumes",
+            "tests/distributed/test_failures.py::test_stopped_and_hung_ranks_end_the_job_with_stacks_and_the_rerun_resumes",
             "called: the watchdog's heartbeats (default_store)"),
     Private("torch.distributed.distributed_c10d._set_pg_timeout", "torch 2.13.0",
-            "tests/test_failures.py::test_stopped_and_hung_ranks_end_the_job_with_stacks_and_the_rerun_resumes",
+            "tests/distributed/test_failures.py::test_stopped_and_hung_ranks_end_the_job_with_stacks_and_the_rerun_resumes",
             "called: a collective gives up no later than the watchdog (set_pg_timeout)"),
-    Private("datasets.Dataset._indices", "datasets 5.2.0", "tests/test_parity.py::test_reference_cache_parity",
+    Private("datasets.Dataset._indices", "datasets 5.2.0", "tests/parity/test_parity.py::test_reference_cache_parity",
             "read: a selected dataset is flattened before its Arrow buffers are read (flat)"),
     Private("datasets.Dataset._fingerprint", "datasets 5.2.0",
-            "tests/test_layouts.py::test_nested_parquet_and_save_to_disk_go_through_the_same_detection",
+            "tests/unit/test_layouts.py::test_nested_parquet_and_save_to_disk_go_through_the_same_detection",
             "read: datasets' own fingerprint of a prepared Hub or saved split keys its token cache (fingerprint)"),
     Private("transformers.tokenization_utils_tokenizers.TokenizersBackend._tokenizer", "transformers 5.23.0",
-            "tests/test_data.py::test_tokens_identical_to_trl",
+            "tests/unit/test_data.py::test_tokens_identical_to_trl",
             "read: the Rust backend whose encode_batch_fast skips character offsets (fast_encoder)"),
     Private("transformers.tokenization_utils_tokenizers.TokenizersBackend._encode_plus", "transformers 5.23.0",
-            "tests/test_data.py::test_tokens_identical_to_trl",
+            "tests/unit/test_data.py::test_tokens_identical_to_trl",
             "compared: a tokenizer that overrides it keeps the ordinary call (fast_encoder)"),
 ]
 
@@ -127,8 +140,17 @@ def trl_reference_hash(trainer) -> str | None:
     return trainer._precompute_model_hash
 
 
+def take_metrics(trainer, mode: str) -> dict[str, list[float]]:
+    """The metrics TRL's loss has appended since its last log ("train" or "eval"), one value per batch (num_tokens:
+    one value), taken out as TRL's log takes them: the trainer holds none afterwards."""
+    held = trainer._metrics[mode]
+    values = {key: list(v) for key, v in held.items()}
+    held.clear()
+    return values
+
+
 def trl_loss_types() -> list[str]:
-    """The loss_type values TRL's DPOConfig documents in its help text (tests/test_sft_lora_eval.py pins them)."""
+    """The loss_type values TRL's DPOConfig documents in its help text (tests/e2e/test_sft_lora_eval.py pins them)."""
     field = next(f for f in dataclasses.fields(TRLDPOConfig) if f.name == "loss_type")
     return re.findall(r"`'(\w+)'`", field.metadata["help"])
 
@@ -138,6 +160,11 @@ def trl_loss_types() -> list[str]:
 
 def unused_columns_removed(trainer, dataset, description: str):
     return trainer._remove_unused_columns(dataset, description=description)
+
+
+def memory_tracker(trainer):
+    """The Trainer's memory-metrics tracker (skip_memory_metrics); its start() must be called from `evaluate`."""
+    return trainer._memory_tracker
 
 
 def train_batch_size(trainer) -> int:

@@ -3,7 +3,7 @@
 `scripts/analyze_dataset.py` is the command; this module is the logic, so tests and other tools can reuse it.
 Lengths come from `tokens.tokenize_pairs`, the function training tokenises with, and the truncation rule is
 `tokens.truncate_pair`'s applied to lengths, so every count here is what training would see
-(tests/test_analyze.py checks it against TRL's collator).
+(tests/unit/test_analyze.py checks it against TRL's collator).
 
 Definitions used throughout:
   total      prompt + the longer of chosen and rejected, untruncated: the max_length that keeps a pair whole.
@@ -27,6 +27,7 @@ import random
 from dataclasses import dataclass
 
 import numpy as np
+from datasets import Dataset
 
 from . import checks, layouts, splits, tokens
 from .dataspec import DataSpec
@@ -116,8 +117,6 @@ def _batch_lengths(batch: dict, tokenizer) -> dict:
 
 def measure(rows: list[dict], tokenizer, num_proc: int | None = None, batch_size: int = 256) -> Lengths:
     """Untruncated prompt/chosen/rejected token counts, tokenised by `tokens.tokenize_pairs` in parallel batches."""
-    from datasets import Dataset
-
     ds = splits.to_dataset(rows, "sample")  # the same Arrow conversion (and error) as the in-memory path
     if num_proc is not None and num_proc > 1:
         num_proc = min(num_proc, math.ceil(len(ds) / batch_size))  # an idle worker only costs a fork
@@ -407,10 +406,11 @@ def _recommendation(result: dict) -> list[str]:
 
 def plot(result: dict, totals: np.ndarray, path: str) -> None:
     """Histogram and CDF of total lengths, candidates dotted, the recipe's dashed, the recommendation solid."""
-    import matplotlib
+    import matplotlib  # heavy, and only for --plot: the analyzer's tables do without it
 
     matplotlib.use("Agg")  # no display on clusters and CI
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # after use("Agg"), which must come first
+    from matplotlib.lines import Line2D  # with the rest of matplotlib, only for --plot
 
     fig, (hist, cdf) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
     lo, hi = max(1, int(totals.min())), int(totals.max())
@@ -443,8 +443,6 @@ def plot(result: dict, totals: np.ndarray, path: str) -> None:
     if log:
         cdf.set_xscale("log")
     cdf.set_xlim(lo * 0.9, right)
-    from matplotlib.lines import Line2D
-
     hist.legend(handles=[Line2D([], [], color="red", lw=2, label=f"recommended {rec}"),
                          Line2D([], [], color="green", ls="--", label="recipe"),
                          Line2D([], [], color="gray", ls=":", label="candidates")], fontsize=8)

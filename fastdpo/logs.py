@@ -32,7 +32,7 @@ QUIET = (
     ("transformers.trainer", "There were missing keys in the checkpoint model loaded: ['lm_head.weight'].", None,
      "a model with tied embeddings saves the shared matrix once, as embed_tokens; on resume the Trainer loads with "
      "strict=False and lists lm_head.weight as missing although the tie gives it the loaded values (a resumed run "
-     "ends bit-identical to an uninterrupted one: tests/test_train.py, tests/test_first_hour.py). An untied model "
+     "ends bit-identical to an uninterrupted one: tests/e2e/test_train.py and test_first_hour.py). An untied model "
      "saves lm_head.weight, so the line cannot hide a real loss there"),
 )
 
@@ -117,6 +117,10 @@ def epochs(max_steps: int, args, train_dataloader) -> str:
     return f"{max_steps / per_epoch:.4g} epochs of {per_epoch} steps"
 
 
+# an eval set's own reward accuracy, which TRL logs for every set (fastdpo.trainer: eval sets by name)
+EVAL_SET = re.compile(r"^eval_(.+)_rewards/accuracies$")
+
+
 def _fmt(value, spec):
     return "n/a" if value is None else format(value, spec)
 
@@ -158,8 +162,13 @@ class ProgressLine(TrainerCallback):
         print(" | ".join(parts), flush=True)
 
     def on_evaluate(self, args, state, control, metrics=None, **kwargs):
-        if state.is_world_process_zero and metrics:
-            when = f"step {state.global_step}/{state.max_steps}" if state.max_steps else "before training"
-            print(f"eval {when} | loss {_fmt(metrics.get('eval_loss'), '.4f')} | "
-                  f"acc {_fmt(metrics.get('eval_rewards/accuracies'), '.2f')} | "
-                  f"margin {_fmt(metrics.get('eval_rewards/margins'), '.3f')}", flush=True)
+        """The eval line; with eval sets by name (`eval_<name>_...` keys) it is over all their pairs, and a line per
+        set follows it."""
+        if not (state.is_world_process_zero and metrics):
+            return
+        when = f"step {state.global_step}/{state.max_steps}" if state.max_steps else "before training"
+        sets = [m.group(1) for m in map(EVAL_SET.match, metrics) if m]
+        for head, prefix in [(f"eval {when}", "eval_")] + [(f"eval {when} | {n}", f"eval_{n}_") for n in sets]:
+            print(f"{head} | loss {_fmt(metrics.get(prefix + 'loss'), '.4f')} | "
+                  f"acc {_fmt(metrics.get(prefix + 'rewards/accuracies'), '.2f')} | "
+                  f"margin {_fmt(metrics.get(prefix + 'rewards/margins'), '.3f')}", flush=True)

@@ -1,11 +1,11 @@
 """Per-GPU memory of DPO training under ZeRO-2, ZeRO-3 and FSDP2, from published formulas: what fits where.
 
-    python -m fastdpo.memory            # the README table ("What fits where"); tests/test_memory.py checks they agree
+    python -m fastdpo.memory            # the README table ("What fits where"); tests/unit/test_memory.py checks
 
 Model states, mixed-precision Adam, Psi parameters on N GPUs. The ZeRO paper (Rajbhandari et al. 2020,
 arXiv:1910.02054, section 3.1 and Figure 1) counts 2 Psi bf16 weights + 2 Psi bf16 gradients + K Psi optimizer
 states, K = 12 (fp32 master weights, momentum, variance), sharded by stage; DeepSpeed's own estimators
-(`estimate_zero2_model_states_mem_needs` / `estimate_zero3_...`, cpu_offload=False; tests/test_memory.py checks
+(`estimate_zero2_model_states_mem_needs` / `estimate_zero3_...`, cpu_offload=False; tests/unit/test_memory.py checks
 these numbers against them) count the fp32 gradient partition the optimizer steps on as well:
     ZeRO-2  2 Psi  +  (2 + 4 + 12) Psi / N        weights whole on every GPU; 16-bit and fp32 gradient
                                                   partitions and the optimizer sharded
@@ -183,7 +183,7 @@ def smallest(shape: Shape, tokens: int, gpus: int, gpu_gb: float) -> str | None:
 
 
 # What a run is, for the estimate: from a recipe and flags (the sbatch pre-check) or from the parsed arguments.
-# Defaults where a recipe leaves a key out: fastdpo's DPOConfig, TRL 1.16's ModelConfig (tests/test_memory.py checks
+# Defaults where a recipe leaves a key out: fastdpo's DPOConfig, TRL 1.16's ModelConfig (test_memory.py checks
 # they still agree); the pre-check reads YAML only, without TRL, to stay quick in the batch shell.
 DEFAULTS = {"model_name_or_path": None, "model_revision": "main", "per_device_train_batch_size": 8,
             "gradient_accumulation_steps": 1, "max_length": 1024, "token_budget": None,

@@ -23,7 +23,7 @@ both sequences, so the padded rejected grid reads those log-probs from the chose
 + 1 instead of Lc + Lr.
 
 The padded view (input_ids, attention_mask, completion_mask) is built by TRL's own DataCollatorForPreference, so
-truncation and completion masks are TRL's by construction. tests/test_parity*.py check it numerically, per model
+truncation and completion masks are TRL's by construction. tests/parity/ checks it numerically, per model
 family; `probe` checks it on the real model before training.
 """
 

@@ -47,6 +47,10 @@ RENAMED = {
     "padding_value": "TRL 1.16 removed it: the tokenizer's pad token is used (set pad_token to choose)",
     "label_pad_token_id": "TRL 1.16 removed it: labels are masked without a pad id",
 }
+# A mixture's keys are the recipe's, never flags: a list of sources does not fit on a command line.
+MIXTURE_FLAG = ("a mixture is written in the recipe (datasets: [{path: ..., count: ...}]; docs/mixtures.md), not "
+                "as a flag")
+RENAMED.update({key: MIXTURE_FLAG for key in ("datasets", "dataset_mixture", "eval_datasets", "test_split_size")})
 
 
 

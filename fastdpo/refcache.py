@@ -10,7 +10,9 @@ writes the chunk (nodes may not share a filesystem) before the next one starts. 
 resumes from its last complete chunk, and SIGUSR1 (Slurm's time-limit warning) stops every rank at the same chunk
 boundary (the flag is all-reduced) with `Preempted`, which train_dpo.py turns into exit 75 and a requeue.
 On disk: <cache>/<key>/chunk-NNNNNN.npy (float32 [pairs, 2]), then ref_logps.arrow once all are done, which is
-memory-mapped and joined to the dataset as two columns (no Python lists).
+memory-mapped and joined to the dataset as two columns (no Python lists); meta.json holds the key's parts and the
+name of the set (train, eval, or an eval set's own name) it was computed for. Each eval set of a dict of named sets
+has its own pass and folder (its tokens are in the key), so a rerun or a resume finds every one of them.
 
 A cache never stops training: a truncated or unreadable file is reported with its path, moved aside and
 recomputed; a folder that cannot be written gives one warning and the pass runs without saving.
@@ -365,7 +367,9 @@ def attach(dataset, name: str, spec: ReferencePass, cache_dir: str | Path | None
         return _with_columns(dataset, ref), {"cached": True, "seconds": 0.0}
     run = _start(name, folder, pairs, lead, acc.device)
     if run.writes and not (folder / "meta.json").exists():
-        (folder / "meta.json").write_text(json.dumps({"parts": parts, "pairs": pairs, "chunk": run.size}, indent=1))
+        # `name`: the set it was first computed for, for someone reading the cache (the key is the content)
+        (folder / "meta.json").write_text(json.dumps({"name": name, "parts": parts, "pairs": pairs,
+                                                      "chunk": run.size}, indent=1))
     numbers, done = _compute(run, spec, dataset)
     stats = {"cached": False, "seconds": numbers.pop("seconds"), "resumed_chunks": int(run.have.sum()), **numbers}
     logger.info("%s: reference log-probs for %d pairs in %.1fs (packed, %d ranks, padding efficiency %.3f%s%s)",

@@ -2,7 +2,8 @@
 eval + skipped + without a pair + dropped + duplicates removed + eval rows over max_eval_samples, checked to add up),
 its one-line form for the log, data_report.json, and the listings of rows not trained on (file:line and why) in
 output_dir. It works from the counts of each source's token-cache entry (meta.json) and the split plan, so a run of
-several sources sums the same numbers."""
+several sources sums the same numbers: a mixture (fastdpo.mixture) is accounted for per source and as a whole, its
+upsampled copies counted apart from the pairs taken (a copy is not a duplicate: it is never removed)."""
 
 from __future__ import annotations
 
@@ -101,3 +102,71 @@ def write(out: Path, data_report: dict, listed: dict) -> None:
         if rows:
             with open(out / name, "w") as f:
                 f.writelines(json.dumps(r) + "\n" for r in rows)
+
+
+# ------------------------------------------------------------------------------------------------ mixtures
+
+PART_KEYS = ("rows_read", "with_pairs", "skipped", "no_pair", "pairs", "taken", "not_taken", "upsampled", "trained",
+             "eval", "eval_unused", "dropped", "duplicates_removed")
+
+
+def part_accounting(meta: dict, counts: dict, no_pair: int, role: str, amount: str) -> dict:
+    """One source's (or named eval set's) accounting from its entry's meta.json, its rows without a pair and the
+    plan's counts, checked."""
+    out = {"role": role, "amount": amount, "rows_read": meta["items"], "with_pairs": meta["rows_with_pairs"],
+           "skipped": meta["skipped"], "no_pair": no_pair, **{k: counts[k] for k in PART_KEYS[4:]}}
+    _check_part(out, meta["source"])
+    return out
+
+
+def _check_part(acc: dict, label: str) -> None:
+    made = sum(acc[k] for k in ("taken", "not_taken", "eval", "eval_unused", "dropped", "duplicates_removed"))
+    read = acc["with_pairs"] + acc["skipped"] + acc["no_pair"]
+    if made != acc["pairs"] or acc["trained"] != acc["taken"] + acc["upsampled"] or read != acc["rows_read"]:
+        raise RuntimeError(f"data accounting of {label} does not add up: {acc}")
+
+
+def mixture_line(acc: dict) -> str:
+    """`1,000 rows read = 600 taken + 100 eval + 280 not taken (amount) + ...; 900 trained = 600 taken + 300
+    upsampled copies`, with the pairs of ranked rows apart as in `accounting_line`."""
+    tail = (f"{acc['eval']:,} eval + {acc['not_taken']:,} not taken (amount) + {acc['dropped']:,} dropped (too long) "
+            f"+ {acc['duplicates_removed']:,} duplicates removed"
+            + (f" + {acc['eval_unused']:,} eval pairs over max_eval_samples" if acc["eval_unused"] else ""))
+    bad = f"{acc['skipped']:,} skipped + {acc['no_pair']:,} without a pair"
+    if acc["pairs"] == acc["with_pairs"]:
+        line = f"{acc['rows_read']:,} rows read = {acc['taken']:,} taken + {tail} + {bad}"
+    else:
+        line = (f"{acc['rows_read']:,} rows read = {acc['with_pairs']:,} with pairs + {bad}; their {acc['pairs']:,} "
+                f"pairs = {acc['taken']:,} taken + {tail}")
+    if acc.get("role") == "eval":
+        return line
+    return line + f"; {acc['trained']:,} trained = {acc['taken']:,} taken + {acc['upsampled']:,} upsampled copies"
+
+
+def mixture_accounting(parts: dict[str, dict], evals: dict[str, dict]) -> dict:
+    """The whole mixture's accounting: the sum of its sources' and named eval sets' (each already checked)."""
+    total = {k: sum(a[k] for a in list(parts.values()) + list(evals.values())) for k in PART_KEYS}
+    total["role"] = "mixture"
+    _check_part(total, "the mixture")
+    return total
+
+
+def mixture_report(train_counts: dict, eval_counts: dict, total: dict, parts: dict, evals: dict, repeats: dict,
+                   dedup: str, layouts: list[dict], notes: Notes, cache: dict, plain: dict) -> dict:
+    """data_report.json of a mixture: the single-source report's keys (summed), plus `sources` and `eval_sets`
+    (each with its accounting, amount, layout and line) and the plan itself (`mixture`)."""
+    return {
+        "train": train_counts,
+        "eval": eval_counts or None,
+        "skipped_rows": total["skipped"],
+        "duplicates": {**repeats, "removed": total["duplicates_removed"], "dedup": dedup},
+        "eval_unused_max_eval_samples": total["eval_unused"],
+        "accounting": total,
+        "sources": parts,
+        "eval_sets": evals,
+        "layout": layouts[0],
+        "eval_layout": None,
+        "notes": notes.as_dict(),
+        "cache": cache,
+        "mixture": plain,
+    }

@@ -252,15 +252,17 @@ class RowsSource(Source):
 class HubSource(Source):
     """A Hub dataset id (or a folder `datasets` reads itself), through `load_dataset` and its Arrow cache."""
 
-    def __init__(self, name: str, config: str | None, split: str):
+    def __init__(self, name: str, config: str | None, split: str, data_dir: str | None = None,
+                 data_files: list | None = None):
         self.name, self.config, self.split = name, config, split
+        self.subset = {k: v for k, v in (("data_dir", data_dir), ("data_files", data_files)) if v is not None}
         self.label = f"{name} [{split}]"
         self._ds = None
 
     def dataset(self):
         if self._ds is None:
             try:
-                self._ds = load_dataset(self.name, self.config, split=self.split)
+                self._ds = load_dataset(self.name, self.config, split=self.split, **self.subset)
             except ValueError as e:
                 if "split" in str(e).lower():
                     raise DataError(f"{self.name}: has no split {self.split!r} ({e}); set dataset_train_split / "
@@ -278,7 +280,7 @@ class HubSource(Source):
 
     def fingerprint(self, memo_dir=None):
         # datasets' own fingerprint of the prepared split: its builder config, data files and their revision
-        return {"hub": self.name, "config": self.config, "split": self.split,
+        return {"hub": self.name, "config": self.config, "split": self.split, **self.subset,
                 "dataset": frameworks.fingerprint(self.dataset())}
 
 
@@ -332,8 +334,76 @@ def _folder(path: Path, config: str | None, split: str) -> Source:
     return FilesSource(sorted(data[split]), str(path))
 
 
-def open_source(source: str, config: str | None = None, split: str = "train") -> Source:
-    """The rows of one split: an embedded dataset, a local file, a local folder or a Hub dataset id."""
+def open_source(source: str, config: str | None = None, split: str = "train", data_dir: str | None = None,
+                data_files=None, columns=None) -> Source:
+    """The rows of one split: an embedded dataset, a local file, a local folder or a Hub dataset id; with TRL's
+    data_dir / data_files (a folder or Hub repo's subset; `path: json` with local files) and columns (only those
+    read, as TRL's select_columns)."""
+    if data_dir is not None or data_files is not None:
+        found = _subset(source, config, split, data_dir, data_files)
+    else:
+        found = _open(source, config, split)
+    return Columns(found, tuple(columns)) if columns else found
+
+
+BUILDERS = ("json", "csv", "parquet")  # TRL's `path: json` + data_files: the files are the source
+
+
+def _subset(source: str, config: str | None, split: str, data_dir: str | None, data_files) -> Source:
+    """TRL's data_dir / data_files: local files when they exist (relative to a local folder `source`, or to the
+    working folder for a builder name), otherwise the Hub repo's subset through load_dataset."""
+    if isinstance(data_files, dict):
+        if split not in data_files:
+            raise DataError(f"{source}: data_files has no split {split!r} (it names {sorted(data_files)}); set the "
+                            "entry's split: to one of them")
+        data_files = data_files[split]
+    base = Path(source).expanduser()
+    local = base.is_dir() or source in BUILDERS
+    root = (base if base.is_dir() else Path(".")) / (data_dir or "")
+    if data_files is None:
+        if root.is_dir():
+            return _folder(root, config, split)
+        if local:
+            raise DataError(f"{root}: no such folder (data_dir {data_dir!r})")
+        return HubSource(source, config, split, data_dir=data_dir)
+    names = [data_files] if isinstance(data_files, str) else list(data_files)
+    paths = [p for n in names for p in (sorted(root.glob(n)) if any(c in n for c in "*?[") else [root / n])]
+    missing = [str(p) for p in paths if not p.is_file()]
+    if local and (missing or not paths):
+        raise DataError(f"{source}: data_files {missing[0] if missing else names[0]}: no such file")
+    if not local:
+        return HubSource(source, config, split, data_dir=data_dir, data_files=names)
+    bad = [str(p) for p in paths if _suffix(p) not in READERS]
+    if bad:
+        raise DataError(f"{bad[0]}: unsupported file type; use .jsonl, .json, .parquet or .csv (optionally .gz)")
+    return FilesSource(paths, str(paths[0]) if len(paths) == 1 else f"{source} {names}")
+
+
+class Columns(Source):
+    """Only the named columns of each row (TRL's `columns`): the rest is never seen by layout detection."""
+
+    def __init__(self, inner: Source, columns: tuple):
+        self.inner, self.columns = inner, columns
+        self.label, self.single_file = inner.label, inner.single_file
+
+    def batches(self, limit=None):
+        for batch in self.inner.batches(limit):
+            yield RawBatch([self._select(item) for item in batch.items], batch.where, batch.done)
+
+    def _select(self, item):
+        try:
+            row = decode(item)
+        except DataError as e:
+            return BadRow(str(e))
+        if not isinstance(row, dict):
+            return row
+        return {k: row[k] for k in self.columns if k in row}
+
+    def fingerprint(self, memo_dir=None):
+        return {**self.inner.fingerprint(memo_dir), "columns": list(self.columns)}
+
+
+def _open(source: str, config: str | None = None, split: str = "train") -> Source:
     if source == tiny.DATASET_ID:
         return RowsSource(tiny.preference_rows(split), f"{source} [{split}]",
                           {"embedded": source, "split": split, "version": tiny.VERSION})

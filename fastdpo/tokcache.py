@@ -21,6 +21,10 @@ Layout under $FASTDPO_CACHE/tokens (default ~/.cache/fastdpo/tokens):
     skipped.jsonl      rows that could not be used (read with --skip_bad_rows)
     meta.json          counts, layout, file sizes; an entry is used only if all of it checks out
     take-<hash>.arrow  tokens.arrow's rows in a split's order (held-out eval, dedup, shuffle) when not all of them
+  mix-<hash>.arrow     a mixture's train rows (fastdpo.mixture): its sources' token rows, copies included, in the
+                       plan's order. The hash covers the sources' entry keys and the rows the plan draws from each,
+                       so the same recipe reuses it, and a changed amount or seed writes another, from the same
+                       source entries (tokenised once whatever the amounts).
   digests/             content digests of local data files, reused while size, mtime and inode are unchanged
 An entry is built as <key>.tmp-<host>-<pid> and renamed when complete. One that fails its checks (truncated,
 unreadable) is reported with its path, moved aside as <key>.bad-<time> and rebuilt.
@@ -32,6 +36,7 @@ rank then memory-maps the same files: memory per node does not grow with the num
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import logging
@@ -50,7 +55,21 @@ import xxhash
 from datasets import Dataset
 from filelock import FileLock, Timeout
 
-from . import checks, dataspec, errors, files, layouts, ranks, report, sources, splits, tokbuild, tokens, watchdog
+from . import (
+    checks,
+    dataspec,
+    errors,
+    files,
+    layouts,
+    mixture,
+    ranks,
+    report,
+    sources,
+    splits,
+    tokbuild,
+    tokens,
+    watchdog,
+)
 from .dataspec import DataSpec, SourceSpec
 from .errors import DataError, Notes, RowPolicy
 from .tokbuild import FORMAT, STATUS, TOKENS_SCHEMA, default_workers
@@ -67,7 +86,7 @@ def tokenizer_digest(tokenizer) -> str:
     """Everything about the tokenizer that decides the ids: its tokenizer.json (vocabulary, merges, normalizer,
     pre-tokenizer, added tokens, post-processor), special tokens and chat template, and the library versions."""
     import tokenizers  # heavy (transformers loads torch): imported only when a key is computed
-    import transformers
+    import transformers  # heavy, as above
 
     h = hashlib.sha256()
     backend = getattr(tokenizer, "backend_tokenizer", None)
@@ -88,6 +107,7 @@ def tokenizer_digest(tokenizer) -> str:
 def code_files() -> list[Path]:
     """The source files of every stage of the data pipeline, this module included (a package: all its files)."""
     out = []
+    # not fastdpo.mixture: an entry's ids do not depend on a plan; a mixed file is named by the rows it holds
     for module in (errors, files, sources, layouts, dataspec, checks, tokens, splits, tokbuild, report,
                    sys.modules[__name__]):
         path = Path(module.__file__)
@@ -289,6 +309,41 @@ class Cache:
             found = target
         return Dataset.from_file(str(found))
 
+    def mix(self, entries: list[Entry], pieces: list[np.ndarray], order: np.ndarray | None) -> tuple[Dataset, bool]:
+        """(the token rows `pieces[i]` of `entries[i]`, one after the other or in `order`, as one memory-mapped
+        file; whether it was written now). Named by what it holds, so the same plan finds it again."""
+        src = np.concatenate([np.full(len(p), i, np.int32) for i, p in enumerate(pieces)])
+        rows = np.concatenate(pieces).astype(np.int64)
+        if order is not None:
+            src, rows = src[order], rows[order]
+        h = xxhash.xxh3_128()
+        for e in entries:
+            h.update(e.path.name.encode() + b"\0")
+        h.update(src.tobytes())
+        h.update(rows.tobytes())
+        path = self.root / f"mix-{h.hexdigest()[:24]}.arrow"
+
+        def valid():
+            try:
+                return path if _read_stream(path).num_rows == len(rows) else None
+            except (OSError, pa.ArrowException):
+                return None
+
+        found = valid() or (None if self.leader else _wait(valid, path.name))
+        if found is None:
+            tables = [_read_stream(e.path / "tokens.arrow") for e in entries]
+
+            def write(tmp):
+                with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_stream(f, TOKENS_SCHEMA) as out:
+                    for i in range(0, len(rows), 256):  # bounded memory: 256 pairs at a time
+                        s, r = src[i: i + 256], rows[i: i + 256]
+                        where = [np.nonzero(s == k)[0] for k in np.unique(s)]
+                        chunk = pa.concat_tables([tables[s[w[0]]].take(pa.array(r[w])) for w in where])
+                        out.write_table(chunk.take(pa.array(np.argsort(np.concatenate(where)))))
+
+            files.write_atomic(path, write)
+        return Dataset.from_file(str(path)), found is None
+
 
 def _wait(check, what: str, poll: float = 1.0):
     """Poll until the local main process has written what this rank needs (no collective), up to a deadline."""
@@ -329,6 +384,8 @@ def prepare(spec, tokenizer, num_proc: int | None = None, cache_dir: str | Path 
     spec = DataSpec.of(spec)
     logger.info("data: %s", tokens.layout_note(tokens.templated(tokenizer)))
     cache, job, workers = Cache(cache_dir), _job(spec, tokenizer), default_workers(num_proc)
+    if spec.mixture is not None:
+        return _mixture(spec, cache, job, workers, start)
     train_source = spec.train.open()
     evals = splits.eval_spec(spec, train_source)
     logger.info("data: %s", evals.note)
@@ -414,5 +471,104 @@ def _reported(spec: DataSpec, entries: list[Entry], plan: splits.SplitPlan, coun
                 entries[0].path)
     if notes.counts:
         logger.info("data: rows changed or left out by rule: %s", notes.line())
+    out["accounting_line"] = line
+    return Prepared(train_ds, eval_ds, out, {k: v for k, v in listed.items() if v})
+
+
+# ------------------------------------------------------------------------------------------------ mixtures
+
+
+def _mixture_entries(spec: DataSpec, cache: Cache, job, workers: int):
+    """(train sources, their entries, hold-out fraction per source, eval sets as (spec, entry)): each source's
+    eval from its own rows, split or the recipe's eval_datasets, decided before any row is read."""
+    sources_, entries, holdout, evals = spec.sources, [], [], []
+    for src in sources_:
+        opened = src.open()
+        if not spec.eval_sets:
+            one = splits.eval_spec(dataclasses.replace(spec, train=src, eval_name=None, mixture=None), opened)
+            logger.info("data: %s: %s", src.display, one.note)
+            holdout.append(one.fraction)
+            if one.source is not None:
+                evals.append(dataclasses.replace(src, split=one.split, amount=None))
+        else:
+            holdout.append(None)
+        entries.append(cache.entry(src, job, workers, source=opened))
+    evals += list(spec.eval_sets)
+    return sources_, entries, holdout, [(e, cache.entry(e, job, workers)) for e in evals]
+
+
+def _rows(src: SourceSpec, entry: Entry) -> tuple[mixture.Rows, pa.Table]:
+    table = entry.rows()
+    fits = table.column("status").to_numpy() != STATUS["dropped"]
+    return mixture.Rows(src.display, table.column("hash").to_pylist(), fits, _Where(table), src.amount), table
+
+
+def _mixture(spec: DataSpec, cache: Cache, job, workers: int, start: float) -> Prepared:
+    """A mixture's train set (one file of its sources' rows, copies included) and its eval sets by name, with the
+    accounting per source; see fastdpo.mixture for the plan."""
+    srcs, entries, holdout, evals = _mixture_entries(spec, cache, job, workers)
+    all_entries = entries + [e for _, e in evals]
+    _checked(all_entries, spec.policy, srcs[0].label)
+    for src, e in zip(srcs, entries, strict=True):
+        if not e.meta["rows"]:
+            raise DataError(f"{src.label} (source {src.display!r}): no usable rows")
+    got = [_rows(s, e) for s, e in zip(srcs + tuple(s for s, _ in evals), all_entries, strict=True)]
+    parts, warnings = mixture.plan_rows([r for r, _ in got[: len(srcs)]], [r for r, _ in got[len(srcs):]], holdout,
+                                        spec.seed, spec.dedup, spec.max_eval_samples)
+    for w in warnings:
+        logger.warning("data: %s", w)
+    specs = list(srcs) + [s for s, _ in evals]
+    listed = {name: [] for name in report.LISTINGS}
+    for part, entry, (_, table) in zip(parts, all_entries, got, strict=True):
+        tag = {"source": part.name}
+        listed["skipped_rows.jsonl"] += [{**r, **tag} for r in entry.skipped()]
+        listed["no_pair_rows.jsonl"] += [{**r, **tag} for r in entry.no_pair()]
+        listed["duplicate_rows.jsonl"] += [{"where": _Where(table)[j], "problem": p, **tag} for j, p in part.removed]
+        prompt = table.column("prompt_len").to_numpy()
+        listed["dropped_rows.jsonl"] += [{"where": _Where(table)[j], "problem": (
+            f"{split}: the prompt is {prompt[j]} tokens (max_prompt_length {spec.max_prompt_length}), no room for an "
+            f"answer in max_length {spec.max_length}; set max_prompt_length below max_length to keep it"), **tag}
+            for j, split in part.dropped]
+    token_row = [np.cumsum(t.column("status").to_numpy() != STATUS["dropped"]) - 1 for _, t in got]
+    pieces = [token_row[i][p.train] for i, p in enumerate(parts[: len(srcs)])]
+    order = (splits.shuffle_order(sum(map(len, pieces)), spec.shuffle_seed) if spec.shuffle_seed is not None
+             else None)
+    train_ds, mixed_now = cache.mix(entries, pieces, order)
+    eval_ds = {p.name: cache.take(all_entries[i], token_row[i][p.eval]) for i, p in enumerate(parts)
+               if p.eval is not None and len(p.eval)}
+    return _mixture_reported(spec, parts, specs, all_entries, got, listed, train_ds, eval_ds or None, mixed_now,
+                             start)
+
+
+def _mixture_reported(spec, parts, specs, entries, got, listed, train_ds, eval_ds, mixed_now, start) -> Prepared:
+    """The accounting per source and for the mixture (checked to add up), logged a line each; data_report.json."""
+    parts_acc, evals_acc, notes, repeats = {}, {}, Notes(), {"train": 0, "eval": 0, "eval_in_train": 0}
+    for part, src, entry in zip(parts, specs, entries, strict=True):
+        acc = report.part_accounting(entry.meta, part.counts, len(entry.no_pair()), part.role,
+                                     mixture.describe_amount(src.amount))
+        acc["layout"], acc["entry"] = entry.meta["layout"], str(entry.path)
+        (parts_acc if part.role == "train" else evals_acc)[part.name] = acc
+        notes.merge(entry.notes())
+        for k in repeats:
+            repeats[k] += part.counts["repeats"][k]
+        line = report.mixture_line(acc)
+        acc["line"] = line
+        logger.info("data: %s %r (%s, %s): %s", "source" if part.role == "train" else "eval set", part.name,
+                    src.label, acc["amount"] if part.role == "train" else "every row", line)
+    total = report.mixture_accounting(parts_acc, evals_acc)
+    status = [t.column("status").to_numpy() for _, t in got]
+    truncated = lambda i, rows: int((status[i][rows] == STATUS["truncated"]).sum())  # noqa: E731
+    train_counts = {"pairs": len(train_ds), "dropped": sum(p.counts["dropped"] for p in parts),
+                    "truncated": sum(truncated(i, p.train) for i, p in enumerate(parts))}
+    eval_counts = {p.name: {"pairs": int(len(p.eval)), "truncated": truncated(i, p.eval)}
+                   for i, p in enumerate(parts) if p.eval is not None and len(p.eval)}
+    built = any(e.built for e in entries)
+    cache = {"train": [str(e.path) for e in entries], "mixture": train_ds.cache_files[0]["filename"],
+             "built": built, "mixed": mixed_now, "seconds": round(time.perf_counter() - start, 2)}
+    out = report.mixture_report(train_counts, eval_counts, total, parts_acc, evals_acc, repeats, spec.dedup,
+                                [e.meta["layout"] for e in entries], notes, cache, spec.mixture.plain())
+    line = report.mixture_line(total)
+    logger.info("data: mixture of %d sources: %s (%s in %.1f s, %s)", len(parts_acc), line,
+                "tokenised" if built else "mixed" if mixed_now else "from cache", cache["seconds"], cache["mixture"])
     out["accounting_line"] = line
     return Prepared(train_ds, eval_ds, out, {k: v for k, v in listed.items() if v})

@@ -1,7 +1,7 @@
 """Tokens: pairs in TRL's preference form -> token ids, exactly as TRL 1.16's DPOTrainer tokenises them, and the
 truncation rule (max_prompt_length keeps the prompt's end, answers cut to what max_length leaves, a pair whose
 prompt fills max_length dropped). Training's token cache, the in-memory path, the analyzer and evaluation all
-tokenise here, so their ids agree by construction (tests/test_data.py and tests/test_real_data_2.py compare them
+tokenise here, so their ids agree by construction (tests/unit/test_data.py and test_real_data_2.py compare them
 with TRL's own preprocessing).
 
 A pair's `tools` and `chat_template_kwargs` go to the chat template for the prompt and both answers, as TRL passes

@@ -8,6 +8,12 @@ Fast path (on by default through fastdpo.config.DPOConfig; each piece falls back
     per-pair loss weights of the stock path (fastdpo.batching).
   * reference log-probs precomputed once, packed, cached on disk (fastdpo.refcache).
 
+Evaluation takes one eval set (TRL's own evaluate) or a dict of named sets, {name: tokenised Dataset}: each set is
+evaluated alone, logged as `eval_<name>_loss`, `eval_<name>_rewards/accuracies`, ... (the numbers evaluating that set
+alone gives), and the plain `eval_...` keys are the metrics over every eval pair pooled, each batch counting by its
+pairs (not a mean of the sets' means). Everything goes into one log entry (log history, trackers) and one dict
+returned (all_results.json). With precomputed reference log-probs each set is precomputed once, in __init__.
+
 DPOTrainer reads in three parts: which path (the blocker, the candidate packing schemes, the start-up probe's
 verdict), the data (the reference pass, the token-budget dataloader), and the step (packed loss, one slot's
 micro-batches). What it needs of TRL's and transformers' private methods goes through fastdpo.frameworks.
@@ -23,11 +29,15 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import logging
+import math
 import os
+import re
+import time
 
 import torch
-from accelerate.utils import DistributedType
+from accelerate.utils import DistributedType, is_peft_model
 from datasets import Dataset
+from transformers.trainer_utils import speed_metrics
 from trl import DPOTrainer as TRLDPOTrainer
 from trl.models import prepare_deepspeed
 
@@ -110,6 +120,50 @@ def candidate_schemes(attn: str, pad_id: int, args) -> list[PackedPreferenceColl
     return schemes
 
 
+UNSAFE_IN_KEYS = re.compile(r"[^A-Za-z0-9_-]+")
+SPEED_KEYS = ("runtime", "samples_per_second", "steps_per_second")
+
+
+def named_eval_sets(sets: dict) -> dict:
+    """Named eval sets with each name as its metric keys spell it (`eval_<name>_loss`): letters, digits, `_` and `-`
+    kept, every other run of characters (`/`, `.`, spaces) one `_`, since TensorBoard rewrites such characters
+    itself and wandb reads `/` as a panel section. A renamed set is logged; an empty dict, an empty set, a name
+    empty once cleaned or two names cleaned alike raise ValueError (the recipe's names are checked at parse time)."""
+    if not sets:
+        raise ValueError("eval_dataset is an empty dict: pass None for no evaluation")
+    out = {}
+    for name, dataset in sets.items():
+        key = UNSAFE_IN_KEYS.sub("_", str(name)).strip("_")
+        if not key:
+            raise ValueError(f"eval set {name!r}: its name has no letter or digit to name its metrics by")
+        if key in out:
+            raise ValueError(f"eval sets {name!r} and another both log as eval_{key}_*: give them distinct names")
+        if len(dataset) == 0:
+            raise ValueError(f"eval set {name!r} has no pairs")
+        if key != name:
+            logger.info("eval set %r logs its metrics as eval_%s_*", name, key)
+        out[key] = dataset
+    return out
+
+
+def pooled(sets: list[tuple[dict[str, list[float]], list[tuple[float, float]]]]) -> dict[str, float]:
+    """The metrics of all eval pairs together, from each set's batches: (TRL's metric -> one value per batch,
+    [(pairs, loss x pairs)] per batch). A batch's value is the mean over its pairs, so weighting it by its pairs
+    gives the mean over every pair: exact for the loss and the per-pair metrics (rewards/*, logps/*); the per-token
+    ones (entropy, logits/*, mean_token_accuracy) count each batch by its pairs too. A metric that is not one value
+    per batch (num_tokens: the training tokens so far) is the mean of what the sets logged."""
+    total = sum(pairs for _, batches in sets for pairs, _ in batches)
+    out = {"loss": sum(loss for _, batches in sets for _, loss in batches) / total}
+    for key in dict.fromkeys(k for values, _ in sets for k in values):
+        if all(len(values.get(key, ())) == len(batches) for values, batches in sets):
+            out[key] = sum(v * pairs for values, batches in sets
+                           for v, (pairs, _) in zip(values[key], batches, strict=True)) / total
+        else:
+            logged = [v for values, _ in sets for v in values.get(key, ())]
+            out[key] = sum(logged) / len(logged)
+    return out
+
+
 class StockDPOTrainer(TRLDPOTrainer):
     """TRL 1.16's DPOTrainer untouched except that it accepts our tokenised pairs: the baseline the parity tests
     and scripts/benchmark.py measure the fast path against."""
@@ -118,8 +172,10 @@ class StockDPOTrainer(TRLDPOTrainer):
 
 
 class DPOTrainer(TRLDPOTrainer):
-    """TRL's DPOTrainer with the fast path. `scheme`: the packing scheme training runs (None on the stock path);
-    `reference_stats`: the numbers of the last reference pass (fastdpo.refcache.attach)."""
+    """TRL's DPOTrainer with the fast path, and eval sets by name. `scheme`: the packing scheme training runs (None
+    on the stock path); `reference_stats`: the numbers of the last reference pass (fastdpo.refcache.attach);
+    `reference_passes`: (set name, numbers) of every reference pass on the fast path, in order ("train", then
+    each eval set's name)."""
 
     def __init__(self, model, ref_model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
                  processing_class=None, **kwargs):
@@ -129,6 +185,10 @@ class DPOTrainer(TRLDPOTrainer):
         self._packing_checked = False
         self._ref_engine, self._ref_model_hash = None, None
         self.reference_stats: dict = {}
+        self.reference_passes: list[tuple[str, dict]] = []
+        self._batch_records: list | None = None  # (pairs, loss x pairs) per eval batch while sets are evaluated
+        if isinstance(eval_dataset, dict):
+            eval_dataset = named_eval_sets(eval_dataset)
         if self._fast:
             args.padding_free = False  # TRL 1.16 would warn that it ignores the flag; this class implements it
         try:
@@ -240,6 +300,7 @@ class DPOTrainer(TRLDPOTrainer):
             even_forwards=self._sharding() is not None)
         dataset, self.reference_stats = refcache.attach(dataset, name, spec,
                                                         getattr(self.args, "ref_logps_cache_dir", None))
+        self.reference_passes.append((name, self.reference_stats))
         release_memory()
         return dataset
 
@@ -288,6 +349,12 @@ class DPOTrainer(TRLDPOTrainer):
     # --- the step: packed loss through TRL's own code, one slot's micro-batches
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        out = self._loss(model, inputs, return_outputs, num_items_in_batch)
+        if self._batch_records is not None:
+            self._record_batch(inputs, out[0] if return_outputs else out)
+        return out
+
+    def _loss(self, model, inputs, return_outputs, num_items_in_batch):
         if "packed_input_ids" not in inputs:
             return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
         if "ref_chosen_logps" not in inputs:
@@ -300,6 +367,14 @@ class DPOTrainer(TRLDPOTrainer):
         # per rank
         with frameworks.ragged_gather(self.accelerator):
             return super().compute_loss(PackedForward(model), inputs, return_outputs, num_items_in_batch)
+
+    def _record_batch(self, inputs, loss: torch.Tensor) -> None:
+        """An eval batch's pairs and loss x pairs, summed over the ranks (each rank's loss is its pairs' mean), as
+        TRL's metrics of the batch gather them (every rank runs each eval batch, so the gather matches)."""
+        pairs = inputs["input_ids"].shape[0] // 2  # chosen rows, then rejected rows, on both paths
+        local = torch.stack([loss.detach().float() * pairs, torch.tensor(float(pairs), device=loss.device)])
+        loss_sum, total = self.accelerator.gather(local[None]).sum(dim=0).tolist()
+        self._batch_records.append((total, loss_sum))
 
     def training_step(self, model, inputs, num_items_in_batch=None):
         if "micro_batches" not in inputs:
@@ -330,3 +405,73 @@ class DPOTrainer(TRLDPOTrainer):
                 loss = self.compute_loss(model, mb) * mb["loss_weight"].to(torch.float32)
             self.accelerator.backward(loss, **({"scale_wrt_gas": False} if deepspeed else {}))
         return loss.detach()
+
+    # --- evaluation: one set as TRL runs it; named sets each alone, then all their pairs pooled
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
+        """One eval set: TRL's evaluate. Named sets ({name: dataset}, here or at __init__): each evaluated alone as
+        Trainer.evaluate would (`<prefix>_<name>_...`), the plain `<prefix>_...` keys over all their pairs
+        (`pooled`), logged once and passed to the callbacks once, as one set is."""
+        sets = self.eval_dataset if eval_dataset is None else eval_dataset
+        if not isinstance(sets, dict):
+            return super().evaluate(eval_dataset, ignore_keys, metric_key_prefix)
+        tracker = frameworks.memory_tracker(self)
+        tracker.start()  # it names its stage after the method that starts it, as in Trainer.evaluate
+        if eval_dataset is not None:
+            sets = self._prepared_eval_sets(eval_dataset)
+        start, parts, per_set = time.time(), [], {}
+        for name, dataset in sets.items():
+            # by name, the Trainer reads its own set (and keeps its dataloader with persistent workers)
+            metrics, values, batches = self._evaluate_one(name if eval_dataset is None else dataset,
+                                                          f"{metric_key_prefix}_{name}", ignore_keys)
+            per_set.update(metrics)
+            parts.append((values, batches))
+        metrics = {f"{metric_key_prefix}_{k}": v for k, v in pooled(parts).items()}
+        metrics.update(speed_metrics(metric_key_prefix, start, num_samples=sum(len(d) for d in sets.values()),
+                                     num_steps=sum(len(batches) for _, batches in parts)))
+        metrics.update(per_set)
+        self.log(metrics)
+        self.control = self.callback_handler.on_evaluate(self.args, self.state, self.control, metrics)
+        tracker.stop_and_update_metrics(metrics)
+        return metrics
+
+    def _evaluate_one(self, dataset, prefix: str, ignore_keys) -> tuple[dict, dict, list]:
+        """One set as Trainer.evaluate runs it (its loop, its speed metrics, TRL's metrics averaged over the batches
+        as TRL's log does), not logged: (its metrics, TRL's metric -> one value per batch, (pairs, loss x pairs) per
+        batch)."""
+        dataloader = self.get_eval_dataloader(dataset)
+        frameworks.take_metrics(self, "eval")  # nothing left over from an evaluation that stopped
+        start = time.time()
+        self._batch_records = []
+        try:
+            output = self.evaluation_loop(dataloader, description="Evaluation", ignore_keys=ignore_keys,
+                                          prediction_loss_only=True if self.compute_metrics is None else None,
+                                          metric_key_prefix=prefix)
+            batches = self._batch_records
+        finally:
+            self._batch_records = None
+        metrics = output.metrics
+        start += metrics.get(f"{prefix}_model_preparation_time", 0.0)
+        metrics.update(speed_metrics(prefix, start, num_samples=output.num_samples, num_steps=math.ceil(
+            output.num_samples / (self.args.eval_batch_size * self.args.world_size))))
+        values = frameworks.take_metrics(self, "eval")
+        metrics.update({f"{prefix}_{k}": sum(v) / len(v) for k, v in values.items()})
+        return metrics, values, batches
+
+    def _prepared_eval_sets(self, sets: dict) -> dict:
+        """Named sets passed to evaluate(), made ready as __init__ readies its own: tokenised pairs kept, reference
+        log-probs attached where they are precomputed, once (a set that carries them already keeps them)."""
+        out = {}
+        for name, dataset in named_eval_sets(sets).items():
+            dataset = frameworks.keep_tokenized(self, dataset, self.processing_class, self.args, name)
+            if self.args.precompute_ref_log_probs and not set(refcache.COLUMNS) <= set(dataset.column_names):
+                if self.state.global_step > 0 and self.ref_model is None and not is_peft_model(self.model):
+                    # the policy has moved: no reference left to compute them with (TRL refuses the same)
+                    raise ValueError(
+                        f"eval set {name!r}: reference log-probs cannot be computed after training started "
+                        "(precompute_ref_log_probs without a ref_model keeps no reference): pass the set as "
+                        "eval_dataset when the trainer is built, or set precompute_ref_log_probs false")
+                dataset = frameworks.precompute_ref_logps(
+                    self, dataset, name, self.args.precompute_ref_batch_size or self.args.per_device_eval_batch_size)
+            out[name] = dataset
+        return out

@@ -179,7 +179,7 @@ launcher=()
 # --signals_to_handle names (default SIGTERM,SIGINT,SIGHUP,SIGQUIT), which would replace the ignore: the list
 # leaves SIGTERM out. Both names are set: torch's process context reads TORCHELASTIC_SIGNALS_TO_HANDLE, and torch
 # 2.13's launcher overwrites it from that option, whose default comes from PET_SIGNALS_TO_HANDLE (with the first
-# name alone, torch 2.13 still forwards SIGTERM and SIGKILLs the ranks 30 s later: tests/test_first_hour.py shows it).
+# name alone, torch 2.13 still forwards SIGTERM and SIGKILLs the ranks 30 s later: tests/e2e/test_first_hour.py shows it).
 # SIGINT stays torchrun's: it passes one SIGINT to each rank (their own sessions), which saves and stops as a
 # Ctrl-C does. Single quotes: each node's own shell expands them.
 srun --nodes="$NNODES" --ntasks="$NNODES" --ntasks-per-node=1 --kill-on-bad-exit=1 "${launcher[@]}" \

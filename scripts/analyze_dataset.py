@@ -11,6 +11,10 @@ r"""Choose max_length, max_prompt_length and the batch shape from the token leng
     # training's; the lengths are the embedded tiny tokenizer's, not your model's (a banner says so)
     python scripts/analyze_dataset.py data/my_pairs.jsonl
 
+    # a mixture (datasets: in the recipe): a table per source, then the mixture's (copies counted, amounts
+    # applied), whose recommendation is the one to train with
+    python scripts/analyze_dataset.py --recipe recipes/olmo3_instruct_mix.yaml
+
     # the Think recipe's data, tokenizer and limits, 95% coverage, 2 tokenising processes, CPU only
     CUDA_VISIBLE_DEVICES="" python scripts/analyze_dataset.py --recipe recipes/olmo3_think.yaml \
         --coverage 0.95 --num_proc 2
@@ -116,19 +120,34 @@ def settings(args: argparse.Namespace):
         argv += ["--ranked_pairs", args.ranked_pairs]
     # A GPU recipe (bf16) must still parse on a CPU-only machine; only data settings are used here.
     argv += ["--bf16", "false", "--fp16", "false", "--use_cpu", "true"]
-    return recipe, *cfg.parse_args(argv, check_paths=False)  # a tokenizer folder is not a model folder
+    # a tokenizer folder is not a model folder; a dataset given here replaces the recipe's mixture
+    return recipe, *cfg.parse_args(argv, check_paths=False, mixture=args.dataset is None)
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse(argv)
-    from fastdpo import errors, lengths, report, tokens
+    from fastdpo import tokens
     from fastdpo.dataspec import DataSpec
 
     recipe, script_args, training_args, model_args = settings(args)
-    note = check_sources(args, recipe, script_args, model_args)
     spec = DataSpec.of(script_args, max_length=training_args.max_length)
+    note = check_sources(args, recipe, script_args, model_args, spec)
     tokenizer = load_tokenizer(model_args, script_args)
     logger.info("data: %s", tokens.layout_note(tokens.templated(tokenizer)))
+    run = (recipe, training_args, model_args, note)
+    if spec.mixture is not None:
+        return analyze_mixture(args, spec, tokenizer, run)
+    result, lens = analyze(args, spec, tokenizer, run)
+    write(args, result, lens)
+    return result
+
+
+def analyze(args, spec, tokenizer, run) -> tuple[dict, object]:
+    """(the result for one source, its lengths): layout, rows training refuses, skips or changes, the length
+    percentiles, candidates and recommendation."""
+    from fastdpo import errors, lengths, report, tokens
+
+    recipe, training_args, model_args, note = run
     samples = None if args.samples == "all" else int(args.samples)
     start = time.perf_counter()
     got = measured(args, spec, tokenizer, samples, args.num_proc or training_args.dataset_num_proc)
@@ -180,8 +199,46 @@ def main(argv: list[str] | None = None) -> dict:
                           max_prompt_length=spec.max_prompt_length, batch_size=batch,
                           pad_to_multiple_of=training_args.pad_to_multiple_of, seed=args.seed),
     }
-    write(args, result, lens)
-    return result
+    return result, lens
+
+
+def analyze_mixture(args, spec, tokenizer, run) -> dict:
+    """A table per source, then the mixture's: each source's measured lengths drawn as often as its amount takes
+    its pairs (copies counted), so the recommendation is for what trains."""
+    import dataclasses
+
+    import numpy as np
+
+    from fastdpo import lengths, mixture
+
+    per = {}
+    for src in spec.sources:
+        result, lens = analyze(args, dataclasses.replace(spec, train=src, mixture=None), tokenizer, run)
+        result.update(dataset=src.display, path=result["dataset"], amount=mixture.describe_amount(src.amount))
+        per[src.display] = (result, lens)
+    names = list(per)
+    wants = mixture.resolve_amounts([s.amount for s in spec.sources], [per[n][0]["num_rows"] for n in names], names)
+    picked = []
+    for name, want in zip(names, wants, strict=True):
+        result, lens = per[name]
+        share = max(1, round(want * len(lens) / max(result["num_rows"], 1)))  # the sample stands for the source
+        rows, _ = mixture.take(np.arange(len(lens)), share, mixture.rng(args.seed, name, "analyze"))
+        picked.append(lengths.Lengths(lens.prompt[rows], lens.chosen[rows], lens.rejected[rows]))
+    mixed = lengths.Lengths(*(np.concatenate([getattr(x, k) for x in picked]) for k in ("prompt", "chosen",
+                                                                                        "rejected")))
+    first = per[names[0]][0]
+    out = {**first, "dataset": "mixture", "split": "; ".join(f"{n}: {per[n][0]['amount']}" for n in names),
+           "num_rows": sum(wants), "num_samples": len(mixed), "layout": None, "bad_rows": 0, "bad_rows_by_problem": [],
+           "training_refuses": any(per[n][0]["training_refuses"] for n in names), "refusal": None, "notes": {},
+           "pairs_per_source": dict(zip(names, wants, strict=True)), "tokenizer_note": None,
+           **lengths.analyze(mixed, coverage=args.coverage, max_length=spec.max_length,
+                             max_prompt_length=spec.max_prompt_length, batch_size=first["per_device_train_batch_size"],
+                             pad_to_multiple_of=first["pad_to_multiple_of"], seed=args.seed)}
+    for name in names:
+        write(args, per[name][0], per[name][1], files=False)
+    out["sources"] = {n: per[n][0] for n in names}
+    write(args, out, mixed)
+    return out
 
 
 # Said when no --recipe and no --tokenizer chose the tokenizer: the lengths are then not the user's model's.
@@ -193,19 +250,21 @@ TOKENIZER_ALSO = ("with --tokenizer, or --recipe recipes/tiny.yaml for the embed
                   "its lengths are not your model's)")
 
 
-def check_sources(args, recipe: str, script_args, model_args) -> str | None:
+def check_sources(args, recipe: str, script_args, model_args, spec) -> str | None:
     """Exit in seconds, one line each, when the data or the tokenizer cannot be read (fastdpo.hub); the note to show
     when the tokenizer is the embedded one by default."""
-    from fastdpo import errors, hub, recipes
+    from fastdpo import cli, errors, hub, recipes
 
     def place(flag: str | None, key: str) -> str:
         if flag is not None:
             return f"command line ({flag})" if flag else "command line"
         return recipes.Where(recipe, [])(key)
 
-    problems = hub.problems([
-        hub.Need("dataset" if args.dataset else "dataset_name", script_args.dataset_name, hub.DATASET,
-                 place=place("" if args.dataset else None, "dataset_name")),
+    data = [hub.Need("dataset" if args.dataset else "dataset_name", script_args.dataset_name, hub.DATASET,
+                     place=place("" if args.dataset else None, "dataset_name"))]
+    if spec.mixture is not None:
+        data = cli.mixture_needs(recipe)
+    problems = hub.problems(data + [
         hub.Need("tokenizer" if args.tokenizer else "model_name_or_path", model_args.model_name_or_path, hub.TOKENIZER,
                  model_args.model_revision, place("--tokenizer" if args.tokenizer else None, "model_name_or_path"),
                  TOKENIZER_ALSO)])
@@ -312,13 +371,16 @@ def _hashes(source, templated: bool) -> tuple[list, list]:
     return hashes, where
 
 
-def write(args, result: dict, lens) -> None:
-    """The markdown tables to stdout; the JSON and the plot where asked."""
+def write(args, result: dict, lens, files: bool = True) -> None:
+    """The markdown tables to stdout; the JSON and the plot where asked (`files`: a mixture's sources only print)."""
     from fastdpo import lengths
 
     if result.get("tokenizer_note"):
         print(f"> {result['tokenizer_note']}\n")
     print(lengths.markdown(result), end="")
+    if not files:
+        print()
+        return
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")

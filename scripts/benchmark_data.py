@@ -3,6 +3,8 @@
     .venv/bin/python scripts/benchmark_data.py                          # 2,000 pairs, 1 round (~3 minutes, 2 cores)
     .venv/bin/python scripts/benchmark_data.py --pairs 10000 --rounds 2 --json outputs/bench_data_10000.json
     .venv/bin/python scripts/benchmark_data.py --pairs 10000 --rounds 5 --launches second   # cached launches only
+    .venv/bin/python scripts/benchmark_data.py --mixture --rounds 3 --json outputs/bench_mix.json   # 260k pairs
+    .venv/bin/python scripts/benchmark_data.py --mixture --rows 3000 --procs 1         # the same, small
 
 What it builds, offline, once (cached under --work, default outputs/bench_data):
   tokenizer  a 50k byte-level BPE trained with `tokenizers` on ~19 MB of English prose found on this machine (the
@@ -17,6 +19,12 @@ What it measures, per launch, in a fresh process (or `torchrun --nproc_per_node 
   first launch = empty caches; second = the same command again (a requeue, a resume, a new run on the same data).
 Data-stage wall and CPU seconds (this process and its workers; all ranks summed), pairs/s, peak RSS (the largest
 single process: a rank or a worker), and the whole process's wall time. The runs alternate ours / trl.
+
+--mixture: a mixture of --rows pairs (default 260,000, Dolci-Instruct-DPO's size) from three sources of
+Instruct-shaped pairs (no <think> block; assumed lengths: prompt p50 150 / p95 1200, chosen p50 320 / p95 1600,
+rejected p50 260 / p95 1400 tokens, a median pair near the ~680 tokens recipes/olmo3_instruct.yaml states):
+60% of the rows taken whole, 35% by a seeded count of 30%, 5% upsampled by weight 2.0 (docs/mixtures.md), measured
+side by side with one source of the same --rows pairs: `mix` against `ours`, first launch and requeue.
 """
 
 from __future__ import annotations
@@ -38,6 +46,9 @@ T_START = time.time()  # whole-process wall time starts at interpreter start-up 
 
 # Dolci-Think-DPO-7B token-length percentiles (p50, p95); sigma of the log-normal = ln(p95 / p50) / 1.645
 THINK = {"prompt": (114, 793), "chosen": (1864, 11903), "rejected": (1154, 9518)}
+INSTRUCT = {"prompt": (150, 1200), "chosen": (320, 1600), "rejected": (260, 1400)}  # assumed (module doc)
+# --mixture's sources: (name, share of --rows in the file, amount); the amounts train --rows pairs in all
+MIX = [("general", 0.60, None), ("code", 0.35, ("count", 0.30)), ("safety", 0.05, ("weight", 2.0))]
 MAX_LENGTH, MAX_PROMPT_LENGTH = 8192, 4096  # recipes/olmo3_think.yaml
 VOCAB = 50_000
 SPECIAL = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
@@ -48,11 +59,12 @@ CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }
 # ------------------------------------------------------------------------------------------------ the data
 
 
-def prose_lines() -> list[str]:
-    """Distinct lines of English prose on this machine: comments and docs of the installed packages."""
+def prose_lines(folder: str | None = None) -> list[str]:
+    """Distinct lines of English prose on this machine: comments and docs of the installed packages (or of
+    `folder`)."""
     import site
 
-    roots = [Path(p) for p in site.getsitepackages() if Path(p).is_dir()]
+    roots = [Path(folder)] if folder else [Path(p) for p in site.getsitepackages() if Path(p).is_dir()]
     comment = re.compile(r"^\s*#\s?(.*)$")
     lines: set[str] = set()
     for root in roots:
@@ -91,8 +103,10 @@ def build_tokenizer(folder: Path, lines: list[str]) -> Path:
     return folder
 
 
-def make_pairs(path: Path, n: int, lines: list[str], tokenizer_folder: Path, seed: int = 0) -> Path:
-    """n Think-shaped conversational pairs as JSON lines (lengths in tokens of the benchmark tokenizer)."""
+def make_pairs(path: Path, n: int, lines: list[str], tokenizer_folder: Path, seed: int = 0, shape=None) -> Path:
+    """n Think-shaped (or `shape`d, INSTRUCT: no <think> block) conversational pairs as JSON lines (lengths in
+    tokens of the benchmark tokenizer)."""
+    shape = shape or THINK
     if path.is_file():
         return path
     import numpy as np
@@ -113,14 +127,15 @@ def make_pairs(path: Path, n: int, lines: list[str], tokenizer_folder: Path, see
         return (" " if pick.random() < 0.8 else "\n\n").join(out)
 
     def lengths(key):
-        p50, p95 = THINK[key]
+        p50, p95 = shape[key]
         return np.maximum(4, rng.lognormal(np.log(p50), np.log(p95 / p50) / 1.645, n)).astype(int)
 
     lp, lc, lr = lengths("prompt"), lengths("chosen"), lengths("rejected")
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w") as f:
         for i in range(n):
-            answer = lambda k: f"<think>\n{text(int(k * 0.7))}\n</think>\n\n{text(int(k * 0.3))}"  # noqa: E731
+            think = lambda k: f"<think>\n{text(int(k * 0.7))}\n</think>\n\n{text(int(k * 0.3))}"  # noqa: E731
+            answer = think if shape is THINK else text
             row = {"prompt": [{"role": "user", "content": text(lp[i])}],
                    "chosen": [{"role": "assistant", "content": answer(lc[i])}],
                    "rejected": [{"role": "assistant", "content": answer(lr[i])}]}
@@ -147,8 +162,10 @@ def child(opts) -> None:
     from transformers import AutoTokenizer
 
     rank = int(os.environ.get("RANK", "0"))
-    if opts.child == "ours":
-        from fastdpo import models, tokcache
+    if opts.child in ("ours", "mix"):
+        import dataclasses
+
+        from fastdpo import mixture, models, tokcache
         from fastdpo.dataspec import DataSpec, SourceSpec
         from fastdpo.trainer import DPOTrainer  # train_dpo.py imports it before the data stage
     else:
@@ -161,10 +178,13 @@ def child(opts) -> None:
         PartialState(cpu=True)  # under torchrun: the gloo group TRL's main-process-first needs (no GPU here)
     before = _usage()
     start = time.perf_counter()  # the data stage: tokenizer, reading, tokenising, caching (imports are before)
-    if opts.child == "ours":
+    if opts.child in ("ours", "mix"):
         tok = models.load_tokenizer(opts.tokenizer)
         spec = DataSpec(SourceSpec(opts.data), test_split="none", max_length=MAX_LENGTH,
                         max_prompt_length=MAX_PROMPT_LENGTH)
+        if opts.child == "mix":  # --data is the mixture's plan (mixture.Mixture's plain form)
+            plan = mixture.Mixture.from_plain(json.loads(Path(opts.data).read_text()))
+            spec = dataclasses.replace(spec, train=SourceSpec.of_entry(plan.sources[0]), mixture=plan)
         prep = tokcache.prepare(spec, tok, opts.num_proc)
         pairs, cache = len(prep.train), prep.report["cache"]
     else:
@@ -188,7 +208,8 @@ def launch(impl: str, procs: int, opts, cache: Path) -> dict:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "FASTDPO_CACHE": str(cache / "fastdpo"),
            "HF_DATASETS_CACHE": str(cache / "hf"), "TQDM_DISABLE": "1"}
     env.pop("TOKENIZERS_PARALLELISM", None)
-    script = [str(Path(__file__).resolve()), "--child", impl, "--data", str(opts.data_path), "--tokenizer",
+    data = opts.plan_path if impl == "mix" else opts.data_path
+    script = [str(Path(__file__).resolve()), "--child", impl, "--data", str(data), "--tokenizer",
               str(opts.tokenizer_path), "--num_proc", str(opts.num_proc)]
     if procs == 1:
         cmd = [sys.executable] + script
@@ -239,9 +260,50 @@ print(f"{{same}}/{{status.count(0)}}")
     return out.stdout.strip().splitlines()[-1]
 
 
+def inputs(opts, work: Path) -> list[str]:
+    """Build (once) the tokenizer and the pairs the launches read; the implementations to compare."""
+    tok_dir = Path(opts.tokenizer_dir) if opts.tokenizer_dir else work / "tokenizer"
+    lines = None
+    if opts.mixture:
+        rows = opts.rows
+        opts.data_path = work / f"instruct-{rows}.jsonl"
+        files = {name: work / f"mix-{rows}-{name}.jsonl" for name, _, _ in MIX}
+        opts.plan_path = work / f"mix-{rows}.json"
+        needed = [opts.data_path, *files.values()]
+    else:
+        opts.data_path = work / f"think-{opts.pairs}.jsonl"
+        needed = [opts.data_path]
+    if not (tok_dir / "tokenizer.json").is_file() or not all(p.is_file() for p in needed):
+        print("building the offline tokenizer and pairs (once) ...", flush=True)
+        lines = prose_lines(opts.prose)
+        build_tokenizer(tok_dir, lines)
+    opts.tokenizer_path = tok_dir
+    if not opts.mixture:
+        make_pairs(opts.data_path, opts.pairs, lines or [], tok_dir)
+        return ["ours", "trl"]
+    make_pairs(opts.data_path, opts.rows, lines or [], tok_dir, seed=0, shape=INSTRUCT)
+    sources = []
+    for i, (name, share, amount) in enumerate(MIX, start=1):
+        make_pairs(files[name], max(1, round(share * opts.rows)), lines or [], tok_dir, seed=i, shape=INSTRUCT)
+        value = None if amount is None else {amount[0]: round(amount[1] * opts.rows) if amount[0] == "count"
+                                             else amount[1]}
+        sources.append({"label": name, "path": str(files[name]), "config": None, "split": "train", "data_dir": None,
+                        "data_files": None, "columns": None, "options": {}, "amount": value})
+    opts.plan_path.write_text(json.dumps({"sources": sources, "eval": None}, indent=1) + "\n")
+    opts.pairs = opts.rows
+    return ["mix", "ours"]
+
+
+NAMES = {"ours": "this repo", "trl": "stock TRL 1.16", "mix": "mixture, 3 sources"}
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--pairs", type=int, default=2000, help="Think-shaped pairs to generate (the table uses 10000)")
+    p.add_argument("--mixture", action="store_true", help="a 3-source mixture against one source of the same size "
+                   "(module doc)")
+    p.add_argument("--rows", type=int, default=260_000, help="--mixture: pairs the mixture trains, and the one "
+                   "source's size (default 260,000)")
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds; medians are reported")
     p.add_argument("--procs", default="1,2", help="process counts to measure (2 = torchrun --nproc_per_node 2)")
     p.add_argument("--num_proc", type=int, default=2, help="dataset_num_proc for both (default 2, as the issue's "
@@ -249,8 +311,11 @@ def main(argv=None):
     p.add_argument("--launches", default="first,second", help="first,second (default), or second: repeat only "
                    "the cached launch, on caches kept from an earlier run (built once, untimed, if missing)")
     p.add_argument("--work", default=str(ROOT / "outputs" / "bench_data"), help="tokenizer, data and caches")
+    p.add_argument("--tokenizer_dir", help="an existing tokenizer folder with a chat template (default: trained "
+                   "once on the prose)")
+    p.add_argument("--prose", help="a folder whose comments and docs make the text (default: site-packages)")
     p.add_argument("--json", help="write every run and the medians here")
-    p.add_argument("--child", choices=["ours", "trl"], help=argparse.SUPPRESS)
+    p.add_argument("--child", choices=["ours", "trl", "mix"], help=argparse.SUPPRESS)
     p.add_argument("--data", help=argparse.SUPPRESS)
     p.add_argument("--tokenizer", help=argparse.SUPPRESS)
     opts = p.parse_args(argv)
@@ -260,15 +325,10 @@ def main(argv=None):
 
     work = Path(opts.work)
     work.mkdir(parents=True, exist_ok=True)
-    tok_dir = work / "tokenizer"
-    data_path = work / f"think-{opts.pairs}.jsonl"
-    if not tok_dir.is_dir() or not data_path.is_file():
-        print("building the offline tokenizer and pairs (once) ...", flush=True)
-        lines = prose_lines()
-        build_tokenizer(tok_dir, lines)
-        make_pairs(data_path, opts.pairs, lines, tok_dir)
-    opts.tokenizer_path, opts.data_path = tok_dir, data_path
-    print(f"{opts.pairs} Think-shaped pairs ({data_path.stat().st_size / 1e6:.0f} MB), {len(os.sched_getaffinity(0))} "
+    impls = inputs(opts, work)
+    data_path = opts.data_path
+    shape = "Instruct-shaped" if opts.mixture else "Think-shaped"
+    print(f"{opts.pairs} {shape} pairs ({data_path.stat().st_size / 1e6:.0f} MB), {len(os.sched_getaffinity(0))} "
           f"CPUs, load average {os.getloadavg()[0]:.1f}", flush=True)
     import shutil
 
@@ -276,7 +336,7 @@ def main(argv=None):
     procs = [int(x) for x in opts.procs.split(",")]
     launches = opts.launches.split(",")
     for rnd in range(opts.rounds):
-        order = ["ours", "trl"] if rnd % 2 == 0 else ["trl", "ours"]
+        order = impls if rnd % 2 == 0 else impls[::-1]
         for n in procs:
             for impl in order:
                 cache = work / f"cache-{impl}-{opts.pairs}"
@@ -292,29 +352,31 @@ def main(argv=None):
                           f"{r['cpu']:6.1f} CPU-s, {r['pairs_per_cpu_s']:6.1f} pairs/CPU-s, peak RSS "
                           f"{r['peak_rss_mb']:5.0f} MB, whole process {r['whole_s']:5.1f} s (load {r['load']:.1f})",
                           flush=True)
-                if impl == "ours" and rnd == 0 and n == procs[0] and "first" in launches:
+                if impl == "ours" and rnd == 0 and n == procs[0] and "first" in launches and not opts.mixture:
                     print(f"check: cached ids equal TRL's on untruncated rows: {verify(opts, cache)}", flush=True)
 
     def med(impl, n, kind, key):
         vals = [r[key] for r in runs if (r["impl"], r["procs"], r["launch"]) == (impl, n, kind)]
         return statistics.median(vals) if vals else float("nan")
 
-    print(f"\n| {opts.pairs} Think-shaped pairs | launch | processes | data stage wall s | CPU s | pairs/s | "
+    print(f"\n| {opts.pairs} {shape} pairs | launch | processes | data stage wall s | CPU s | pairs/s | "
           "pairs/CPU-s | peak RSS MB | whole process s |")
     print("|---|---|---:|---:|---:|---:|---:|---:|---:|")
     table = []
     for kind in launches:
         for n in procs:
-            for impl in ("ours", "trl"):
+            for impl in impls:
                 row = {k: med(impl, n, kind, k) for k in ("wall", "cpu", "pairs_per_s", "pairs_per_cpu_s",
                                                             "peak_rss_mb", "whole_s")}
                 table.append({"impl": impl, "procs": n, "launch": kind, **row})
-                name = "this repo" if impl == "ours" else "stock TRL 1.16"
+                name = NAMES[impl] if opts.mixture or impl != "ours" else NAMES["ours"]
+                name = "one source" if opts.mixture and impl == "ours" else name
                 print(f"| {name} | {kind} | {n} | {row['wall']:.2f} | {row['cpu']:.1f} | {row['pairs_per_s']:.0f} | "
                       f"{row['pairs_per_cpu_s']:.1f} | {row['peak_rss_mb']:.0f} | {row['whole_s']:.1f} |")
     if opts.json:
         Path(opts.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(opts.json).write_text(json.dumps({"pairs": opts.pairs, "runs": runs, "medians": table}, indent=1) + "\n")
+        Path(opts.json).write_text(json.dumps({"pairs": opts.pairs, "mixture": opts.mixture, "runs": runs,
+                                               "medians": table}, indent=1) + "\n")
         print(f"\nwrote {opts.json}")
 
 

@@ -1,7 +1,7 @@
 """The GPU check, in one command that fits one device call (~5-7 minutes on one H100/H200; --budget_s caps it):
 
     python3 scripts/gpu_check.py                 # CUDA: writes gpu_check.json + gpu_check.md to --out
-    .venv/bin/python scripts/gpu_check.py --cpu  # the same code at tiny shapes on CPU (tests/test_gpu_check.py, CI)
+    .venv/bin/python scripts/gpu_check.py --cpu  # the same code at tiny shapes on CPU (tests/e2e/test_gpu_check.py, CI)
 
 --out defaults to $OUT when set (the device machine's folder that comes back), else outputs/gpu_check.
 
@@ -189,7 +189,7 @@ def parity_worker(attn: str, device: str) -> list[dict]:
         schemes = candidate_schemes(attn, 0, args)
         if device != "cuda" and attn == "sdpa":
             # CI's dry run: the varlen scheme through its reference kernel, then the trainer's first choice here
-            # (every scheme on every family is tests/test_parity_arch.py's and tests/test_varlen.py's job)
+            # (every scheme on every family is tests/parity/test_parity_arch.py's and tests/parity/test_varlen.py's job)
             schemes = [PackedPreferenceCollator(pad_token_id=0, max_length=MAX_LENGTH, mode="varlen",
                                                 share_prefix=True, varlen_kernel="reference"), schemes[0]]
         chosen = choose(model, schemes)

@@ -1,42 +1,21 @@
-"""Shared helpers: run the repo's own entry points as a user would, in a subprocess."""
+"""Fixtures for every layer. The layers, cheapest first: unit/ (data, configs, tokenisation, the house rules; seconds),
+e2e/ (the entry points on CPU with the tiny model), parity/ (fast paths against the plain path, per architecture),
+distributed/ (2 processes on CPU: DDP, ZeRO-2/3, FSDP2, crashes and stalls), slurm/ (a real two-node Slurm on this
+host). Shared helpers live in tests/helpers.py; fault injection in tests/faults.py; the tiny architectures in
+tests/archs.py."""
 
 from __future__ import annotations
 
-import json
-import os
-import subprocess
-import sys
-from pathlib import Path
-
 import pytest
 
-REPO = Path(__file__).resolve().parent.parent
-PYTHON = sys.executable
-
-
-def run(cmd: list[str], cwd: Path = REPO, env: dict | None = None, timeout: int = 600, check: bool = True):
-    """Run a command, returning the CompletedProcess; on failure show its output."""
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false", **(env or {})}
-    proc = subprocess.run(cmd, cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout)
-    if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-6000:]}\n"
-                             f"--- stderr\n{proc.stderr[-6000:]}")
-    return proc
-
-
-def read_json(path: Path):
-    return json.loads(Path(path).read_text())
+from fastdpo import models, tiny
 
 
 @pytest.fixture(scope="session")
 def tiny_model_path() -> str:
-    from fastdpo import tiny
-
     return tiny.materialize_model()
 
 
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_path):
-    from fastdpo import models
-
     return models.load_tokenizer(tiny_model_path)

@@ -29,8 +29,8 @@ other part is a row error naming it. Role names of sharegpt (human, gpt, observa
 (tool_call, tool_response) map to TRL's; a call turn becomes an assistant message with tool_calls. A row's `tools`
 (a JSON string or a list; OpenAI's input.tools) and `chat_template_kwargs` reach the chat template for the prompt and
 both answers, as TRL passes them. The rule every layout keeps: the same conversation gives the same pair, so the
-same token ids, whatever layout holds it (tests/test_layouts.py writes one set of conversations in every layout;
-tests/test_real_data_2.py checks published shapes against TRL's own preprocessing). column_map only says where the
+same token ids, whatever layout holds it (tests/unit/test_layouts.py writes one set of conversations in every layout;
+tests/unit/test_real_data_2.py checks published shapes against TRL's own preprocessing). column_map only says where the
 parts are: mapped text gets the chat template as the question layout's does; only TRL's own text layout (columns
 prompt, chosen, rejected, all text) is tokenised raw, as TRL does, and the layout's description says so.
 

@@ -23,18 +23,23 @@ def absent(value) -> bool:
         isinstance(value, float) and math.isnan(value))
 
 
+def _json(value, column: str, expected: str):
+    """A JSON string parsed (anything else as it is); a string that is not JSON names the column and what was
+    expected."""
+    if not isinstance(value, str):
+        return value
+    try:
+        return json.loads(value)
+    except json.JSONDecodeError as e:
+        raise DataError(f"field {column!r} is a string but not JSON ({e.msg} at column {e.colno}){expected}") from None
+
+
 def tools_of(value, column: str):
     """A row's tools as TRL will read them (a JSON string of a list, or a list of objects), or None when absent.
     Raises DataError naming the column for anything a chat template cannot take as tool schemas."""
     if absent(value):
         return None
-    parsed = value
-    if isinstance(value, str):
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise DataError(f"field {column!r} is a string but not JSON ({e.msg} at column {e.colno}): tools are "
-                            f"a JSON list of tool schemas, each like {SCHEMA_EXAMPLE}") from None
+    parsed = _json(value, column, f": tools are a JSON list of tool schemas, each like {SCHEMA_EXAMPLE}")
     if not isinstance(parsed, list) or not all(isinstance(t, dict) for t in parsed):
         what = type(parsed).__name__ if not isinstance(parsed, list) else "a list with items that are not objects"
         raise DataError(f"field {column!r} holds {what}, not tool schemas: expected a list (or a JSON string of a "
@@ -51,13 +56,7 @@ def kwargs_of(value, column: str):
     """A row's chat_template_kwargs as an object (a JSON string of an object is parsed), or None when absent."""
     if absent(value):
         return None
-    parsed = value
-    if isinstance(value, str):
-        try:
-            parsed = json.loads(value)
-        except json.JSONDecodeError as e:
-            raise DataError(f"field {column!r} is a string but not JSON ({e.msg} at column {e.colno}); expected "
-                            'an object of chat template variables, e.g. {"enable_thinking": false}') from None
+    parsed = _json(value, column, '; expected an object of chat template variables, e.g. {"enable_thinking": false}')
     if not isinstance(parsed, dict):
         raise DataError(f"field {column!r} must be an object of chat template variables (e.g. "
                         f'{{"enable_thinking": false}}), got {type(parsed).__name__}')
