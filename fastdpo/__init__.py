@@ -40,3 +40,10 @@ runlock     one run per output_dir (a lock that works on NFS/Lustre, stale ones 
 failures    after a failed attempt: who failed first, of what, retry or not (scripts/_launch.sh)
 exits       the entry points' way out: each exception -> its exit code and failure note
 """
+
+import logging
+
+# peft imports bitsandbytes, whose CPU backend warns (on CPUs with AVX512-BF16) that the optional `kernels` package
+# is missing: it only speeds up 4-bit matmuls on CPU, which fastdpo refuses (QLoRA needs a CUDA GPU). Set here, so
+# every use of the package (scripts, `python -c`, notebooks) is spared the line, not only the entry points.
+logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)

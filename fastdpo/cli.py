@@ -73,13 +73,6 @@ def stop_on_ctrl_c() -> None:
     signal.signal(signal.SIGINT, stop)
 
 
-def quiet_imports() -> None:
-    """Before the libraries are imported: peft imports bitsandbytes (transformers' trainer imports peft), whose CPU
-    backend warns on a CPU with AVX512-BF16 that the optional `kernels` package is missing. It only speeds up 4-bit
-    matmuls on CPU, which fastdpo refuses (QLoRA needs a CUDA GPU), so the line is noise."""
-    logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
-
-
 # --------------------------------------------------------------------------- the training scripts' command line
 
 

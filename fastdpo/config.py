@@ -8,15 +8,11 @@ arguments (fastdpo.credentials); `given_keys` and `describe` log what the run se
 from __future__ import annotations
 
 import json
-import logging
 import sys
 import warnings
 from dataclasses import MISSING, dataclass, field, fields, make_dataclass
 from pathlib import Path
 
-# peft imports bitsandbytes, whose CPU backend warns on every run that an optional 4-bit kernel package is
-# missing. Nothing here runs 4-bit on CPU (models.load_model refuses it), so the line is noise.
-logging.getLogger("bitsandbytes.backends.cpu.ops").setLevel(logging.ERROR)
 # TRL 1.16's configs default `gradient_checkpointing` (transformers 5.23's deprecated alias of
 # `activation_checkpointing`), so transformers warned about the old name on every run, set by the user or not.
 # The two names are mirrored both ways; TRL still reads the old one, which is why the recipes use it.
@@ -114,7 +110,7 @@ class ScriptArguments:
                   "chosen, rejected, system; dotted paths reach nested fields (input.messages); message keys and role "
                   "names with LLaMA-Factory's tags (role_tag, content_tag, user_tag, assistant_tag, system_tag, "
                   'observation_tag, function_tag), e.g. \'{"prompt": "question", "chosen": "good", "rejected": '
-                  '"bad"}\'. Most layouts are detected without it (README: data layouts).'},
+                  '"bad"}\'. Most layouts are detected without it (docs/data.md).'},
     )
     ranked_pairs: str | None = field(
         default=None,
@@ -242,8 +238,11 @@ def parse_args(argv: list[str] | None = None, trainer_config=DPOConfig, default_
         script_args, training_args, model_args, from_recipe, from_cli = parser.parse_args_and_config(
             argv, return_remaining_strings=True, separate_remaining_strings=True
         )
-    except ValueError as e:
-        raise SystemExit(f"{recipe}: {e}") from None
+    except ValueError as e:  # a config's own check (bf16 on CPU, ...): an unknown key is the likelier cause
+        why = str(e).rstrip(".")
+        if "bf16/gpu" in why:
+            why = "bf16 needs a GPU here: on a machine without one set use_cpu: true (recipes/tiny.yaml does)"
+        raise SystemExit(_unknown_before(recipe, argv, trainer_config) or f"{recipe}: {why}") from None
     mix, messages = read_recipe(recipe)
     messages += _unknown(recipe, from_recipe, from_cli, trainer_config)
     messages += _combinations(recipe, script_args, training_args, model_args)
@@ -271,6 +270,14 @@ def _unknown(recipe: str, from_recipe: list[str], from_cli: list[str], trainer_c
     if from_cli and not bad_cli:
         messages.append(f"command line: unexpected argument(s) {from_cli}; flags look like --max_steps 10")
     return messages
+
+
+def _unknown_before(recipe: str, argv: list[str], trainer_config) -> str:
+    """Unknown keys, found without the parser (a config refused the values before its leftovers came back)."""
+    valid = valid_keys(trainer_config) | set(RECIPE_KEYS)
+    in_recipe = [k for k in given_keys(["--config", recipe]) if k not in valid]
+    flags = [a.split("=")[0] for a in argv if a.startswith("--") and a.split("=")[0][2:] not in valid | {"config"}]
+    return "\n".join(_unknown(recipe, [f"--{k}" for k in in_recipe], flags, trainer_config))
 
 
 def _combinations(recipe: str, script_args, training_args, model_args) -> list[str]:

@@ -394,9 +394,6 @@ def write(args, result: dict, lens, files: bool = True) -> None:
 if __name__ == "__main__":
     logging.basicConfig(format="%(levelname)s %(name)s: %(message)s", level=logging.INFO, stream=sys.stderr)
     warnings.filterwarnings("ignore", category=FutureWarning)  # TrainingArguments' renames, irrelevant here
-    from fastdpo import cli
-
-    cli.quiet_imports()
     if not sys.stderr.isatty():
         import datasets
 

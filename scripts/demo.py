@@ -26,7 +26,6 @@ sys.path.insert(0, str(ROOT))
 from fastdpo import cli  # noqa: E402
 
 cli.stop_on_ctrl_c()  # a Ctrl-C during the imports below stops with one line, not a traceback
-cli.quiet_imports()
 
 from fastdpo import data, evaluation, hub, tiny  # noqa: E402
 from fastdpo.preemption import INTERRUPTED_EXIT_CODE, PREEMPTED_EXIT_CODE  # noqa: E402

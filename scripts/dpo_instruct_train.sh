@@ -7,7 +7,7 @@
 #   BACKEND=zero3 sbatch --nodes=4 scripts/dpo_instruct_train.sh           # parameters sharded too (bigger models)
 #   tail -f logs/dpo-instruct-<jobid>.out
 # Knobs (environment): RECIPE, GPUS_PER_NODE (default: the GPUs Slurm allocated), ACCELERATE_ARGS,
-#   BACKEND: zero2 (default, DeepSpeed ZeRO-2), zero3 (DeepSpeed ZeRO-3) or fsdp2 (PyTorch FSDP2); see README.
+#   BACKEND: zero2 (default, DeepSpeed ZeRO-2), zero3 (DeepSpeed ZeRO-3) or fsdp2 (PyTorch FSDP2); see docs/sharded.md.
 # Before srun the job checks that the run fits the GPUs' memory (fastdpo/memory.py) and stops with the fix if it does
 #   not; FASTDPO_SKIP_MEMORY_CHECK=1 skips that check.
 # Failures: RETRIES (crash and stall requeues per job, default 3; preemption requeues are unlimited),

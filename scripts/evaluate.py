@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # run from anyw
 from fastdpo import cli
 
 cli.stop_on_ctrl_c()  # a Ctrl-C during the imports below stops with one line, not a traceback
-cli.quiet_imports()
 
 import datasets  # noqa: E402
 import torch  # noqa: E402
@@ -323,7 +322,9 @@ def show_run(report: dict, scores: dict) -> None:
 
 
 if __name__ == "__main__":
-    logging.basicConfig(level=logging.WARNING)
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    # The report's data row says which rows were held out; the split's own warning would say it twice more.
+    logging.getLogger("fastdpo.splits").setLevel(logging.ERROR)
     transformers_logging.disable_progress_bar()  # a bar per model load: noise around the report
     if not sys.stderr.isatty():
         datasets.disable_progress_bars()  # no carriage-return bars in log files

@@ -1,9 +1,9 @@
-"""The GPU check, in one command that fits one device call (~5-7 minutes on one H100/H200; --budget_s caps it):
+"""The GPU check, in one command (~5-7 minutes on one H100/H200; --budget_s caps it):
 
     python3 scripts/gpu_check.py                 # CUDA: writes gpu_check.json + gpu_check.md to --out
     .venv/bin/python scripts/gpu_check.py --cpu  # the same code at tiny shapes on CPU (tests/e2e/test_gpu_check.py, CI)
 
---out defaults to $OUT when set (the device machine's folder that comes back), else outputs/gpu_check.
+--out defaults to outputs/gpu_check.
 
 (a) Parity matrix, bf16: tiny Llama, OLMo 3 (3 sliding : 1 full, window 24, so longer than some test sequences and
     shorter than others) and Qwen3 (tests/archs.py), for each attention implementation present (sdpa with every
@@ -323,11 +323,11 @@ def markdown(report: dict) -> str:
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cpu", action="store_true", help="tiny shapes on CPU (CI's dry run)")
-    parser.add_argument("--out", help="folder for gpu_check.json and gpu_check.md (default $OUT, else "
+    parser.add_argument("--out", help="folder for gpu_check.json and gpu_check.md (default "
                         "outputs/gpu_check)")
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps per benchmark run (default 2)")
     parser.add_argument("--budget_s", type=float, default=420, help="stop starting work after this many seconds "
-                        "(default 420: one device call of 10 minutes, with the wheel install and the transfers)")
+                        "(default 420: the check and its set-up fit a 10-minute job)")
     parser.add_argument("--skip_bench", action="store_true", help="parity matrix only")
     parser.add_argument("--parity_worker", help=argparse.SUPPRESS)
     opts = parser.parse_args()
@@ -342,7 +342,7 @@ def main():
         return
 
     start = time.perf_counter()
-    out = Path(opts.out or os.environ.get("OUT") or ROOT / "outputs" / "gpu_check")
+    out = Path(opts.out or ROOT / "outputs" / "gpu_check")
     out.mkdir(parents=True, exist_ok=True)
     report = {"environment": environment(device), "matmul_peak_flops": matmul_peak(device), "parity": []}
     print(f"gpu_check: {report['environment'].get('gpu') or 'CPU'}, matmul peak "

@@ -13,10 +13,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_cpu_dry_run(tmp_path):
-    """One run as a device call makes it ($OUT names the folder): the JSON and the markdown summary are written,
+    """One run of the one command: the JSON and the markdown summary are written,
     every family's parity cells are exact with the varlen scheme (reference kernel) chosen first, the skipped
     implementations say why, and stock and fast both trained, the fast path packed without padding."""
-    proc = run([PYTHON, "scripts/gpu_check.py", "--cpu"], env={"OUT": str(tmp_path)}, timeout=600)
+    proc = run([PYTHON, "scripts/gpu_check.py", "--cpu", "--out", str(tmp_path)], timeout=600)
     report = json.loads((tmp_path / "gpu_check.json").read_text())
     summary = (tmp_path / "gpu_check.md").read_text()
     assert summary in proc.stdout and "## Parity, packed vs padded" in summary

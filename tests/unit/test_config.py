@@ -3,6 +3,7 @@
 import os
 
 import pytest
+import torch
 import yaml
 
 from fastdpo.config import parse_args
@@ -84,6 +85,24 @@ def test_unknown_recipe_key_names_line_and_fix(tmp_path):
     msg = str(e.value)
     assert f"{recipe}:{n + 1}: unknown key 'warmup_ratio'" in msg and "warmup_steps: 0.1" in msg
     assert f"{recipe}:{n + 2}: unknown key 'learnig_rate'" in msg and "'learning_rate'" in msg
+
+
+def test_a_short_recipe_on_cpu_names_its_typo_or_use_cpu(tmp_path):
+    """A recipe without use_cpu makes TRL's config refuse bf16 on a CPU machine before the parser returns the unknown
+    keys: the typo is still what the user hears about, and without one, the fix for bf16."""
+    recipe = tmp_path / "mine.yaml"
+    recipe.write_text("learning_rat: 1.0e-3\n")
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--config", str(recipe), "--max_stepz", "3"])
+    assert str(e.value).splitlines() == [f"{recipe}:1: unknown key 'learning_rat': did you mean 'learning_rate'?",
+                                         "command line: unknown key 'max_stepz': did you mean 'max_steps'?"]
+    if torch.cuda.is_available():
+        return  # bf16 is fine there
+    recipe.write_text("learning_rate: 1.0e-3\n")
+    with pytest.raises(SystemExit) as e:
+        parse_args(["--config", str(recipe)])
+    assert str(e.value) == f"{recipe}: bf16 needs a GPU here: on a machine without one set use_cpu: true " \
+                           "(recipes/tiny.yaml does)"
 
 
 def test_unknown_cli_flag_fails():
