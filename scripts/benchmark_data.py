@@ -307,7 +307,8 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=1, help="alternating rounds; medians are reported")
     p.add_argument("--procs", default="1,2", help="process counts to measure (2 = torchrun --nproc_per_node 2)")
     p.add_argument("--num_proc", type=int, default=2, help="dataset_num_proc for both (default 2, as the figures "
-                   "in docs/engineering/data-pipeline.md; 0 = each one's default: TRL one process, ours one worker per CPU)")
+                   "in docs/engineering/data-pipeline.md; 0 = each one's default: TRL one process, ours one worker "
+                   "per CPU)")
     p.add_argument("--launches", default="first,second", help="first,second (default), or second: repeat only "
                    "the cached launch, on caches kept from an earlier run (built once, untimed, if missing)")
     p.add_argument("--work", default=str(ROOT / "outputs" / "bench_data"), help="tokenizer, data and caches")
