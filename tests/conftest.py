@@ -6,6 +6,8 @@ tests/archs.py."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 
 from fastdpo import models, tiny
@@ -19,3 +21,10 @@ def tiny_model_path() -> str:
 @pytest.fixture(scope="session")
 def tiny_tokenizer(tiny_model_path):
     return models.load_tokenizer(tiny_model_path)
+
+
+# A suite started in the background by a shell without job control (`make test &` in a script, some CI runners)
+# inherits SIGINT ignored, and so would every run it starts: fastdpo, rightly, leaves an ignored Ctrl-C ignored, and
+# the Ctrl-C tests would see nothing happen. The runs the tests start get Ctrl-C back.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
