@@ -22,9 +22,16 @@ from trl.trainer.utils import add_fused_lm_head
 from fastdpo import config as cfg
 from fastdpo import data, models
 from fastdpo.batching import TokenBudgetSampler, sequence_lengths
-from fastdpo.packing import PackedForward, PackedPreferenceCollator, computed_tokens, unit_lengths
+from fastdpo.packing import (
+    BATCH_COUPLED_LOSSES,
+    PackedForward,
+    PackedPreferenceCollator,
+    computed_tokens,
+    unit_lengths,
+)
 from fastdpo.probe import probe
 from fastdpo.trainer import DPOTrainer, StockDPOTrainer
+from tests.e2e.test_sft_lora_eval import LOSS_EXTRAS, LOSS_TYPES
 
 ROOT = Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.parity
@@ -242,9 +249,6 @@ def test_distributed_parity(tiny, tmp_path, launcher):
 def test_loss_types_parity(tiny, tmp_path, caplog):
     """Every loss TRL computes per pair, and its per-token options (ld_alpha, WPO weighting), follows stock TRL step
     for step on the default fast path (per-sequence attention, prompt shared, precomputed reference)."""
-    from fastdpo.packing import BATCH_COUPLED_LOSSES
-    from tests.test_sft_lora_eval import LOSS_EXTRAS, LOSS_TYPES
-
     tok, ds, model_args = tiny
     small = ds.select(range(48))
     cases = [([t], LOSS_EXTRAS.get(t, {})) for t in LOSS_TYPES if t not in BATCH_COUPLED_LOSSES]

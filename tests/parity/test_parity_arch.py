@@ -17,11 +17,12 @@ import torch.nn.functional as F
 from trl.trainer.dpo_trainer import DataCollatorForPreference
 from trl.trainer.utils import add_fused_lm_head
 
-from fastdpo import frameworks
+from fastdpo import data, frameworks, models
 from fastdpo.packing import PackedForward
 from fastdpo.probe import choose, random_pairs, scheme_name
-from fastdpo.trainer import DPOTrainer, candidate_schemes
+from fastdpo.trainer import DPOTrainer, StockDPOTrainer, candidate_schemes
 from tests import archs
+from tests.parity.test_parity import losses, parse, stock_args
 
 pytestmark = pytest.mark.parity
 
@@ -166,10 +167,6 @@ def test_non_causal_layer_keeps_the_models_mask(caplog):
 def test_sliding_window_training_parity(name, tmp_path, caplog):
     """Sliding-window models on the default attention (sdpa) train with stock TRL's losses, step for step: 8
     optimizer steps of 2 x 2 pairs, the embedded pairs (30-45 tokens) far longer than the 8-token window."""
-    from fastdpo import data, models
-    from fastdpo.trainer import StockDPOTrainer
-    from tests.test_parity import losses, parse, stock_args
-
     script_args, args, model_args = parse(tmp_path, "--max_steps", "8", "--per_device_train_batch_size", "2",
                                           "--gradient_accumulation_steps", "2", "--max_train_samples", "64",
                                           "--learning_rate", "1e-3")
