@@ -25,3 +25,14 @@ def run(cmd: list[str], cwd: Path = REPO, env: dict | None = None, timeout: int 
 
 def read_json(path: Path):
     return json.loads(Path(path).read_text())
+
+
+def evaluate_alone(trainer, dataset, batch_size=None) -> dict:
+    """The single-set path (TRL's own evaluate) on `dataset`, as the trainer's one eval set."""
+    kept, kept_batch = trainer.eval_dataset, trainer.args.per_device_eval_batch_size
+    trainer.eval_dataset = dataset
+    trainer.args.per_device_eval_batch_size = batch_size or kept_batch
+    try:
+        return trainer.evaluate()
+    finally:
+        trainer.eval_dataset, trainer.args.per_device_eval_batch_size = kept, kept_batch

@@ -19,16 +19,7 @@ from datasets import concatenate_datasets  # noqa: E402
 from fastdpo import config as cfg  # noqa: E402
 from fastdpo import data, models  # noqa: E402
 from fastdpo.trainer import DPOTrainer  # noqa: E402
-
-
-def alone(trainer, dataset, batch_size=None) -> dict:
-    kept, kept_batch = trainer.eval_dataset, trainer.args.per_device_eval_batch_size
-    trainer.eval_dataset = dataset
-    trainer.args.per_device_eval_batch_size = batch_size or kept_batch
-    try:
-        return trainer.evaluate()
-    finally:
-        trainer.eval_dataset, trainer.args.per_device_eval_batch_size = kept, kept_batch
+from tests.helpers import evaluate_alone  # noqa: E402
 
 
 def main(out: Path, extra: list[str]) -> None:
@@ -46,9 +37,10 @@ def main(out: Path, extra: list[str]) -> None:
                          eval_dataset={"a": held.select(range(24)), "b": held.select(range(24, 32))},
                          processing_class=tok)
     trainer.train()
+    every = concatenate_datasets(list(trainer.eval_dataset.values()))
     result = {"named": trainer.evaluate(),
-              "alone": {name: alone(trainer, ds) for name, ds in trainer.eval_dataset.items()},
-              "pooled": alone(trainer, concatenate_datasets(list(trainer.eval_dataset.values())), batch_size=1)}
+              "alone": {name: evaluate_alone(trainer, ds) for name, ds in trainer.eval_dataset.items()},
+              "pooled": evaluate_alone(trainer, every, batch_size=1)}
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
 
 

@@ -21,7 +21,7 @@ from fastdpo import config as cfg
 from fastdpo import data, models
 from fastdpo.logs import use_plain_progress
 from fastdpo.trainer import DPOTrainer, named_eval_sets
-from tests.helpers import PYTHON, REPO
+from tests.helpers import PYTHON, REPO, evaluate_alone
 
 # TRL's eval metrics that are a mean over pairs: pooled, they are the mean over every eval pair
 PER_PAIR = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracies", "rewards/margins", "logps/chosen",
@@ -52,17 +52,6 @@ def trainer_for(tiny, out, *flags):
                                  "--logging_steps", "1", *flags])
     return DPOTrainer(model=models.load_model(model_args, args), args=args, train_dataset=train, eval_dataset=sets,
                       processing_class=tok)
-
-
-def evaluate_alone(trainer, dataset, batch_size=None) -> dict:
-    """The single-set path (TRL's own evaluate) on `dataset`, as the trainer's one eval set."""
-    kept, kept_batch = trainer.eval_dataset, trainer.args.per_device_eval_batch_size
-    trainer.eval_dataset = dataset
-    trainer.args.per_device_eval_batch_size = batch_size or kept_batch
-    try:
-        return trainer.evaluate()
-    finally:
-        trainer.eval_dataset, trainer.args.per_device_eval_batch_size = kept, kept_batch
 
 
 @pytest.mark.parametrize("flags", [["--ref_logps_cache_dir", "{tmp}/ref"],
