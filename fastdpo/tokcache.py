@@ -67,12 +67,13 @@ from . import (
     sources,
     splits,
     tokbuild,
+    tokcopy,
     tokens,
     watchdog,
 )
 from .dataspec import DataSpec, SourceSpec
 from .errors import DataError, Notes, RowPolicy
-from .tokbuild import FORMAT, STATUS, TOKENS_SCHEMA, default_workers
+from .tokbuild import FORMAT, STATUS, default_workers
 
 logger = logging.getLogger(__name__)
 
@@ -108,8 +109,8 @@ def code_files() -> list[Path]:
     """The source files of every stage of the data pipeline, this module included (a package: all its files)."""
     out = []
     # not fastdpo.mixture: an entry's ids do not depend on a plan; a mixed file is named by the rows it holds
-    for module in (errors, files, sources, layouts, dataspec, checks, tokens, splits, tokbuild, report,
-                   sys.modules[__name__]):
+    modules = (errors, files, sources, layouts, dataspec, checks, tokens, splits, tokbuild, tokcopy, report)
+    for module in (*modules, sys.modules[__name__]):
         path = Path(module.__file__)
         out += sorted(path.parent.glob("*.py")) if path.name == "__init__.py" else [path]
     return out
@@ -298,14 +299,8 @@ class Cache:
             found = _wait(valid, f"{entry.path.name}/{name}")
         if found is None:
             target = paths[0] if files.probe_writable(entry.path) is None else paths[-1]
-            table = _read_stream(entry.path / "tokens.arrow")
-
-            def write(tmp):
-                with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_stream(f, TOKENS_SCHEMA) as out:
-                    for i in range(0, len(rows), 256):  # bounded memory: 256 pairs at a time
-                        out.write_table(table.take(pa.array(rows[i: i + 256])))
-
-            files.write_atomic(target, write)
+            one = np.zeros(len(rows), np.int32)  # every row from this entry
+            files.write_atomic(target, lambda tmp: tokcopy.copy_rows(tmp, [entry.path / "tokens.arrow"], one, rows))
             found = target
         return Dataset.from_file(str(found))
 
@@ -331,17 +326,8 @@ class Cache:
 
         found = valid() or (None if self.leader else _wait(valid, path.name))
         if found is None:
-            tables = [_read_stream(e.path / "tokens.arrow") for e in entries]
-
-            def write(tmp):
-                with pa.OSFile(str(tmp), "wb") as f, pa.ipc.new_stream(f, TOKENS_SCHEMA) as out:
-                    for i in range(0, len(rows), 256):  # bounded memory: 256 pairs at a time
-                        s, r = src[i: i + 256], rows[i: i + 256]
-                        where = [np.nonzero(s == k)[0] for k in np.unique(s)]
-                        chunk = pa.concat_tables([tables[s[w[0]]].take(pa.array(r[w])) for w in where])
-                        out.write_table(chunk.take(pa.array(np.argsort(np.concatenate(where)))))
-
-            files.write_atomic(path, write)
+            paths = [e.path / "tokens.arrow" for e in entries]
+            files.write_atomic(path, lambda tmp: tokcopy.copy_rows(tmp, paths, src, rows))
         return Dataset.from_file(str(path)), found is None
 
 

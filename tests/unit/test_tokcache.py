@@ -11,10 +11,11 @@ import os
 import tempfile
 from pathlib import Path
 
+import numpy as np
 import pyarrow as pa
 import pytest
 
-from fastdpo import data, errors, tiny, tokbuild, tokcache
+from fastdpo import data, errors, tiny, tokbuild, tokcache, tokcopy
 from fastdpo.config import ScriptArguments
 from fastdpo.dataspec import DataSpec
 from tests.helpers import PYTHON, REPO, run
@@ -164,8 +165,9 @@ def test_the_key_covers_the_code_of_every_data_stage():
     """An edit to any stage's code makes new keys: the digest reads every module of the pipeline (each file of the
     layouts package) and nothing else."""
     pkg = REPO / "fastdpo"
-    stages = {pkg / f"{m}.py" for m in ("errors", "files", "sources", "dataspec", "checks", "tokens", "splits",
-                                         "tokbuild", "tokcache", "report")} | set((pkg / "layouts").glob("*.py"))
+    names = ("errors", "files", "sources", "dataspec", "checks", "tokens", "splits", "tokbuild", "tokcopy",
+             "tokcache", "report")
+    stages = {pkg / f"{m}.py" for m in names} | set((pkg / "layouts").glob("*.py"))
     assert set(tokcache.code_files()) == stages
 
 
@@ -211,3 +213,30 @@ def test_implicit_prompt_without_chat_template_trains_as_raw_text(tmp_path, tiny
                                          types.SimpleNamespace(dataset_num_proc=None, max_length=None,
                                                                truncation_mode="keep_start"), "train")
     assert ids(prep.train) == ids(theirs)
+
+
+def test_copied_rows_come_in_order_across_batches_files_and_windows(tmp_path, monkeypatch):
+    """A mixed or taken file holds exactly the rows asked for, copies and all, in the order asked, whichever record
+    batch and source file each comes from, across chunk and window edges (made small here)."""
+    rng = np.random.default_rng(0)
+    files, want = [], []
+    for k, sizes in enumerate([(3, 1, 5, 2), (4, 4), (1,)]):
+        rows = [[list(range(k * 1000 + r, k * 1000 + r + 1 + r % 3))] * 3 for r in range(sum(sizes))]
+        want.append(rows)
+        path = tmp_path / f"{k}.arrow"
+        with pa.OSFile(str(path), "wb") as f, pa.ipc.new_stream(f, tokbuild.TOKENS_SCHEMA) as out:
+            start = 0
+            for n in sizes:  # record batches of uneven sizes, as tokbuild writes them
+                cols = list(zip(*rows[start: start + n], strict=True))
+                out.write_batch(pa.record_batch([pa.array(c, pa.list_(pa.int32())) for c in cols],
+                                                schema=tokbuild.TOKENS_SCHEMA))
+                start += n
+        files.append(path)
+    src = rng.integers(0, 3, 200).astype(np.int32)
+    rows = np.array([rng.integers(0, len(want[s])) for s in src], np.int64)
+    monkeypatch.setattr(tokcopy, "CHUNK", 3)
+    monkeypatch.setattr(tokcopy, "WINDOW", 7)
+    tokcopy.copy_rows(tmp_path / "out.arrow", files, src, rows)
+    got = pa.ipc.open_stream(pa.memory_map(str(tmp_path / "out.arrow"))).read_all().to_pylist()
+    assert [[g["prompt_ids"], g["chosen_ids"], g["rejected_ids"]] for g in got] == [want[s][r] for s, r in
+                                                                                    zip(src, rows, strict=True)]
