@@ -3,7 +3,8 @@ takes, in its order, copies included, written as one new file.
 
     tokcopy.copy_rows(tmp, [path_a, path_b], src, rows)   # row rows[i] of file [path_a, path_b][src[i]], for each i
 
-Time and memory grow with the rows copied, not with the files they come from; see copy_rows.
+Memory does not grow with the files the rows come from, and the copying costs per row copied; each source is
+read through once, sequentially, for the index of its record batches (~0.1 s per 200 MB from the page cache).
 """
 
 from __future__ import annotations
@@ -51,8 +52,8 @@ class _Batches:
 
 
 def copy_rows(tmp: Path, sources_: list[Path], src: np.ndarray, rows: np.ndarray) -> None:
-    """Write token row rows[i] of the file sources_[src[i]], for every i in order, to tmp, in time and memory that
-    grow with the rows copied, not with the sources: each row is taken from the record batch that holds it (a
+    """Write token row rows[i] of the file sources_[src[i]], for every i in order, to tmp, in memory that does not
+    grow with the sources and time per row copied: each row is taken from the record batch that holds it (a
     Table.take joins every chunk of a column first, a copy of the whole source per call), CHUNK pairs at a time;
     only the batches a window of WINDOW pairs needs are mapped, and mapped afresh for the next window (a map kept
     open holds every page it touched, headers included)."""
